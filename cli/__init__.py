@@ -1,0 +1,1 @@
+"""The ``mame-deploy`` command: a thin typer layer over the library."""

@@ -1,0 +1,57 @@
+"""The model zoo: Vision Mamba configurations behind a timm-style registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch.nn as nn
+
+from mame_deploy.errors import UserError
+
+from .checkpoint import file_sha256, load_checkpoint, read_state_dict
+from .registry import ModelSpec, get_spec, list_models, register
+from .vim import VimConfig, VisionMamba, init_weights
+
+_OFFICIAL = "--checkpoint {file} (official); else random"
+
+for _name, _dim, _file in (
+    ("vim_t", 192, "vim_t_midclstok_76p1acc.pth"),
+    ("vim_s", 384, "vim_s_midclstok_80p5acc.pth"),
+    ("vim_b", 768, "vim_b_midclstok_81p9acc.pth"),
+):
+    register(ModelSpec(_name, VisionMamba, VimConfig(embed_dim=_dim), _OFFICIAL.format(file=_file)))
+
+from . import digits  # noqa: E402,F401  (registers vim_digits)
+
+
+def create_model(
+    name: str,
+    checkpoint: Optional[str | Path] = None,
+    seed: int = 0,
+    scan_backend: str = "op",
+    **overrides,
+) -> nn.Module:
+    """Build model ``name`` in eval mode: random weights from ``seed``, then ``checkpoint``
+    (or the model's bundled weights) loaded strictly. ``overrides`` change config fields."""
+    spec = get_spec(name)
+    fields = {f.name for f in dataclasses.fields(spec.config)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise UserError(f"unknown option(s) {', '.join(bad)} for {name}; valid: {', '.join(sorted(fields))}")
+    config = dataclasses.replace(spec.config, **overrides)
+    model = init_weights(spec.build(config), seed)
+    checkpoint = checkpoint if checkpoint is not None else spec.bundled_checkpoint
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, name)
+    model.set_scan_backend(scan_backend)
+    model.model_name = name
+    model.checkpoint_path = str(checkpoint) if checkpoint is not None else None
+    return model.eval()
+
+
+__all__ = [
+    "ModelSpec", "VimConfig", "VisionMamba", "create_model", "file_sha256", "get_spec",
+    "init_weights", "list_models", "load_checkpoint", "read_state_dict", "register",
+]
