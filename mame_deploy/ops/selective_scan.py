@@ -136,4 +136,6 @@ def selective_scan(
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     if torch.onnx.is_in_onnx_export():
         return _onnx_node(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
+        return selective_scan_ref(*args)  # training: autograd runs through the reference
     return torch.ops.mame.selective_scan(*args)
