@@ -1,0 +1,166 @@
+"""The Vision Mamba zoo against the contract in shared docs/vim.md."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mame_deploy
+from mame_deploy.errors import UserError
+from mame_deploy.ops import selective_scan_ref
+
+CONFIGS = {"vim_t": (192, 7_148_008), "vim_s": (384, 25_796_584), "vim_b": (768, 97_598_440)}
+
+
+def official_shapes(embed: int, depth: int = 24, n: int = 16, tokens: int = 197) -> dict:
+    """Key -> shape of an official checkpoint, written out from vim.md's table."""
+    di, r = 2 * embed, math.ceil(embed / 16)
+    shapes = {
+        "cls_token": (1, 1, embed), "pos_embed": (1, tokens, embed),
+        "patch_embed.proj.weight": (embed, 3, 16, 16), "patch_embed.proj.bias": (embed,),
+        "head.weight": (1000, embed), "head.bias": (1000,), "norm_f.weight": (embed,),
+    }
+    for i in range(depth):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "mixer.A_log": (di, n), p + "mixer.D": (di,),
+            p + "mixer.A_b_log": (di, n), p + "mixer.D_b": (di,),
+            p + "mixer.in_proj.weight": (2 * di, embed), p + "mixer.out_proj.weight": (embed, di),
+            p + "norm.weight": (embed,),
+        })
+        for s in ("", "_b"):
+            shapes.update({
+                p + f"mixer.conv1d{s}.weight": (di, 1, 4), p + f"mixer.conv1d{s}.bias": (di,),
+                p + f"mixer.x_proj{s}.weight": (r + 2 * n, di),
+                p + f"mixer.dt_proj{s}.weight": (di, r), p + f"mixer.dt_proj{s}.bias": (di,),
+            })
+    return shapes
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_state_dict_matches_official_keys_and_shapes(name):
+    embed, params = CONFIGS[name]
+    model = mame_deploy.create_model(name)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert len(got) == 415
+    assert got == official_shapes(embed)
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_list_models_has_the_three_sizes():
+    assert {"vim_t", "vim_s", "vim_b"} <= set(mame_deploy.list_models())
+
+
+def test_unknown_model_names_the_available_ones():
+    with pytest.raises(UserError, match="unknown model 'vim_q'.*vim_b, .*vim_s, .*vim_t"):
+        mame_deploy.create_model("vim_q")
+
+
+def test_unknown_override_is_rejected():
+    with pytest.raises(UserError, match="unknown option"):
+        mame_deploy.create_model("vim_t", embed_size=3)
+
+
+def test_init_follows_vim_md_and_is_seed_deterministic():
+    a = mame_deploy.create_model("vim_t", depth=2, seed=3).state_dict()
+    b = mame_deploy.create_model("vim_t", depth=2, seed=3).state_dict()
+    c = mame_deploy.create_model("vim_t", depth=2, seed=4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["layers.0.mixer.in_proj.weight"], c["layers.0.mixer.in_proj.weight"])
+    m = "layers.1.mixer."
+    torch.testing.assert_close(a[m + "A_log"][5], torch.log(torch.arange(1.0, 17.0)))
+    assert torch.equal(a[m + "D"], torch.ones(384)) and torch.equal(a[m + "D_b"], torch.ones(384))
+    dt = F.softplus(a[m + "dt_proj.bias"])
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
+    assert a["pos_embed"].std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_strict_load_roundtrip_official_and_bare_layout(tmp_path):
+    src = mame_deploy.create_model("vim_t", depth=2, seed=1)
+    x = torch.randn(2, 3, 224, 224)
+    for layout, payload in (("official", {"model": src.state_dict()}), ("bare", src.state_dict())):
+        path = tmp_path / f"{layout}.pth"
+        torch.save(payload, path)
+        loaded = mame_deploy.create_model("vim_t", depth=2, seed=9, checkpoint=path)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), src(x), rtol=0, atol=0)
+
+
+def test_checkpoint_that_does_not_fit_lists_what_differs(tmp_path):
+    sd = mame_deploy.create_model("vim_t", depth=2).state_dict()
+    sd.pop("head.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    sd["norm_f.weight"] = torch.zeros(7)
+    path = tmp_path / "bad.pth"
+    torch.save({"model": sd}, path)
+    with pytest.raises(UserError) as err:
+        mame_deploy.create_model("vim_t", depth=2, checkpoint=path)
+    msg = str(err.value)
+    assert "1 missing keys: head.bias" in msg and "1 unexpected keys: extra.weight" in msg
+    assert "norm_f.weight (7,) vs (192,)" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", b""])
+def test_unreadable_checkpoint_is_one_clear_error(tmp_path, content):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="could not be read as a PyTorch file"):
+        mame_deploy.create_model("vim_t", checkpoint=path)
+    with pytest.raises(UserError, match="does not exist"):
+        mame_deploy.create_model("vim_t", checkpoint=tmp_path / "missing.pth")
+
+
+def test_wrong_image_size_is_a_clear_error():
+    model = mame_deploy.create_model("vim_t", depth=1)
+    with pytest.raises(UserError, match=r"expected images of shape \(B, 3, 224, 224\), got \(1, 3, 192, 192\)"):
+        model(torch.randn(1, 3, 192, 192))
+
+
+def test_forward_shape_and_batch_independence():
+    model = mame_deploy.create_model("vim_t", depth=3)
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        full = model(x)
+        single = model(x[1:2])
+    assert full.shape == (3, 1000) and torch.isfinite(full).all()
+    torch.testing.assert_close(full[1:2], single, rtol=1e-5, atol=1e-5)
+
+
+def flip_formulation_mixer(mixer, h):
+    """The official bimamba-v2 forward in words of vim.md: the backward branch runs the
+    forward machinery on the flipped sequence and flips its output back."""
+    L = h.shape[1]
+    xz = mixer.in_proj(h).transpose(1, 2)
+
+    def branch(xz, conv, x_proj, dt_proj, A_log, D):
+        x, z = xz.chunk(2, dim=1)
+        x = F.silu(conv(x)[..., :L])
+        dbl = x_proj(x.transpose(1, 2))
+        dt, Bm, Cm = dbl.split([mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)
+        return selective_scan_ref(x, delta, -torch.exp(A_log), Bm.transpose(1, 2), Cm.transpose(1, 2),
+                                  D, z, dt_proj.bias, delta_softplus=True)
+
+    y_f = branch(xz, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D)
+    y_b = branch(xz.flip(-1), mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b)
+    return mixer.out_proj(((y_f + y_b.flip(-1)) / 2).transpose(1, 2))
+
+
+def test_backward_branch_without_flips_equals_flip_formulation():
+    model = mame_deploy.create_model("vim_t", depth=1, seed=2)
+    mixer = model.layers[0].mixer
+    with torch.no_grad():  # random conv/x_proj weights so the anti-causal conv matters
+        for p in mixer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        h = torch.randn(2, 37, 192)
+        torch.testing.assert_close(mixer(h), flip_formulation_mixer(mixer, h), rtol=1e-5, atol=1e-5)
+
+
+def test_informativeness_does_not_change_the_mixer_output():
+    mixer = mame_deploy.create_model("vim_t", depth=1).layers[0].mixer
+    h = torch.randn(2, 20, 192)
+    with torch.no_grad():
+        out, score = mixer(h, return_score=True)
+        torch.testing.assert_close(out, mixer(h), rtol=0, atol=0)
+    assert score.shape == (2, 20) and (score > 0).all()
