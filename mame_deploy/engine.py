@@ -1,0 +1,562 @@
+"""TensorRT engines from exported ONNX files.
+
+Three steps, each its own function:
+
+1. :func:`prepare_onnx` -- the ONNX preparation TensorRT needs: every ``mame::SelectiveScan``
+   node is checked against what the plugin expects (inputs, attributes, dtypes, shapes) and the
+   model's ONNX function for it is removed, so the parser binds each node to the plugin
+   instead of expanding the function body into standard layers. Each node is also tagged with
+   the plugin's namespace (parsers before TensorRT 10.10 do not read the node's domain) and
+   ``aot=1`` (the node must use the ahead-of-time kernel, never a Python callback).
+2. :func:`build_engine` -- parse and build with polygraphy's TensorRT loaders: fp32 / fp16 /
+   bf16, a workspace limit, static shapes or one optimisation profile over the batch axis.
+3. The ``.plan`` and the manifest's ``engine`` record (TensorRT version, precision, GPU) are
+   written atomically.
+
+Precision follows TensorRT's typing rules. A network is built strongly typed when the requested
+precision is the ONNX file's own float type (TensorRT then runs every tensor in the type the
+graph gives it, on every TensorRT version). An fp32 file built as fp16/bf16 uses the builder's
+precision flags ("weak typing"), which TensorRT 10 has and TensorRT 11 removed; there, export
+the model in the reduced precision instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import onnx
+
+from mame_deploy.errors import UserError
+from mame_deploy.ops.selective_scan import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE
+
+TRT_INSTALL_HINT = "install it with pip install 'mame-deploy[trt]' on a machine with an NVIDIA GPU"
+# Precision names of the CLI -> the float type of the scan's activations.
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_ONNX_FLOATS = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+}
+SCAN_ATTRIBUTES = ("delta_softplus", "reverse")
+# Attributes the preparation adds for TensorRT's ONNX parser (not the plugin's own fields).
+PARSER_ATTRIBUTES = ("plugin_namespace", "plugin_version", "aot")
+PLUGIN_VERSION = "1"
+_FLOAT32_INPUTS = ("A", "D", "delta_bias")
+DEFAULT_MAX_BATCH = 64
+
+Dim = Union[int, str, None]  # static size, symbolic name, or unknown
+
+
+def require_tensorrt(feature: str = "this command"):
+    """``import tensorrt``, or a UserError naming the ``trt`` extra."""
+    try:
+        import tensorrt
+    except (ImportError, OSError):  # OSError: Python bindings present without libnvinfer
+        raise UserError(f"TensorRT is needed for {feature}; {TRT_INSTALL_HINT}") from None
+    return tensorrt
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX preparation
+
+
+@dataclass(frozen=True)
+class ScanNode:
+    """One ``mame::SelectiveScan`` node as the plugin will see it."""
+
+    name: str
+    delta_softplus: bool
+    reverse: bool
+    dtype: Optional[str]  # float type of u/delta/B/C/z; None where the file does not say
+    batch: Dim
+    dim: Dim
+    length: Dim
+    dstate: Dim
+
+
+def is_scan_node(node: onnx.NodeProto) -> bool:
+    return node.domain == ONNX_DOMAIN and node.op_type == ONNX_OP_TYPE
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, tuple[Optional[str], Optional[tuple[Dim, ...]]]]:
+    """Element type and shape of every main-graph value shape inference can type."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # an uninferable graph still gets the structural checks
+        inferred = model
+    graph = inferred.graph
+    types = {}
+    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        tensor = info.type.tensor_type
+        elem = _ONNX_FLOATS.get(tensor.elem_type) if tensor.elem_type else None
+        if tensor.elem_type and elem is None:
+            elem = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+        shape = None
+        if tensor.HasField("shape"):
+            shape = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim
+            )
+        types[info.name] = (elem, shape)
+    for init in graph.initializer:
+        elem = _ONNX_FLOATS.get(init.data_type) or onnx.TensorProto.DataType.Name(init.data_type).lower()
+        types[init.name] = (elem, tuple(init.dims))
+    return types
+
+
+def _node_label(node: onnx.NodeProto, index: int) -> str:
+    return f"SelectiveScan node {node.name or index!r}"
+
+
+def _check_attributes(node: onnx.NodeProto, label: str) -> dict[str, bool]:
+    attrs = {a.name: a for a in node.attribute}
+    unknown = sorted(set(attrs) - set(SCAN_ATTRIBUTES) - set(PARSER_ATTRIBUTES))
+    if unknown:
+        raise UserError(f"{label} has attributes the plugin does not know: {unknown}; re-export the model")
+    values = {}
+    for name in SCAN_ATTRIBUTES:
+        attr = attrs.get(name)
+        if attr is None:
+            raise UserError(f"{label} lacks the attribute {name!r}; re-export the model with mame-deploy export")
+        if attr.type != onnx.AttributeProto.INT or attr.i not in (0, 1):
+            raise UserError(f"{label}: attribute {name!r} must be the integer 0 or 1; re-export the model")
+        values[name] = bool(attr.i)
+    return values
+
+
+def _same(a: Dim, b: Dim) -> bool:
+    return a is None or b is None or a == b
+
+
+def _check_shapes(label: str, shapes: dict[str, Optional[tuple[Dim, ...]]]) -> tuple[Dim, Dim, Dim, Dim]:
+    """(batch, dim, length, dstate) from the input shapes, checked against the scan's layout."""
+    ranks = {"u": 3, "delta": 3, "z": 3, "B": 3, "C": 3, "A": 2, "D": 1, "delta_bias": 1}
+    for name, rank in ranks.items():
+        shape = shapes[name]
+        if shape is not None and len(shape) != rank:
+            raise UserError(f"{label}: input {name} has rank {len(shape)}, the plugin expects {rank}")
+    u = shapes["u"] or (None, None, None)
+    A = shapes["A"] or (None, None)
+    batch, dim, length = u
+    dstate = A[1]
+    expected = {
+        "delta": (batch, dim, length),
+        "z": (batch, dim, length),
+        "B": (batch, dstate, length),
+        "C": (batch, dstate, length),
+        "A": (dim, dstate),
+        "D": (dim,),
+        "delta_bias": (dim,),
+    }
+    for name, want in expected.items():
+        got = shapes[name]
+        if got is not None and not all(_same(g, w) for g, w in zip(got, want)):
+            raise UserError(
+                f"{label}: input {name} has shape {list(got)}, expected {list(want)} "
+                "(u, delta, z: batch x dim x length; A: dim x dstate; B, C: batch x dstate x length)"
+            )
+    for what, value in (("dim", dim), ("length", length), ("dstate", dstate)):
+        if isinstance(value, str):
+            raise UserError(f"{label}: {what} is symbolic ({value!r}); only the batch axis may be dynamic")
+    return batch, dim, length, dstate
+
+
+def _check_types(label: str, types: dict[str, Optional[str]]) -> Optional[str]:
+    from mame_deploy.plugins.trt_plugin import KERNEL_DTYPES
+
+    dtype = types["u"]
+    if dtype is not None and dtype not in KERNEL_DTYPES:
+        raise UserError(f"{label}: u is {dtype}; the kernel supports {', '.join(KERNEL_DTYPES)}")
+    for name in INPUT_NAMES:
+        want = "float32" if name in _FLOAT32_INPUTS else dtype
+        if types[name] is not None and want is not None and types[name] != want:
+            raise UserError(f"{label}: input {name} is {types[name]}, the plugin expects {want}")
+    return dtype
+
+
+def scan_nodes(model: onnx.ModelProto) -> list[ScanNode]:
+    """Check every ``mame::SelectiveScan`` node of the main graph against the plugin's contract.
+
+    Raises UserError naming the node on the first mismatch, and when there is no such node.
+    """
+    imports = {op.domain: op.version for op in model.opset_import}
+    nodes = [n for n in model.graph.node if is_scan_node(n)]
+    if not nodes:
+        raise UserError(
+            f"the model has no {ONNX_DOMAIN}::{ONNX_OP_TYPE} node for the TensorRT plugin "
+            "(was it exported with --scan inline?); export it with --scan plugin"
+        )
+    if imports.get(ONNX_DOMAIN) != 1:
+        raise UserError(f"the model does not import the {ONNX_DOMAIN!r} domain at version 1; re-export it")
+    values = _value_types(model)
+    found = []
+    for index, node in enumerate(nodes):
+        label = _node_label(node, index)
+        if len(node.input) != len(INPUT_NAMES) or not all(node.input):
+            raise UserError(
+                f"{label} has inputs {list(node.input)}; the plugin takes all of {', '.join(INPUT_NAMES)}"
+            )
+        if len(node.output) != 1 or not node.output[0]:
+            raise UserError(f"{label} must have exactly one output")
+        attrs = _check_attributes(node, label)
+        named = dict(zip(INPUT_NAMES, node.input))
+        dtype = _check_types(label, {k: values.get(v, (None, None))[0] for k, v in named.items()})
+        dims = _check_shapes(label, {k: values.get(v, (None, None))[1] for k, v in named.items()})
+        found.append(ScanNode(node.name, attrs["delta_softplus"], attrs["reverse"], dtype, *dims))
+    dtypes = {n.dtype for n in found if n.dtype is not None}
+    if len(dtypes) > 1:
+        raise UserError(f"the scan nodes mix float types {sorted(dtypes)}; export the model in one precision")
+    return found
+
+
+def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def prepare_onnx(model: onnx.ModelProto, jit: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` ready for TensorRT's parser (see the module docstring).
+
+    ``jit=True`` tags the nodes for the plugin's Python implementation (debugging only).
+    The input model is not modified; preparing a prepared model again gives the same result.
+    """
+    scan_nodes(model)  # raises on anything the plugin would not accept
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    kept = [f for f in prepared.functions if not (f.domain == ONNX_DOMAIN and f.name == ONNX_OP_TYPE)]
+    del prepared.functions[:]
+    prepared.functions.extend(kept)
+    for node in prepared.graph.node:
+        if is_scan_node(node):
+            _set_attribute(node, "plugin_namespace", ONNX_DOMAIN)
+            _set_attribute(node, "plugin_version", PLUGIN_VERSION)
+            _set_attribute(node, "aot", 0 if jit else 1)
+    return prepared
+
+
+# ---------------------------------------------------------------------------------------------
+# Build settings
+
+
+def parse_size(text: Union[str, int, None]) -> Optional[int]:
+    """Bytes from '4G', '4GiB', '512M', '512MiB' or a plain number of MiB; None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise UserError(f"cannot read the size {text!r}; write e.g. 4G, 512M or 2048 (MiB)")
+    number, unit = float(match.group(1)), (match.group(2) or "M").upper()
+    size = int(number * 1024 ** "KMGT".index(unit) * 1024)
+    if size <= 0:
+        raise UserError(f"the size {text!r} must be positive")
+    return size
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """Batch sizes the engine accepts: static (min == opt == max) or one optimisation profile."""
+
+    min: int
+    opt: int
+    max: int
+
+    @property
+    def dynamic(self) -> bool:
+        return self.min != self.max
+
+    def as_json(self):
+        return self.max if not self.dynamic else {"min": self.min, "opt": self.opt, "max": self.max}
+
+
+def graph_inputs(model: onnx.ModelProto) -> dict[str, tuple[Dim, ...]]:
+    """Shapes of the graph's real inputs (initializers listed as inputs are left out)."""
+    inits = {i.name for i in model.graph.initializer}
+    shapes = {}
+    for info in model.graph.input:
+        if info.name in inits:
+            continue
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims)
+    return shapes
+
+
+def batch_profile(
+    model: onnx.ModelProto, max_batch: Optional[int] = None, opt_batch: Optional[int] = None
+) -> BatchProfile:
+    """The batch sizes to build for: the file's static batch, or a profile for a dynamic one."""
+    shapes = graph_inputs(model)
+    static_batches = set()
+    dynamic = False
+    for name, shape in shapes.items():
+        for axis, dim in enumerate(shape):
+            if not isinstance(dim, int) or dim <= 0:
+                if axis != 0:
+                    raise UserError(f"input {name!r} has a dynamic axis {axis}; only the batch axis may be dynamic")
+                dynamic = True
+            elif axis == 0:
+                static_batches.add(dim)
+    if not dynamic:
+        if max_batch is not None or opt_batch is not None:
+            raise UserError(
+                "--max-batch/--opt-batch apply to models exported with --dynamic-batch; "
+                "this file has a static batch (re-export with --batch N to change it)"
+            )
+        if len(static_batches) != 1:
+            raise UserError(f"the inputs disagree on the batch size ({sorted(static_batches)}); re-export the model")
+        batch = static_batches.pop()
+        return BatchProfile(batch, batch, batch)
+    maximum = DEFAULT_MAX_BATCH if max_batch is None else max_batch
+    optimum = maximum if opt_batch is None else opt_batch
+    if not 1 <= optimum <= maximum:
+        raise UserError(f"need 1 <= --opt-batch ({optimum}) <= --max-batch ({maximum})")
+    return BatchProfile(1, optimum, maximum)
+
+
+def resolve_precision(requested: Optional[str], file_dtype: str) -> tuple[str, bool]:
+    """(precision, strongly_typed) for a file whose scan runs in ``file_dtype``."""
+    by_dtype = {v: k for k, v in PRECISIONS.items()}
+    native = by_dtype[file_dtype]
+    precision = native if requested is None else requested.lower()
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {requested!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == native:
+        return precision, True
+    if native != "fp32":
+        raise UserError(
+            f"the model was exported in {native}; an engine in {precision} needs a model exported in fp32 or {precision}"
+        )
+    return precision, False
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename it over, so no reader sees half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; export a model first with mame-deploy export")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
+
+
+def manifest_path(artifact: Path) -> Path:
+    """Every artifact's manifest is the .json beside it with the same stem."""
+    return artifact.with_suffix(".json")
+
+
+def load_manifest(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"no manifest {path}; it is written by mame-deploy export next to the ONNX file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable manifest ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a manifest (expected a JSON object)")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Build
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything decided before TensorRT is touched; checked on any machine."""
+
+    onnx_path: Path
+    output: Path
+    manifest_in: Path
+    manifest_out: Path
+    precision: str
+    strongly_typed: bool
+    workspace: Optional[int]
+    batch: BatchProfile
+    nodes: tuple[ScanNode, ...]
+    jit: bool
+
+
+def plan_build(
+    onnx_path: Union[str, Path],
+    output: Union[str, Path, None] = None,
+    precision: Optional[str] = None,
+    workspace: Union[str, int, None] = None,
+    force: bool = False,
+    max_batch: Optional[int] = None,
+    opt_batch: Optional[int] = None,
+    jit: bool = False,
+    model: Optional[onnx.ModelProto] = None,
+) -> BuildPlan:
+    """Check the inputs of a build and decide its settings (no TensorRT needed)."""
+    onnx_path = Path(onnx_path)
+    output = Path(output) if output is not None else onnx_path.with_suffix(".plan")
+    if output.suffix != ".plan":
+        raise UserError(f"the engine file must end in .plan, got {output}")
+    manifest_in, manifest_out = manifest_path(onnx_path), manifest_path(output)
+    if precision is not None and precision.lower() not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if not force:
+        if output.exists():
+            raise UserError(f"{output} exists; pass --force to overwrite it")
+        if manifest_out != manifest_in and manifest_out.exists():
+            raise UserError(f"{manifest_out} exists; pass --force to overwrite it")
+    size = parse_size(workspace)
+    load_manifest(manifest_in)
+    model = load_onnx(onnx_path) if model is None else model
+    nodes = tuple(scan_nodes(model))
+    file_dtype = next((n.dtype for n in nodes if n.dtype is not None), "float32")
+    precision, strongly_typed = resolve_precision(precision, file_dtype)
+    batch = batch_profile(model, max_batch, opt_batch)
+    return BuildPlan(
+        onnx_path, output, manifest_in, manifest_out, precision, strongly_typed, size, batch, nodes, jit
+    )
+
+
+def gpu_info() -> dict:
+    """Name and compute capability of CUDA device 0 (the one TensorRT builds for)."""
+    try:
+        from cuda.bindings import driver
+
+        def check(result):
+            err, *values = result
+            if err != driver.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(str(err))
+            return values[0] if values else None
+
+        check(driver.cuInit(0))
+        device = check(driver.cuDeviceGet(0))
+        name = check(driver.cuDeviceGetName(256, device)).split(b"\0", 1)[0].decode()
+        attr = driver.CUdevice_attribute
+        major = check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device))
+        minor = check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device))
+        return {"gpu": name, "compute_capability": f"{major}.{minor}"}
+    except Exception:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return {"gpu": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+    except Exception:
+        pass
+    return {"gpu": "unknown", "compute_capability": "unknown"}
+
+
+def engine_record(plan: BuildPlan, engine: bytes, trt_version: str, gpu: dict) -> dict:
+    """The manifest's ``engine`` section for a built plan."""
+    base = plan.manifest_out.parent
+    return {
+        "path": os.path.relpath(plan.output, base),
+        "sha256": hashlib.sha256(engine).hexdigest(),
+        "bytes": len(engine),
+        "onnx": os.path.relpath(plan.onnx_path, base),
+        "onnx_sha256": sha256_file(plan.onnx_path),
+        "tensorrt": trt_version,
+        "precision": plan.precision,
+        "strongly_typed": plan.strongly_typed,
+        "workspace_bytes": plan.workspace,
+        "batch": plan.batch.as_json(),
+        "plugin": {
+            "id": f"{ONNX_DOMAIN}::{ONNX_OP_TYPE}",
+            "implementation": "jit" if plan.jit else "aot",
+            "nodes": len(plan.nodes),
+        },
+        **gpu,
+    }
+
+
+def _build_bytes(trt, plan: BuildPlan, prepared: onnx.ModelProto) -> bytes:
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxBytes, Profile, engine_bytes_from_network
+
+    config = {}
+    if not plan.strongly_typed:
+        flag = plan.precision.upper()
+        if not hasattr(trt.BuilderFlag, flag):
+            raise UserError(
+                f"TensorRT {trt.__version__} builds only strongly typed networks; export the model "
+                f"in {plan.precision} to build a {plan.precision} engine"
+            )
+        config[plan.precision] = True
+    if plan.workspace is not None:
+        config["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: plan.workspace}
+    if plan.batch.dynamic:
+        profile = Profile()
+        for name, shape in graph_inputs(prepared).items():
+            rest = tuple(shape[1:])
+            profile.add(
+                name, min=(plan.batch.min,) + rest, opt=(plan.batch.opt,) + rest, max=(plan.batch.max,) + rest
+            )
+        config["profiles"] = [profile]
+    network = NetworkFromOnnxBytes(prepared.SerializeToString(), strongly_typed=plan.strongly_typed)
+    try:
+        engine = engine_bytes_from_network(network, config=CreateConfig(**config))
+    except Exception as exc:  # polygraphy has logged TensorRT's own messages above
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"TensorRT could not build {plan.onnx_path}: {first}") from None
+    return bytes(engine)
+
+
+def build_engine(
+    onnx_path: Union[str, Path],
+    output: Union[str, Path, None] = None,
+    precision: Optional[str] = None,
+    workspace: Union[str, int, None] = None,
+    force: bool = False,
+    max_batch: Optional[int] = None,
+    opt_batch: Optional[int] = None,
+    jit: bool = False,
+) -> Path:
+    """Build ``onnx_path`` into a TensorRT engine; returns the .plan path.
+
+    Writes the plan (default: beside the ONNX file, suffix .plan) and records the build in the
+    plan's manifest (the ONNX file's manifest when they share a stem, else a copy of it).
+    """
+    onnx_path = Path(onnx_path)
+    trt = require_tensorrt("building an engine")
+    model = load_onnx(onnx_path)
+    plan = plan_build(onnx_path, output, precision, workspace, force, max_batch, opt_batch, jit, model=model)
+
+    from mame_deploy import plugins
+
+    plugins.register(jit=jit)
+    engine = _build_bytes(trt, plan, prepare_onnx(model, jit=jit))
+
+    manifest = load_manifest(plan.manifest_in)
+    manifest["engine"] = engine_record(plan, engine, trt.__version__, gpu_info())
+    write_atomic(plan.output, engine)
+    write_atomic(plan.manifest_out, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return plan.output

@@ -1,0 +1,234 @@
+"""The TensorRT face of the selective scan: ``mame::SelectiveScan`` as a ``tensorrt.plugin``.
+
+TensorRT's Python plugin API (TensorRT >= 10.9) lets a plugin hand the builder a kernel ahead of
+time: ``aot_impl`` returns PTX, a kernel name, launch parameters and the kernel's scalar
+arguments, all as functions of the (symbolic) input shapes. The builder embeds the PTX in the
+engine, so the engine later runs without Python. The PTX is the one kernel source
+(``selective_scan.cu``) compiled by NVRTC through ``launch.compile_ptx``, and the launch
+parameters come from ``launch.launch_params`` -- the very functions the PyTorch path and the GPU
+tests use, so what TensorRT launches is what was tested.
+
+TensorRT's AOT convention for kernel arguments is: input tensors in the order the plugin declares
+them, then the scalar ``extra_args``, then the output tensors. ``launch.KERNEL_ARGS`` spells
+the kernel's signature; ``kernel_scalars`` checks it against that convention.
+
+:func:`aot_kernel` is the plugin's whole computation with plain Python values; it needs neither
+TensorRT nor a GPU, so tests call it with ints exactly as the plugin calls it with shape
+expressions. :func:`register_plugin` binds it (and a debugging JIT implementation) to TensorRT.
+
+No ``from __future__ import annotations`` here: ``tensorrt.plugin`` inspects the decorated
+functions' annotations as classes, and postponed (string) annotations would fail its checks.
+"""
+
+import threading
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple, Union
+
+from mame_deploy.errors import UserError
+from mame_deploy.ops.selective_scan import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE
+
+PLUGIN_NAMESPACE = ONNX_DOMAIN
+PLUGIN_NAME = ONNX_OP_TYPE
+PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
+PLUGIN_VERSION = "1"
+# Node attributes, in the order the plugin declares them (TensorRT passes them in this order).
+ATTRIBUTES = ("delta_softplus", "reverse")
+OUTPUT_NAME = "out"
+# Inputs that stay float32 whatever the model's precision (the kernel reads them as float).
+FLOAT32_INPUTS = ("A", "D", "delta_bias")
+# The dtypes of u, delta, B, C, z and the output that the kernel is compiled for.
+KERNEL_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    """Everything the plugin gives TensorRT for one node.
+
+    ``grid``/``block`` are (x, y, z); they and ``shared_mem`` and ``scalars`` are ints or, inside
+    TensorRT, shape expressions.
+    """
+
+    name: str
+    ptx: bytes
+    grid: Tuple[Any, Any, Any]
+    block: Tuple[Any, Any, Any]
+    shared_mem: Any
+    scalars: Tuple[Any, ...]
+
+
+def _launch():
+    # Imported late: launch.py belongs to the kernel and may pull NVRTC bindings.
+    from mame_deploy.plugins import launch
+
+    return launch
+
+
+def kernel_scalars(batch, dim, length, dstate) -> Tuple[Any, ...]:
+    """The int32 arguments between the input tensors and the output, in kernel order.
+
+    Reads ``launch.KERNEL_ARGS`` and checks it follows TensorRT's AOT convention (the plugin's
+    inputs, then scalars, then the output), so a change of the kernel signature fails here with
+    a message rather than as a wrong launch inside an engine.
+    """
+    kernel_args = tuple(_launch().KERNEL_ARGS)
+    n_in = len(INPUT_NAMES)
+    if kernel_args[:n_in] != INPUT_NAMES or kernel_args[-1] != OUTPUT_NAME:
+        raise RuntimeError(
+            f"launch.KERNEL_ARGS {kernel_args} does not follow TensorRT's AOT order "
+            f"{INPUT_NAMES} + scalars + ({OUTPUT_NAME!r},)"
+        )
+    values = {"batch": batch, "dim": dim, "length": length, "dstate": dstate}
+    unknown = [name for name in kernel_args[n_in:-1] if name not in values]
+    if unknown:
+        raise RuntimeError(f"launch.KERNEL_ARGS has scalars the plugin cannot supply: {unknown}")
+    return tuple(values[name] for name in kernel_args[n_in:-1])
+
+
+def _triple(value) -> Tuple[Any, Any, Any]:
+    if isinstance(value, (tuple, list)):
+        padded = tuple(value) + (1,) * (3 - len(value))
+        return padded[:3]
+    return (value, 1, 1)
+
+
+def aot_kernel(
+    dtype: str,
+    batch,
+    dim,
+    length,
+    dstate: int,
+    delta_softplus: bool,
+    reverse: bool,
+    arch: Optional[str] = None,
+) -> AotKernel:
+    """PTX, kernel name, launch configuration and scalar arguments for one scan node.
+
+    ``batch``, ``dim`` and ``length`` may be ints or TensorRT shape expressions (only +, -, *
+    and // are applied to them); ``dstate`` must be an int because it selects the compiled
+    variant.
+    """
+    if dtype not in KERNEL_DTYPES:
+        raise UserError(f"the selective-scan kernel has no {dtype} variant; use one of {KERNEL_DTYPES}")
+    launch = _launch()
+    ptx, name = launch.compile_ptx(dtype, int(dstate), bool(delta_softplus), bool(reverse), arch)
+    params = launch.launch_params(batch, dim, length, int(dstate), dtype)
+    return AotKernel(
+        name=name,
+        ptx=ptx,
+        grid=_triple(params.grid),
+        block=_triple(params.block),
+        shared_mem=params.shared_mem,
+        scalars=kernel_scalars(batch, dim, length, int(dstate)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Binding to TensorRT. Everything below runs only where ``import tensorrt`` works.
+
+_lock = threading.Lock()
+_registered: Optional[bool] = None  # None: not yet; else whether the JIT implementation is bound
+
+
+def _dtype_names(trt):
+    return {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}
+
+
+def _constant(expr, what: str) -> int:
+    if isinstance(expr, int):
+        return expr
+    if expr.is_constant:
+        return int(expr.constant_value())
+    raise UserError(f"SelectiveScan needs a static {what}; only the batch axis may be dynamic")
+
+
+def register_plugin(jit: bool = False) -> None:
+    """Register ``mame::SelectiveScan`` with TensorRT (idempotent within a process).
+
+    ``jit=True`` also binds a Python implementation (the PyTorch reference on TensorRT's stream)
+    for debugging a plugin engine against the AOT kernel; engines that use it need Python and a
+    CUDA build of PyTorch at run time. Which implementation a parsed node uses is chosen per node
+    by its ``aot`` attribute (see ``mame_deploy.engine.prepare_onnx``).
+    """
+    global _registered
+    with _lock:
+        if _registered is None:
+            _bind_aot()
+            _registered = False
+        if jit and not _registered:
+            _bind_jit()
+            _registered = True
+
+
+def _bind_aot() -> None:
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    dtype_names = _dtype_names(trt)
+    Desc = trtp.TensorDesc
+
+    @trtp.register(PLUGIN_ID)
+    def _describe(
+        u: Desc, delta: Desc, A: Desc, B: Desc, C: Desc, D: Desc, z: Desc, delta_bias: Desc,
+        delta_softplus: int, reverse: int,
+    ) -> Tuple[Desc]:
+        descs = dict(zip(INPUT_NAMES, (u, delta, A, B, C, D, z, delta_bias)))
+        for name, desc in descs.items():
+            expected = trt.float32 if name in FLOAT32_INPUTS else u.dtype
+            if desc.dtype != expected:
+                raise ValueError(f"SelectiveScan input {name} is {desc.dtype}, expected {expected}")
+        if u.dtype not in dtype_names:
+            raise ValueError(f"SelectiveScan has no kernel for {u.dtype}")
+        ranks = {"u": 3, "delta": 3, "z": 3, "B": 3, "C": 3, "A": 2, "D": 1, "delta_bias": 1}
+        for name, rank in ranks.items():
+            if len(descs[name].shape_expr) != rank:
+                raise ValueError(f"SelectiveScan input {name} must have rank {rank}")
+        return (u.like(),)
+
+    @trtp.autotune(PLUGIN_ID)
+    def _formats(
+        u: Desc, delta: Desc, A: Desc, B: Desc, C: Desc, D: Desc, z: Desc, delta_bias: Desc,
+        outputs: Tuple[Desc],
+    ) -> List[trtp.AutoTuneCombination]:
+        # u, delta, B, C, z and the output share one dtype ("|": chosen together); A, D and
+        # delta_bias are always float32. Linear (contiguous) layouts only.
+        shared = "FP32|FP16|BF16"
+        types = ", ".join("FP32" if n in FLOAT32_INPUTS else shared for n in INPUT_NAMES + (OUTPUT_NAME,))
+        return [trtp.AutoTuneCombination(types, "LINEAR")]
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def _aot(
+        u: Desc, delta: Desc, A: Desc, B: Desc, C: Desc, D: Desc, z: Desc, delta_bias: Desc,
+        delta_softplus: int, reverse: int, outputs: Tuple[Desc], tactic: int,
+    ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        batch, dim, length = (u.shape_expr[i] for i in range(3))
+        dstate = _constant(A.shape_expr[1], "d_state (A's second axis)")
+        kernel = aot_kernel(dtype_names[u.dtype], batch, dim, length, dstate, delta_softplus, reverse)
+        params = trtp.KernelLaunchParams()
+        params.grid_x, params.grid_y, params.grid_z = kernel.grid
+        params.block_x, params.block_y, params.block_z = kernel.block
+        params.shared_mem = kernel.shared_mem
+        # Every scalar must be a SymInt32: TensorRT rejects plain SymIntExprs (e.g. from ints).
+        scalars = trtp.SymIntExprs(len(kernel.scalars))
+        for i, value in enumerate(kernel.scalars):
+            scalars[i] = trtp.SymInt32(value)
+        return kernel.name, kernel.ptx, params, scalars
+
+
+def _bind_jit() -> None:
+    import tensorrt.plugin as trtp
+
+    Tensor = trtp.Tensor
+
+    @trtp.impl(PLUGIN_ID)
+    def _run(
+        u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
+        delta_bias: Tensor, delta_softplus: int, reverse: int, outputs: Tuple[Tensor], stream: int,
+    ) -> None:
+        import torch
+
+        from mame_deploy.ops.selective_scan import selective_scan_ref
+
+        args = [torch.as_tensor(t, device="cuda") for t in (u, delta, A, B, C, D, z, delta_bias)]
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            out = torch.as_tensor(outputs[0], device="cuda")
+            out.copy_(selective_scan_ref(*args, bool(delta_softplus), bool(reverse)))
