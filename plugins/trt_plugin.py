@@ -24,6 +24,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Union
 
+import numpy as np
+import numpy.typing as npt
+
 from mame_deploy.errors import UserError
 from mame_deploy.ops.selective_scan import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE
 
@@ -32,7 +35,11 @@ PLUGIN_NAME = ONNX_OP_TYPE
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 PLUGIN_VERSION = "1"
 # Node attributes, in the order the plugin declares them (TensorRT passes them in this order).
+# They are declared as one-element int32 arrays, not ``int``: TensorRT hands attributes over as
+# 1-D arrays and ``int(array)`` of a 1-D array is an error in NumPy 2; the ONNX parser turns an
+# INT attribute into exactly such an int32 field.
 ATTRIBUTES = ("delta_softplus", "reverse")
+Flag = npt.NDArray[np.int32]
 OUTPUT_NAME = "out"
 # Inputs that stay float32 whatever the model's precision (the kernel reads them as float).
 FLOAT32_INPUTS = ("A", "D", "delta_bias")
@@ -133,6 +140,10 @@ def _dtype_names(trt):
     return {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}
 
 
+def _flag(value) -> bool:
+    return bool(np.asarray(value).reshape(-1)[0])
+
+
 def _constant(expr, what: str) -> int:
     if isinstance(expr, int):
         return expr
@@ -169,7 +180,7 @@ def _bind_aot() -> None:
     @trtp.register(PLUGIN_ID)
     def _describe(
         u: Desc, delta: Desc, A: Desc, B: Desc, C: Desc, D: Desc, z: Desc, delta_bias: Desc,
-        delta_softplus: int, reverse: int,
+        delta_softplus: Flag, reverse: Flag,
     ) -> Tuple[Desc]:
         descs = dict(zip(INPUT_NAMES, (u, delta, A, B, C, D, z, delta_bias)))
         for name, desc in descs.items():
@@ -198,11 +209,13 @@ def _bind_aot() -> None:
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(
         u: Desc, delta: Desc, A: Desc, B: Desc, C: Desc, D: Desc, z: Desc, delta_bias: Desc,
-        delta_softplus: int, reverse: int, outputs: Tuple[Desc], tactic: int,
+        delta_softplus: Flag, reverse: Flag, outputs: Tuple[Desc], tactic: int,
     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
         batch, dim, length = (u.shape_expr[i] for i in range(3))
         dstate = _constant(A.shape_expr[1], "d_state (A's second axis)")
-        kernel = aot_kernel(dtype_names[u.dtype], batch, dim, length, dstate, delta_softplus, reverse)
+        kernel = aot_kernel(
+            dtype_names[u.dtype], batch, dim, length, dstate, _flag(delta_softplus), _flag(reverse)
+        )
         params = trtp.KernelLaunchParams()
         params.grid_x, params.grid_y, params.grid_z = kernel.grid
         params.block_x, params.block_y, params.block_z = kernel.block
@@ -222,7 +235,7 @@ def _bind_jit() -> None:
     @trtp.impl(PLUGIN_ID)
     def _run(
         u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
-        delta_bias: Tensor, delta_softplus: int, reverse: int, outputs: Tuple[Tensor], stream: int,
+        delta_bias: Tensor, delta_softplus: Flag, reverse: Flag, outputs: Tuple[Tensor], stream: int,
     ) -> None:
         import torch
 
@@ -231,4 +244,4 @@ def _bind_jit() -> None:
         args = [torch.as_tensor(t, device="cuda") for t in (u, delta, A, B, C, D, z, delta_bias)]
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             out = torch.as_tensor(outputs[0], device="cuda")
-            out.copy_(selective_scan_ref(*args, bool(delta_softplus), bool(reverse)))
+            out.copy_(selective_scan_ref(*args, _flag(delta_softplus), _flag(reverse)))
