@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import mame_deploy
@@ -77,12 +78,17 @@ def info_cmd(
     console.print(table)
 
 
+from mame_deploy.cli import build  # noqa: E402
+
+build.register(app)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI; a UserError becomes one line on stderr and exit code 2."""
     try:
         app(args=argv, standalone_mode=False)
     except UserError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except typer.Exit as exc:
         return exc.exit_code

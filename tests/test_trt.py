@@ -1,0 +1,169 @@
+"""TensorRT: engines built from exported models, and the behaviour where TensorRT is missing.
+
+The first group runs everywhere: it hides TensorRT (if installed) and checks that every entry
+point says in one line how to install it. The second group needs TensorRT and a GPU and skips
+with the reason elsewhere (every development machine of this project: see docs/tensorrt.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from mame_deploy import engine
+from mame_deploy.errors import UserError
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+
+needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed (pip install 'mame-deploy[trt]')")
+
+
+@pytest.fixture()
+def no_tensorrt(monkeypatch):
+    """Make ``import tensorrt`` fail as on a machine without it, wherever the test runs."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+
+
+@pytest.fixture()
+def exported_stub(tmp_path):
+    """A valid one-scan model with its manifest (what `export` leaves), no TensorRT needed."""
+    from test_engine_prep import scan_model
+
+    path = tmp_path / "net.onnx"
+    onnx.save(scan_model(), path)
+    (tmp_path / "net.json").write_text(json.dumps({"model": "vim_t"}))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Without TensorRT
+
+
+def test_require_tensorrt_names_the_extra(no_tensorrt):
+    with pytest.raises(UserError) as err:
+        engine.require_tensorrt("building an engine")
+    assert str(err.value) == (
+        "TensorRT is needed for building an engine; install it with pip install 'mame-deploy[trt]' "
+        "on a machine with an NVIDIA GPU"
+    )
+
+
+def test_plugin_registration_needs_tensorrt(no_tensorrt):
+    from mame_deploy import plugins
+
+    with pytest.raises(UserError, match=r"TensorRT is needed for the mame::SelectiveScan plugin"):
+        plugins.register()
+
+
+def test_build_engine_needs_tensorrt_and_writes_nothing(no_tensorrt, exported_stub):
+    with pytest.raises(UserError, match="TensorRT is needed for building an engine"):
+        engine.build_engine(exported_stub)
+    assert sorted(p.name for p in exported_stub.parent.iterdir()) == ["net.json", "net.onnx"]
+
+
+def test_build_cli_without_tensorrt_is_one_line_and_exit_2(no_tensorrt, exported_stub, capsys):
+    from mame_deploy.cli.main import main
+
+    code = main(["build", str(exported_stub), "--precision", "fp16"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0, err
+    assert "TensorRT is needed for building an engine" in err and "pip install 'mame-deploy[trt]'" in err
+
+
+def test_build_cli_usage_errors_exit_2(exported_stub, capsys):
+    from mame_deploy.cli.main import main
+
+    assert main(["build"]) == 2
+    assert main(["build", str(exported_stub), "--max-batch", "many"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# With TensorRT (and a GPU)
+
+
+@pytest.fixture(scope="module")
+def trt():
+    if not HAVE_TRT:
+        pytest.skip("TensorRT is not installed (pip install 'mame-deploy[trt]')")
+    import tensorrt
+
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT engines need a CUDA GPU")
+    return tensorrt
+
+
+@needs_trt
+def test_plugin_is_registered_under_the_onnx_domain(trt):
+    from mame_deploy import plugins
+
+    plugins.register()
+    plugins.register()  # idempotent
+    creator = trt.get_plugin_registry().get_creator("SelectiveScan", "1", "mame")
+    assert creator is not None
+    assert [f.name for f in creator.field_names] == ["delta_softplus", "reverse"]
+
+
+@needs_trt
+def test_parser_binds_every_scan_node_to_the_plugin(trt, exported_stub):
+    from polygraphy.backend.trt import NetworkFromOnnxBytes
+
+    from mame_deploy import plugins
+
+    plugins.register()
+    model = onnx.load(exported_stub)
+    prepared = engine.prepare_onnx(model)
+    builder, network, parser = NetworkFromOnnxBytes(prepared.SerializeToString(), strongly_typed=True)()
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    plugin_layers = [layer for layer in layers if layer.type == trt.LayerType.PLUGIN_V3]
+    assert len(plugin_layers) == len(engine.scan_nodes(model)) == 1
+    assert network.get_output(0).dtype == trt.float32
+
+
+@needs_trt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engine_of_a_stub_model_matches_the_reference(trt, exported_stub, precision):
+    import torch
+
+    from mame_deploy.ops.selective_scan import selective_scan_ref
+    from mame_deploy.trt_runner import TrtRunner
+
+    plan = engine.build_engine(exported_stub, precision=precision, force=True)
+    record = json.loads(plan.with_suffix(".json").read_text())["engine"]
+    assert record["precision"] == precision and record["tensorrt"] == trt.__version__
+    assert record["plugin"]["implementation"] == "aot"
+
+    model = onnx.load(exported_stub)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    rng = np.random.default_rng(0)
+    feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+             for i in model.graph.input}
+    with TrtRunner(plan) as runner:
+        (got,) = runner.infer(feeds).values()
+    args = {**feeds, **weights}
+    want = selective_scan_ref(*(torch.from_numpy(args[n]) for n in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")),
+                              delta_softplus=True, reverse=False).numpy()
+    tol = 1e-5 if precision == "fp32" else 5e-3
+    assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want)
+
+
+def test_trt_runner_needs_tensorrt(no_tensorrt, tmp_path):
+    from mame_deploy.trt_runner import TrtRunner
+
+    with pytest.raises(UserError, match="TensorRT is needed for running an engine"):
+        TrtRunner(tmp_path / "missing.plan")
+
+
+def test_plugin_implementation_is_read_from_the_plans_manifest(tmp_path):
+    from mame_deploy.trt_runner import plugin_implementation
+
+    plan = tmp_path / "net.plan"
+    assert plugin_implementation(plan) == "aot"  # no manifest: engines are AOT unless recorded
+    plan.with_suffix(".json").write_text(json.dumps({"engine": {"plugin": {"implementation": "jit"}}}))
+    assert plugin_implementation(plan) == "jit"
