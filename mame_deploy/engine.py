@@ -521,13 +521,26 @@ def _build_bytes(trt, plan: BuildPlan, prepared: onnx.ModelProto) -> bytes:
                 name, min=(plan.batch.min,) + rest, opt=(plan.batch.opt,) + rest, max=(plan.batch.max,) + rest
             )
         config["profiles"] = [profile]
-    network = NetworkFromOnnxBytes(prepared.SerializeToString(), strongly_typed=plan.strongly_typed)
     try:
-        engine = engine_bytes_from_network(network, config=CreateConfig(**config))
+        parsed = NetworkFromOnnxBytes(prepared.SerializeToString(), strongly_typed=plan.strongly_typed)()
+        check_plugin_layers(trt, parsed[1], len(plan.nodes))
+        engine = engine_bytes_from_network(parsed, config=CreateConfig(**config))
+    except UserError:
+        raise
     except Exception as exc:  # polygraphy has logged TensorRT's own messages above
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"TensorRT could not build {plan.onnx_path}: {first}") from None
     return bytes(engine)
+
+
+def check_plugin_layers(trt, network, expected: int) -> None:
+    """Every scan node must have become a plugin layer, not an expansion of its function."""
+    found = sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
+    if found != expected:
+        raise UserError(
+            f"TensorRT's parser made {found} plugin layers for {expected} {ONNX_DOMAIN}::{ONNX_OP_TYPE} nodes; "
+            "the plugin was not bound to every scan"
+        )
 
 
 def build_engine(

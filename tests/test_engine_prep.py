@@ -295,3 +295,14 @@ def test_engine_record_points_at_files_relative_to_the_manifest(exported):
     assert record["tensorrt"] == "10.13.0" and record["gpu"] == "NVIDIA H100"
     assert record["plugin"] == {"id": "mame::SelectiveScan", "implementation": "aot", "nodes": 1}
     assert record["batch"] == 2 and record["bytes"] == len(b"engine-bytes")
+
+
+def test_a_network_without_a_plugin_layer_per_scan_node_is_refused():
+    from types import SimpleNamespace
+
+    trt = SimpleNamespace(LayerType=SimpleNamespace(PLUGIN_V3="plugin", CONVOLUTION="conv"))
+    layers = ["conv", "plugin", "conv", "plugin"]
+    network = SimpleNamespace(num_layers=len(layers), get_layer=lambda i: SimpleNamespace(type=layers[i]))
+    engine.check_plugin_layers(trt, network, 2)
+    with pytest.raises(UserError, match="made 2 plugin layers for 3 mame::SelectiveScan nodes"):
+        engine.check_plugin_layers(trt, network, 3)
