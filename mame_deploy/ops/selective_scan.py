@@ -139,3 +139,6 @@ def selective_scan(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
         return selective_scan_ref(*args)  # training: autograd runs through the reference
     return torch.ops.mame.selective_scan(*args)
+
+if torch.backends.cuda.is_built():  # CUDA builds of torch: our kernel serves the op on GPUs
+    from mame_deploy import kernels as _kernels  # noqa: E402,F401  (lazy: touches no GPU here)

@@ -1,0 +1,207 @@
+"""The selective-scan CUDA kernel on PyTorch tensors, and its registration as the CUDA
+implementation of ``torch.ops.mame.selective_scan``.
+
+The kernel is ``plugins/selective_scan.cu``, compiled to PTX by ``mame_deploy.plugins.launch``
+(the same function the TensorRT plugin calls), loaded with the CUDA driver API (cuda-python) and
+launched on PyTorch's current stream with ``launch.launch_params`` -- so CUDA graphs capture it.
+Nothing here touches CUDA or imports cuda-python until a CUDA tensor reaches the op: importing
+this module on a machine without either is fine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mame_deploy.errors import UserError
+from mame_deploy.ops.selective_scan import selective_scan_ref
+from mame_deploy.plugins import launch
+
+TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# Grid y is the channel-group count; CUDA caps it at 65535.
+_MAX_GRID_Y = 65535
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver
+    except ImportError as exc:
+        raise UserError(
+            "the CUDA selective-scan kernel needs cuda-python; install it with pip install 'mame-deploy[gpu]'"
+        ) from exc
+    return driver
+
+
+def _check(result, what: str):
+    """cuda-python returns (CUresult, *values): raise on an error, else return the values."""
+    driver = _driver()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(err)
+        raise RuntimeError(f"{what} failed: {name.decode() if isinstance(name, bytes) else err}")
+    return values[0] if len(values) == 1 else values
+
+
+class _Loaded:
+    """One compiled variant on one device: its module (kept alive), function and context."""
+
+    def __init__(self, device_index: int, ptx: bytes, name: str):
+        driver = _driver()
+        _check(driver.cuInit(0), "cuInit")
+        dev = _check(driver.cuDeviceGet(device_index), "cuDeviceGet")
+        # PyTorch runs in the device's primary context; the module must live there too.
+        self.context = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+        _check(driver.cuCtxPushCurrent(self.context), "cuCtxPushCurrent")
+        try:
+            self.module = _check(driver.cuModuleLoadData(ptx + b"\0"), "loading the kernel's PTX")
+            self.function = _check(driver.cuModuleGetFunction(self.module, name.encode()), "cuModuleGetFunction")
+        finally:
+            _check(driver.cuCtxPopCurrent(), "cuCtxPopCurrent")
+
+
+_lock = threading.Lock()
+_loaded: dict = {}
+
+
+def _kernel(device: torch.device, dtype: str, dstate: int, softplus: bool, reverse: bool, tuning) -> _Loaded:
+    key = (device.index, dtype, dstate, softplus, reverse, tuning)
+    found = _loaded.get(key)
+    if found is None:
+        with _lock:
+            found = _loaded.get(key)
+            if found is None:
+                major, minor = torch.cuda.get_device_capability(device)
+                ptx, name = launch.compile_ptx(dtype, dstate, softplus, reverse, f"sm_{major}{minor}", tuning)
+                found = _loaded[key] = _Loaded(device.index, ptx, name)
+    return found
+
+
+def pack_args(values: dict) -> tuple[list, ctypes.Array]:
+    """cuLaunchKernel's ``kernelParams``: an array of pointers to each argument's value, in
+    ``launch.KERNEL_ARGS`` order (tensors as device addresses, scalars as int32). Returns the
+    value holders too: they must outlive the launch call."""
+    missing = [name for name in launch.KERNEL_ARGS if name not in values]
+    if missing:
+        raise ValueError(f"kernel arguments missing: {missing}")
+    holders = [
+        ctypes.c_int32(values[name]) if launch.KERNEL_ARG_TYPES[name] == "int32" else ctypes.c_void_p(values[name])
+        for name in launch.KERNEL_ARGS
+    ]
+    array = (ctypes.c_void_p * len(holders))(*(ctypes.addressof(h) for h in holders))
+    return holders, array
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int, int, int]:
+    if u.dim() != 3:
+        raise UserError(f"selective scan: u must be (batch, dim, length), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise UserError(f"selective scan: A must be (dim={dim}, dstate), got {tuple(A.shape)}")
+    dstate = A.shape[1]
+    expected = {
+        "delta": (delta, (batch, dim, length)), "B": (B, (batch, dstate, length)),
+        "C": (C, (batch, dstate, length)), "z": (z, (batch, dim, length)),
+        "D": (D, (dim,)), "delta_bias": (delta_bias, (dim,)),
+    }
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise UserError(f"selective scan: {name} must have shape {shape}, got {tuple(t.shape)}")
+    for name, t in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), (u, delta, A, B, C, D, z, delta_bias)):
+        if t is not None and t.device != u.device:
+            raise UserError(f"selective scan: {name} is on {t.device}, u on {u.device}; move them to one GPU")
+    return batch, dim, length, dstate
+
+
+def selective_scan_cuda(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    reverse: bool = False,
+    out: Optional[Tensor] = None,
+    tuning: launch.Tuning = launch.DEFAULT_TUNING,
+) -> Tensor:
+    """The forward scan on the GPU; same arguments and result as ``selective_scan_ref``.
+
+    u, delta, B, C, z are used in u's dtype (float32, float16 or bfloat16), A, D, delta_bias in
+    float32; non-contiguous inputs are copied. ``out`` (contiguous, u's shape and dtype) receives
+    the result if given.
+    """
+    batch, dim, length, dstate = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if not u.is_cuda:
+        raise UserError("selective_scan_cuda needs CUDA tensors; the CPU runs selective_scan_ref")
+    dtype = TORCH_DTYPES.get(u.dtype)
+    if dtype is None:
+        raise UserError(f"the selective-scan kernel has no {u.dtype} variant; use float32, float16 or bfloat16")
+    params = launch.launch_params(batch, dim, length, dstate, dtype, tuning)
+    if params.grid[1] > _MAX_GRID_Y:
+        raise UserError(f"dim {dim} is too large for one launch (at most {_MAX_GRID_Y * tuning.channels})")
+
+    def prepare(t, dt):
+        return None if t is None else t.to(dt).contiguous()
+
+    u, delta, B, C, z = (prepare(t, u.dtype) for t in (u, delta, B, C, z))
+    A, D, delta_bias = (prepare(t, torch.float32) for t in (A, D, delta_bias))
+    if out is None:
+        out = torch.empty_like(u)
+    elif out.shape != u.shape or out.dtype != u.dtype or out.device != u.device or not out.is_contiguous():
+        raise UserError(f"out must be a contiguous {u.dtype} tensor of shape {tuple(u.shape)} on {u.device}")
+    if u.numel() == 0:
+        return out
+
+    kernel = _kernel(u.device, dtype, dstate, bool(delta_softplus), bool(reverse), tuning)
+    driver = _driver()
+    if _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent") != kernel.context:
+        _check(driver.cuCtxSetCurrent(kernel.context), "cuCtxSetCurrent")
+    tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias, "out": out}
+    values = {name: (0 if t is None else t.data_ptr()) for name, t in tensors.items()}
+    values.update(batch=batch, dim=dim, length=length)
+    holders, array = pack_args(values)
+    stream = torch.cuda.current_stream(u.device).cuda_stream
+    _check(
+        driver.cuLaunchKernel(
+            kernel.function, *params.grid, *params.block, params.shared_mem, stream, ctypes.addressof(array), 0
+        ),
+        "launching the selective-scan kernel",
+    )
+    return out
+
+
+def kernel_supports(dstate: int, tuning: launch.Tuning = launch.DEFAULT_TUNING) -> bool:
+    return dstate in launch.DSTATES and dstate % tuning.lanes == 0
+
+
+_warned: set = set()
+
+
+def _fallback(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"mame::selective_scan runs the PyTorch reference on the GPU: {reason}", stacklevel=3)
+
+
+@torch.library.register_kernel("mame::selective_scan", "cuda")
+def _selective_scan_cuda_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    if u.dtype not in TORCH_DTYPES:
+        _fallback(f"no kernel for {u.dtype}")
+        return selective_scan_ref(*args)
+    if not kernel_supports(A.shape[1]):
+        _fallback(f"no kernel for d_state {A.shape[1]} (it has {', '.join(map(str, launch.DSTATES))})")
+        return selective_scan_ref(*args)
+    try:
+        _driver()
+    except UserError as exc:
+        _fallback(str(exc))
+        return selective_scan_ref(*args)
+    return selective_scan_cuda(*args)

@@ -1,0 +1,228 @@
+"""How the selective-scan kernel (``selective_scan.cu`` beside this file) is built and launched.
+
+The one launch contract, shared unchanged by the PyTorch launcher (``mame_deploy.kernels``) and
+the TensorRT plugin (``mame_deploy.plugins.trt_plugin``):
+
+* :func:`compile_ptx` -- NVRTC (cuda-python) turns the source into PTX for one variant
+  (dtype, state size, softplus, direction); cached per process.
+* :func:`launch_params` -- grid, block and dynamic shared memory, computed with nothing but
+  ``+``, ``-``, ``*`` and ``//`` on the shape arguments, so the same function serves Python ints
+  and TensorRT's symbolic shape expressions. The block size and shared memory are constants.
+* :data:`KERNEL_ARGS` -- the kernel's parameters in order (TensorRT's AOT convention: input
+  tensors, then int32 scalars, then the output); :data:`KERNEL_ARG_TYPES` gives each one's C type.
+
+Layouts (contiguous): u, delta, z, out (batch, dim, length); B, C (batch, dstate, length);
+A (dim, dstate) float32; D, delta_bias (dim,) float32. D, z and delta_bias may be null pointers.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+from mame_deploy.errors import UserError
+
+KERNEL_SOURCE = Path(__file__).with_name("selective_scan.cu")
+
+# Kernel parameters, in order, and their C types ("elem" is the variant's dtype).
+KERNEL_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "batch", "dim", "length", "out")
+KERNEL_ARG_TYPES = {
+    "u": "const elem*", "delta": "const elem*", "A": "const float*", "B": "const elem*",
+    "C": "const elem*", "D": "const float*", "z": "const elem*", "delta_bias": "const float*",
+    "batch": "int32", "dim": "int32", "length": "int32", "out": "elem*",
+}
+SCALAR_ARGS = tuple(name for name in KERNEL_ARGS if KERNEL_ARG_TYPES[name] == "int32")
+
+# dtype of u, delta, B, C, z and out -> SCAN_DTYPE code in the source. A, D, delta_bias: float32.
+DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+DSTATES = (8, 16, 32)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Compile-time work split (see the source's header). Chosen by benchmarks/bench_kernel.py
+    on an H100; docs/perf-notes.md has the measurements behind it."""
+
+    lanes: int = 4  # threads per channel, each holding dstate / lanes states
+    channels: int = 32  # channels per block
+    chunk: int = 32  # time steps staged in shared memory at a time
+    min_blocks: int = 4  # blocks per SM the register allocation must allow
+
+    def __post_init__(self):
+        threads = self.lanes * self.channels
+        problems = [
+            self.lanes not in (4, 8, 16, 32) and "lanes must be 4, 8, 16 or 32",
+            (threads % 32 or threads > 1024) and "lanes * channels must be a multiple of 32, at most 1024",
+            (self.chunk % 4 or self.chunk % self.lanes or threads % self.chunk)
+            and "chunk must be a multiple of 4 and of lanes, and divide lanes * channels",
+            self.min_blocks < 1 and "min_blocks must be at least 1",
+        ]
+        problems = [p for p in problems if p]
+        if problems:
+            raise UserError(f"bad kernel tuning {self}: {'; '.join(problems)}")
+
+    @property
+    def threads(self) -> int:
+        return self.lanes * self.channels
+
+    @classmethod
+    def parse(cls, text: str) -> "Tuning":
+        """``LANESxCHANNELSxCHUNK[xMIN_BLOCKS]``, e.g. ``4x32x32x4`` (benchmark option syntax)."""
+        try:
+            values = [int(v) for v in text.lower().split("x")]
+        except ValueError:
+            values = []
+        if len(values) not in (3, 4):
+            raise UserError(f"bad kernel tuning {text!r}; write LANESxCHANNELSxCHUNK[xMIN_BLOCKS], e.g. 4x32x32x4")
+        return cls(*values)
+
+    def __str__(self) -> str:
+        return f"{self.lanes}x{self.channels}x{self.chunk}x{self.min_blocks}"
+
+
+DEFAULT_TUNING = Tuning()
+
+
+@dataclass(frozen=True)
+class LaunchParams:
+    """cuLaunchKernel's geometry: grid and block as (x, y, z), dynamic shared memory in bytes."""
+
+    grid: Tuple[Any, Any, Any]
+    block: Tuple[int, int, int]
+    shared_mem: int
+
+
+def _check_variant(dtype: str, dstate: int, tuning: Tuning) -> None:
+    if dtype not in DTYPES:
+        raise UserError(f"the selective-scan kernel has no {dtype!r} variant; use one of {', '.join(DTYPES)}")
+    if dstate not in DSTATES or dstate % tuning.lanes:
+        raise UserError(
+            f"the selective-scan kernel supports d_state {', '.join(map(str, DSTATES))}, got {dstate}; "
+            "use the PyTorch reference (mame_deploy.ops.selective_scan_ref) for other sizes"
+        )
+
+
+def launch_params(batch, dim, length, dstate, dtype: str, tuning: Tuning = DEFAULT_TUNING) -> LaunchParams:
+    """Grid (batch, ceil(dim / channels), 1) of blocks of ``channels * lanes`` threads.
+
+    ``batch``, ``dim``, ``length`` (and ``dstate``) may be TensorRT shape expressions: only
+    ``+``, ``-``, ``*``, ``//`` with ints are applied to them. ``length`` does not enter the
+    geometry (the kernel loops over time); the shared memory is static, so 0 here.
+    """
+    if isinstance(dstate, int):
+        _check_variant(dtype, dstate, tuning)
+    elif dtype not in DTYPES:
+        _check_variant(dtype, DSTATES[0], tuning)
+    channel_groups = (dim + (tuning.channels - 1)) // tuning.channels
+    return LaunchParams(grid=(batch, channel_groups, 1), block=(tuning.threads, 1, 1), shared_mem=0)
+
+
+def kernel_name(dtype: str, dstate: int, delta_softplus: bool, reverse: bool) -> str:
+    """The extern "C" name of one variant, e.g. ``mame_selective_scan_float16_n16_softplus_fwd``."""
+    act = "softplus" if delta_softplus else "linear"
+    return f"mame_selective_scan_{dtype}_n{dstate}_{act}_{'rev' if reverse else 'fwd'}"
+
+
+def compile_options(
+    dtype: str, dstate: int, delta_softplus: bool, reverse: bool, tuning: Tuning = DEFAULT_TUNING
+) -> list[str]:
+    """The -D options that select one variant: the same for NVRTC and for nvcc."""
+    _check_variant(dtype, dstate, tuning)
+    defines = {
+        "SCAN_KERNEL_NAME": kernel_name(dtype, dstate, delta_softplus, reverse),
+        "SCAN_DTYPE": DTYPES[dtype],
+        "SCAN_DSTATE": dstate,
+        "SCAN_DELTA_SOFTPLUS": int(bool(delta_softplus)),
+        "SCAN_REVERSE": int(bool(reverse)),
+        "SCAN_LANES": tuning.lanes,
+        "SCAN_CHANNELS": tuning.channels,
+        "SCAN_CHUNK": tuning.chunk,
+        "SCAN_MIN_BLOCKS": tuning.min_blocks,
+    }
+    return [f"-D{key}={value}" for key, value in defines.items()]
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as exc:
+        raise UserError(
+            "compiling the selective-scan kernel needs cuda-python and NVRTC; "
+            "install them with pip install 'mame-deploy[gpu]'"
+        ) from exc
+    return nvrtc
+
+
+def _check_nvrtc(nvrtc, result, what: str, prog=None) -> None:
+    err = result[0] if isinstance(result, tuple) else result
+    if err == nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        return
+    log = ""
+    if prog is not None:
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        buf = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, buf)
+        log = buf.decode(errors="replace").strip()
+    raise RuntimeError(f"NVRTC {what} failed ({err}){': ' + log if log else ''}")
+
+
+def current_arch() -> str:
+    """``compute_XY`` of the current CUDA device (device 0 if none is current)."""
+    try:
+        from cuda.bindings import driver
+    except ImportError as exc:
+        raise UserError("finding the GPU's architecture needs cuda-python: pip install 'mame-deploy[gpu]'") from exc
+    try:
+        (err,) = driver.cuInit(0)
+    except RuntimeError:  # cuda-python without libcuda: a machine with no NVIDIA driver
+        err = None
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise UserError(f"no usable CUDA driver or GPU ({err}); pass arch='sm_90' to compile without one")
+    err, dev = driver.cuCtxGetDevice()
+    if err != driver.CUresult.CUDA_SUCCESS:
+        err, dev = driver.cuDeviceGet(0)
+    attr = driver.CUdevice_attribute
+    _, major = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
+    _, minor = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
+    return f"compute_{major}{minor}"
+
+
+def _ptx_arch(arch: Optional[str]) -> str:
+    """Accepts ``sm_90``, ``compute_90``, ``sm_90a`` or None (the current device)."""
+    if arch is None:
+        return current_arch()
+    match = re.fullmatch(r"(?:sm_|compute_)?(\d{2,3}a?)", arch)
+    if not match:
+        raise UserError(f"unrecognised GPU architecture {arch!r}; write it like 'sm_90'")
+    return f"compute_{match.group(1)}"
+
+
+def compile_ptx(
+    dtype: str, dstate: int, delta_softplus: bool, reverse: bool, arch: Optional[str] = None,
+    tuning: Tuning = DEFAULT_TUNING,
+) -> tuple[bytes, str]:
+    """(PTX, kernel name) of one variant, compiled by NVRTC for ``arch`` (default: the current
+    GPU). Cached: each variant is compiled once per process."""
+    return _compile_ptx(dtype, int(dstate), bool(delta_softplus), bool(reverse), _ptx_arch(arch), tuning)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_ptx(dtype, dstate, delta_softplus, reverse, arch, tuning) -> tuple[bytes, str]:
+    options = compile_options(dtype, dstate, delta_softplus, reverse, tuning)
+    nvrtc = _nvrtc()
+    source = KERNEL_SOURCE.read_bytes()
+    err, prog = nvrtc.nvrtcCreateProgram(source, KERNEL_SOURCE.name.encode(), 0, [], [])
+    _check_nvrtc(nvrtc, err, "program creation")
+    try:
+        opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17"] + [o.encode() for o in options]
+        _check_nvrtc(nvrtc, nvrtc.nvrtcCompileProgram(prog, len(opts), opts), "compilation", prog)
+        err, size = nvrtc.nvrtcGetPTXSize(prog)
+        _check_nvrtc(nvrtc, err, "PTX size")
+        ptx = b" " * size
+        _check_nvrtc(nvrtc, nvrtc.nvrtcGetPTX(prog, ptx), "PTX retrieval")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    return ptx.rstrip(b"\0"), kernel_name(dtype, dstate, delta_softplus, reverse)

@@ -1,0 +1,244 @@
+"""The selective-scan kernel's contract, checked without a GPU: launch geometry (also on
+symbolic shapes, as TensorRT passes them), argument order and packing, compile options, the
+source as package data, an nvcc / NVRTC compile where those exist, and the op's CPU fallback."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.resources
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mame_deploy.errors import UserError
+from mame_deploy.ops.selective_scan import INPUT_NAMES, selective_scan_ref
+from mame_deploy.plugins import launch
+
+
+class Sym:
+    """A shape expression that, like TensorRT's SymInt32, supports only +, -, * and // with ints
+    (and itself): anything else (comparisons, int(), indexing) raises."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def _op(self, other, sym: str, swap: bool = False):
+        o = other.text if isinstance(other, Sym) else str(other)
+        if not isinstance(other, (Sym, int)):
+            raise TypeError(f"unsupported operand {other!r}")
+        return Sym(f"({o} {sym} {self.text})" if swap else f"({self.text} {sym} {o})")
+
+    def __add__(self, o): return self._op(o, "+")
+    def __radd__(self, o): return self._op(o, "+", True)
+    def __sub__(self, o): return self._op(o, "-")
+    def __rsub__(self, o): return self._op(o, "-", True)
+    def __mul__(self, o): return self._op(o, "*")
+    def __rmul__(self, o): return self._op(o, "*", True)
+    def __floordiv__(self, o): return self._op(o, "//")
+    def __rfloordiv__(self, o): return self._op(o, "//", True)
+
+    def __bool__(self):
+        raise TypeError("a symbolic shape has no truth value")
+
+    def __index__(self):
+        raise TypeError("a symbolic shape is not an int")
+
+    __int__ = __index__
+
+    def __eq__(self, other):
+        raise TypeError("symbolic shapes cannot be compared")
+
+    __lt__ = __le__ = __gt__ = __ge__ = __ne__ = __eq__
+    __hash__ = None
+
+
+def evaluate(value, env: dict) -> int:
+    return eval(value.text, {}, env) if isinstance(value, Sym) else value  # noqa: S307
+
+
+@pytest.mark.parametrize("batch,dim,length", [(1, 768, 197), (256, 768, 99), (3, 384, 1), (5, 100, 7)])
+def test_launch_params_cover_every_channel(batch, dim, length):
+    t = launch.DEFAULT_TUNING
+    p = launch.launch_params(batch, dim, length, 16, "float32")
+    assert p.grid[0] == batch and p.grid[2] == 1
+    # Every channel has a block, and no block is wholly idle.
+    assert p.grid[1] * t.channels >= dim > (p.grid[1] - 1) * t.channels
+    assert p.block == (t.lanes * t.channels, 1, 1)
+    assert p.shared_mem == 0
+
+
+def test_launch_params_on_symbolic_shapes_match_ints():
+    batch, dim, length = Sym("b"), Sym("d"), Sym("l")
+    p = launch.launch_params(batch, dim, length, 16, "float16")
+    for env in ({"b": 1, "d": 768, "l": 197}, {"b": 64, "d": 1536, "l": 99}, {"b": 7, "d": 33, "l": 2}):
+        ints = launch.launch_params(env["b"], env["d"], env["l"], 16, "float16")
+        assert tuple(evaluate(v, env) for v in p.grid) == ints.grid
+        assert p.block == ints.block and p.shared_mem == ints.shared_mem
+
+
+def test_kernel_args_follow_tensorrt_aot_order():
+    # Input tensors in the ONNX node's order, then int32 scalars, then the output.
+    args = launch.KERNEL_ARGS
+    assert args[: len(INPUT_NAMES)] == INPUT_NAMES
+    assert args[-1] == "out"
+    assert launch.SCALAR_ARGS == args[len(INPUT_NAMES):-1] == ("batch", "dim", "length")
+    assert set(launch.KERNEL_ARG_TYPES) == set(args)
+    float_inputs = {n for n in INPUT_NAMES if launch.KERNEL_ARG_TYPES[n] == "const float*"}
+    assert float_inputs == {"A", "D", "delta_bias"}
+
+
+def test_kernel_signature_in_source_matches_kernel_args():
+    source = launch.KERNEL_SOURCE.read_text()
+    signature = source[source.index("SCAN_KERNEL_NAME(") : source.index("{", source.index("SCAN_KERNEL_NAME("))]
+    names = re.findall(r"(\w+)\s*[,)]", re.sub(r"//[^\n]*", "", signature))
+    renamed = {"Bmat": "B", "Cmat": "C", "Dskip": "D"}
+    assert tuple(renamed.get(n, n) for n in names) == launch.KERNEL_ARGS
+
+
+def test_pack_args_points_at_each_value_in_order():
+    values = {name: 1000 + i for i, name in enumerate(launch.KERNEL_ARGS)}
+    values.update(batch=3, dim=768, length=197)
+    from mame_deploy.kernels import pack_args
+
+    holders, array = pack_args(values)
+    assert len(array) == len(launch.KERNEL_ARGS)
+    for i, name in enumerate(launch.KERNEL_ARGS):
+        if launch.KERNEL_ARG_TYPES[name] == "int32":
+            got = ctypes.cast(array[i], ctypes.POINTER(ctypes.c_int32)).contents.value
+        else:
+            got = ctypes.cast(array[i], ctypes.POINTER(ctypes.c_void_p)).contents.value
+        assert got == values[name], name
+    with pytest.raises(ValueError, match="out"):
+        pack_args({k: v for k, v in values.items() if k != "out"})
+
+
+def test_compile_options_select_the_variant():
+    opts = launch.compile_options("bfloat16", 8, delta_softplus=False, reverse=True)
+    defines = dict(o[2:].split("=", 1) for o in opts)
+    assert defines["SCAN_DTYPE"] == "2" and defines["SCAN_DSTATE"] == "8"
+    assert defines["SCAN_DELTA_SOFTPLUS"] == "0" and defines["SCAN_REVERSE"] == "1"
+    assert defines["SCAN_KERNEL_NAME"] == launch.kernel_name("bfloat16", 8, False, True)
+    # Every define the source requires is passed.
+    required = set(re.findall(r"!defined\((SCAN_\w+)\)", launch.KERNEL_SOURCE.read_text()))
+    assert required == set(defines)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: launch.compile_options("float64", 16, True, False),
+        lambda: launch.compile_options("float32", 64, True, False),
+        lambda: launch.launch_params(1, 768, 197, 12, "float32"),
+        lambda: launch.Tuning(lanes=3),
+        lambda: launch.Tuning(lanes=4, channels=32, chunk=24),
+        lambda: launch.Tuning.parse("4x32"),
+        lambda: launch.compile_ptx("float32", 16, True, False, arch="volta"),
+    ],
+)
+def test_bad_variants_fail_with_one_line(call):
+    with pytest.raises(UserError) as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+def test_tuning_parse_round_trips():
+    t = launch.Tuning.parse("8x16x32x2")
+    assert (t.lanes, t.channels, t.chunk, t.min_blocks) == (8, 16, 32, 2)
+    assert launch.Tuning.parse(str(t)) == t
+    assert launch.Tuning.parse("4x32x32").min_blocks == launch.DEFAULT_TUNING.min_blocks
+
+
+def test_kernel_source_is_package_data():
+    files = importlib.resources.files("mame_deploy.plugins")
+    assert (files / "selective_scan.cu").is_file()
+    assert launch.KERNEL_SOURCE.is_file()
+    text = launch.KERNEL_SOURCE.read_text()
+    assert "#include" not in text  # NVRTC compiles it with no include path
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize(
+    "dtype,dstate,softplus,reverse",
+    [("float32", 16, True, False), ("float16", 16, True, True), ("bfloat16", 8, False, False), ("float32", 32, True, True)],
+)
+def test_nvcc_compiles_the_kernel_for_sm90(tmp_path, dtype, dstate, softplus, reverse):
+    opts = launch.compile_options(dtype, dstate, softplus, reverse)
+    cmd = ["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), *opts, str(launch.KERNEL_SOURCE)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    if dstate == 16:  # Vim's size: the hot loop must stay in registers
+        assert "0 bytes spill stores" in result.stderr, result.stderr
+
+
+def _has_nvrtc() -> bool:
+    try:
+        from cuda.bindings import nvrtc
+
+        return nvrtc.nvrtcVersion()[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _has_nvrtc(), reason="cuda-python with NVRTC is not installed")
+@pytest.mark.parametrize("dtype", list(launch.DTYPES))
+def test_nvrtc_ptx_has_the_named_kernel(dtype):
+    ptx, name = launch.compile_ptx(dtype, 16, True, True, arch="sm_90")
+    assert name == launch.kernel_name(dtype, 16, True, True)
+    assert f".entry {name}(".encode() in ptx
+    assert b".target sm_90" in ptx
+    # Twelve parameters, as KERNEL_ARGS says.
+    entry = ptx[ptx.index(f".entry {name}(".encode()):]
+    assert entry[: entry.index(b")")].count(b".param") == len(launch.KERNEL_ARGS)
+    assert launch.compile_ptx(dtype, 16, True, True, arch="sm_90")[0] is ptx  # cached
+
+
+def _inputs(batch=2, dim=6, length=5, dstate=16):
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(batch, dim, length, generator=g), torch.randn(batch, dim, length, generator=g),
+        -torch.rand(dim, dstate, generator=g) * 4, torch.randn(batch, dstate, length, generator=g),
+        torch.randn(batch, dstate, length, generator=g), torch.randn(dim, generator=g),
+        torch.randn(batch, dim, length, generator=g), torch.randn(dim, generator=g),
+    )
+
+
+def test_op_runs_the_reference_on_cpu():
+    import mame_deploy.kernels  # noqa: F401  (registers the CUDA kernel; must not affect the CPU)
+
+    args = _inputs()
+    for reverse in (False, True):
+        got = torch.ops.mame.selective_scan(*args, True, reverse)
+        torch.testing.assert_close(got, selective_scan_ref(*args, True, reverse), rtol=0, atol=0)
+
+
+def test_cuda_kernel_is_registered_for_the_op():
+    import mame_deploy.kernels  # noqa: F401
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mame::selective_scan", "CUDA")
+
+
+def test_kernel_entry_points_fail_clearly_without_gpu_or_cuda_python(monkeypatch):
+    from mame_deploy import kernels
+
+    with pytest.raises(UserError, match="CUDA tensors"):
+        kernels.selective_scan_cuda(*_inputs())
+    monkeypatch.setitem(sys.modules, "cuda", None)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    with pytest.raises(UserError, match="cuda-python"):
+        kernels._driver()
+    with pytest.raises(UserError, match="cuda-python"):
+        launch._nvrtc()
+
+
+def test_mamba_ssm_backend_needs_mamba_ssm(monkeypatch):
+    from mame_deploy.ops import mamba_ssm_backend
+
+    mamba_ssm_backend.selective_scan_fn.cache_clear()
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)
+    with pytest.raises(UserError, match="mamba-ssm"):
+        mamba_ssm_backend.mamba_ssm_scan(*_inputs()[:8], reverse=False)
+    mamba_ssm_backend.selective_scan_fn.cache_clear()
