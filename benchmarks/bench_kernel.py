@@ -1,0 +1,176 @@
+"""Time the selective-scan CUDA kernel against mamba-ssm's ``selective_scan_fn`` and the PyTorch
+reference on the same inputs, and against the memory floor (bytes moved / measured copy
+bandwidth).
+
+    python benchmarks/bench_kernel.py                       # the issue's table (B 1/64/256, L 197/99)
+    python benchmarks/bench_kernel.py --tunings 4x32x32x4 8x16x32x4 --no-reference
+
+Timing: triton.testing.do_bench, median, L2 flushed before every run (so inputs come from
+device memory, as in a model). Each configuration is checked against the reference first
+(norm-wise relative error, printed). Needs a CUDA GPU, cuda-python and triton; mamba-ssm optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+
+from mame_deploy.kernels import TORCH_DTYPES, selective_scan_cuda
+from mame_deploy.ops.selective_scan import selective_scan_ref
+from mame_deploy.plugins.launch import DEFAULT_TUNING, Tuning
+
+DTYPES = {name: dtype for dtype, name in TORCH_DTYPES.items()}
+
+
+def do_bench(fn, rep_ms: float = 200) -> float:
+    from triton.testing import do_bench as triton_bench
+
+    return triton_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median") * 1e3  # us
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(256 * 2**20, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    us = do_bench(lambda: dst.copy_(src))
+    return 2 * src.nbytes / (us * 1e-6)
+
+
+def scan_bytes(batch: int, dim: int, length: int, dstate: int, elem: int) -> int:
+    """Fewest bytes a scan moves: u, delta, z read and out written once; B, C read once; A, D, bias."""
+    return 4 * batch * dim * length * elem + 2 * batch * dstate * length * elem + 4 * (dim * dstate + 2 * dim)
+
+
+def make_inputs(batch, dim, length, dstate, dtype, seed=0):
+    """Vim-like values: A = -exp(.) in [-16, -1], dt = softplus(delta + bias) around 1e-3..0.1."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cuda")
+
+    A = -torch.exp(torch.rand(dim, dstate, generator=g, device="cuda") * math.log(16.0))
+    dt = torch.exp(torch.rand(dim, generator=g, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    args = dict(
+        u=randn(batch, dim, length).to(dtype), delta=(0.5 * randn(batch, dim, length)).to(dtype), A=A,
+        B=randn(batch, dstate, length).to(dtype), C=randn(batch, dstate, length).to(dtype), D=randn(dim),
+        z=randn(batch, dim, length).to(dtype), delta_bias=dt + torch.log(-torch.expm1(-dt)),
+    )
+    return args
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def mamba_fn():
+    try:
+        from mame_deploy.ops.mamba_ssm_backend import selective_scan_fn
+
+        return selective_scan_fn()
+    except Exception as exc:  # missing, or built without this GPU's architecture
+        print(f"mamba-ssm unavailable: {exc}", file=sys.stderr)
+        return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--length", type=int, nargs="+", default=[197, 99])
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--dstate", type=int, default=16)
+    ap.add_argument("--dtype", nargs="+", default=["float32", "float16"], choices=list(DTYPES))
+    ap.add_argument("--tunings", nargs="+", default=[str(DEFAULT_TUNING)],
+                    help="work splits LANESxCHANNELSxCHUNKxMIN_BLOCKS; the first fills the main table")
+    ap.add_argument("--reverse", action="store_true", help="time the reverse scan")
+    ap.add_argument("--no-mamba", action="store_true", help="skip mamba-ssm")
+    ap.add_argument("--no-reference", action="store_true", help="skip timing the PyTorch reference")
+    ap.add_argument("--rep-ms", type=float, default=200)
+    ap.add_argument("--once", action="store_true", help="run each kernel once, no timing (for ncu)")
+    ap.add_argument("--json", help="write every number here")
+    opts = ap.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("error: this benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    tunings = [Tuning.parse(t) for t in opts.tunings]
+    fn_mamba = None if opts.no_mamba else mamba_fn()
+    device = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"# {device}, torch {torch.__version__}, {datetime.date.today()}; copy bandwidth {bw / 1e12:.2f} TB/s")
+
+    rows = []
+    for dtype_name in opts.dtype:
+        for length in opts.length:
+            for batch in opts.batch:
+                dtype = DTYPES[dtype_name]
+                args = make_inputs(batch, opts.dim, length, opts.dstate, dtype)
+                out = torch.empty_like(args["u"])
+                row = dict(dtype=dtype_name, batch=batch, dim=opts.dim, length=length, dstate=opts.dstate)
+                ref = selective_scan_ref(**{k: v.float() for k, v in args.items()}, delta_softplus=True, reverse=opts.reverse)
+                for tuning in tunings:
+                    def ours(tuning=tuning):
+                        return selective_scan_cuda(**args, delta_softplus=True, reverse=opts.reverse, out=out, tuning=tuning)
+
+                    out.fill_(float("nan"))
+                    ours()
+                    row[f"err {tuning}"] = rel_err(out, ref)
+                    if not opts.once:
+                        row[f"us {tuning}"] = do_bench(ours, opts.rep_ms)
+                if fn_mamba is not None and not opts.reverse:
+                    def theirs():
+                        return fn_mamba(args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"],
+                                        args["z"], args["delta_bias"], delta_softplus=True)
+
+                    row["err mamba"] = rel_err(theirs(), ref)
+                    if not opts.once:
+                        row["us mamba"] = do_bench(theirs, opts.rep_ms)
+                if not opts.no_reference and not opts.once:
+                    row["us reference"] = do_bench(
+                        lambda: selective_scan_ref(**args, delta_softplus=True, reverse=opts.reverse), opts.rep_ms
+                    )
+                row["us floor"] = scan_bytes(batch, opts.dim, length, opts.dstate, dtype.itemsize) / bw * 1e6
+                rows.append(row)
+                del ref, args, out
+                torch.cuda.empty_cache()
+                print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      file=sys.stderr, flush=True)
+
+    if opts.json:
+        with open(opts.json + ".tmp", "w") as f:
+            json.dump(dict(device=device, torch=torch.__version__, date=str(datetime.date.today()),
+                           copy_bandwidth=bw, reverse=opts.reverse, rows=rows), f, indent=1)
+        os.replace(opts.json + ".tmp", opts.json)
+    if opts.once:
+        return 0
+
+    main_t = tunings[0]
+    direction = "reverse" if opts.reverse else "forward"
+    print(f"\n## {direction} scan, D={opts.dim}, N={opts.dstate}, kernel tuning {main_t} ({device})\n")
+    print("| dtype | B | L | ours (us) | mamba-ssm (us) | ours / mamba | PyTorch ref (us) | memory floor (us) | ours / floor | rel. err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ours = r[f"us {main_t}"]
+        mamba = r.get("us mamba")
+        refu = r.get("us reference")
+        print(f"| {r['dtype']} | {r['batch']} | {r['length']} | {ours:.1f} | "
+              f"{f'{mamba:.1f}' if mamba else '-'} | {f'{ours / mamba:.3f}' if mamba else '-'} | "
+              f"{f'{refu:.0f}' if refu else '-'} | {r['us floor']:.1f} | {ours / r['us floor']:.2f} | "
+              f"{r[f'err {main_t}']:.1e} |")
+    if len(tunings) > 1:
+        print("\n## kernel time (us) per tuning LANESxCHANNELSxCHUNKxMIN_BLOCKS\n")
+        print("| dtype | B | L | " + " | ".join(map(str, tunings)) + " |")
+        print("|---|---|---|" + "---|" * len(tunings))
+        for r in rows:
+            print(f"| {r['dtype']} | {r['batch']} | {r['length']} | " + " | ".join(f"{r[f'us {t}']:.1f}" for t in tunings) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

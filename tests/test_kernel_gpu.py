@@ -1,0 +1,196 @@
+"""The CUDA selective-scan kernel against the PyTorch reference, on the GPU.
+
+Fresh random inputs for every case; the output is poisoned with NaN first so an element the
+kernel never wrote fails the check. Error is norm-wise: ||out - ref|| / ||ref|| in float64, with
+the reference computed in float32 from the very inputs the kernel saw (half inputs upcast).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from mame_deploy.ops.selective_scan import selective_scan_ref
+
+
+def _gpu_ready() -> str:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    try:
+        from cuda.bindings import driver, nvrtc  # noqa: F401
+    except ImportError:
+        return "cuda-python (driver + NVRTC) is not installed"
+    return ""
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_gpu_ready()), reason=_gpu_ready() or "ready")]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOL = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 5e-3}
+# (batch, dim, length): B 1..64, D 384/768/1536, L 1..400 with odd and prime lengths and
+# lengths on both sides of the kernel's time-chunk size.
+SHAPES = [
+    (1, 384, 1), (2, 768, 2), (1, 1536, 3), (3, 384, 31), (4, 768, 32), (2, 1536, 33),
+    (1, 768, 97), (5, 384, 99), (2, 768, 197), (7, 1536, 101), (64, 768, 197), (16, 384, 256),
+    (3, 768, 389), (2, 1536, 400), (33, 384, 7), (64, 1536, 61),
+]
+_seed = itertools.count(1234)
+
+
+def make_inputs(batch, dim, length, dstate=16, dtype=torch.float32, softplus=True):
+    """Vim-like magnitudes: A = -exp(.) in [-16, -1]-ish, step sizes dt in [1e-3, 0.1] after
+    softplus (delta_bias = inverse softplus), unit-scale activations."""
+    g = torch.Generator(device="cuda").manual_seed(next(_seed))
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cuda")
+
+    A = -torch.exp(torch.rand(dim, dstate, generator=g, device="cuda") * math.log(16.0))
+    if softplus:
+        dt = torch.exp(torch.rand(dim, generator=g, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        delta_bias = dt + torch.log(-torch.expm1(-dt))
+        delta = 0.5 * randn(batch, dim, length)
+    else:  # dt = delta + delta_bias must stay positive
+        delta_bias = torch.full((dim,), 1e-3, device="cuda")
+        delta = 0.1 * torch.rand(batch, dim, length, generator=g, device="cuda")
+    args = dict(
+        u=randn(batch, dim, length), delta=delta, A=A, B=randn(batch, dstate, length),
+        C=randn(batch, dstate, length), D=randn(dim), z=randn(batch, dim, length), delta_bias=delta_bias,
+    )
+    for name in ("u", "delta", "B", "C", "z"):
+        args[name] = args[name].to(dtype)
+    return args
+
+
+def reference(args, softplus, reverse):
+    up = {k: (v.float() if v is not None else None) for k, v in args.items()}
+    return selective_scan_ref(**up, delta_softplus=softplus, reverse=reverse)
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def run_kernel(args, softplus, reverse, **kw):
+    from mame_deploy.kernels import selective_scan_cuda
+
+    u = args["u"]
+    out = torch.full_like(u, float("nan"))
+    selective_scan_cuda(**args, delta_softplus=softplus, reverse=reverse, out=out, **kw)
+    torch.cuda.synchronize()
+    return out
+
+
+def check(args, softplus, reverse, dtype_name, **kw):
+    out = run_kernel(args, softplus, reverse, **kw)
+    assert not torch.isnan(out).any(), "some outputs were never written (NaN poison left)"
+    ref = reference(args, softplus, reverse)
+    assert torch.isfinite(ref).all()
+    err = rel_err(out, ref)
+    assert err < TOL[dtype_name], f"relative error {err:.2e} >= {TOL[dtype_name]}"
+    return err
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_reference(shape, dtype_name, reverse):
+    args = make_inputs(*shape, dtype=DTYPES[dtype_name])
+    check(args, True, reverse, dtype_name)
+
+
+@pytest.mark.parametrize("dstate", [8, 32])
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_other_state_sizes(dstate, dtype_name):
+    for reverse in (False, True):
+        check(make_inputs(3, 768, 131, dstate=dstate, dtype=DTYPES[dtype_name]), True, reverse, dtype_name)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_without_softplus_and_optional_inputs(dtype_name):
+    args = make_inputs(2, 384, 77, dtype=DTYPES[dtype_name], softplus=False)
+    check(args, False, False, dtype_name)
+    for missing in ("D", "z", "delta_bias"):
+        partial = dict(args, **{missing: None})
+        check(partial, False, True, dtype_name)
+
+
+def test_unsupported_state_size_fails_clearly():
+    from mame_deploy.errors import UserError
+
+    args = make_inputs(1, 384, 5, dstate=12)
+    with pytest.raises(UserError, match="d_state"):
+        run_kernel(args, True, False)
+
+
+def test_op_dispatches_to_kernel_on_cuda_and_handles_views():
+    """torch.ops.mame.selective_scan on CUDA tensors runs the kernel (non-contiguous z and
+    delta, as the model passes them, included) and equals the direct launch bit for bit."""
+    args = make_inputs(4, 768, 197)
+    xz = torch.randn(4, 197, 2 * 768, device="cuda").transpose(1, 2)  # (B, 2D, L) view
+    args["z"] = xz[:, 768:]
+    args["delta"] = (0.5 * torch.randn(4, 197, 768, device="cuda")).transpose(1, 2)
+    assert not args["z"].is_contiguous() and not args["delta"].is_contiguous()
+    order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    got = torch.ops.mame.selective_scan(*(args[k] for k in order), True, True)
+    direct = run_kernel(args, True, True)
+    assert torch.equal(got, direct)
+    assert rel_err(got, reference(args, True, True)) < 1e-5
+
+
+def test_kernel_in_a_cuda_graph():
+    from mame_deploy.kernels import selective_scan_cuda
+
+    args = make_inputs(8, 768, 197)
+    out = torch.empty_like(args["u"])
+    selective_scan_cuda(**args, delta_softplus=True, out=out)  # warm-up: compile and load
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        selective_scan_cuda(**args, delta_softplus=True, out=out)
+    fresh = make_inputs(8, 768, 197)
+    for name, t in args.items():
+        t.copy_(fresh[name])
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(fresh, True, False)) < 1e-5
+
+
+def test_repeated_runs_are_identical():
+    """No races: the same inputs give bit-identical outputs run after run."""
+    args = make_inputs(64, 768, 197, dtype=torch.float16)
+    first = run_kernel(args, True, False)
+    for _ in range(3):
+        assert torch.equal(run_kernel(args, True, False), first)
+
+
+@pytest.mark.parametrize("tuning", ["4x32x32x4", "8x16x32x4", "4x32x64x2", "4x64x32x2", "8x32x64x2"])
+def test_other_tunings_compute_the_same_function(tuning):
+    """The benchmark compares work splits; each must be correct before it is timed."""
+    from mame_deploy.plugins.launch import Tuning
+
+    for dtype_name, reverse in (("float32", False), ("float16", True)):
+        check(make_inputs(3, 768, 197, dtype=DTYPES[dtype_name]), True, reverse, dtype_name, tuning=Tuning.parse(tuning))
+
+
+def test_vim_forward_with_kernel_matches_reference():
+    from mame_deploy.models import create_model
+
+    model = create_model("vim_t", depth=2).cuda()
+    images = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        got = model(images)  # mame::selective_scan -> kernel
+        import mame_deploy.models.vim as vim
+
+        original = vim.selective_scan
+        vim.selective_scan = lambda *a: selective_scan_ref(*a)
+        try:
+            ref = model(images)
+        finally:
+            vim.selective_scan = original
+    assert rel_err(got, ref) < 1e-4
