@@ -167,3 +167,94 @@ def test_plugin_implementation_is_read_from_the_plans_manifest(tmp_path):
     assert plugin_implementation(plan) == "aot"  # no manifest: engines are AOT unless recorded
     plan.with_suffix(".json").write_text(json.dumps({"engine": {"plugin": {"implementation": "jit"}}}))
     assert plugin_implementation(plan) == "jit"
+
+
+# ---------------------------------------------------------------------------------------------
+# The plugin's AOT computation (no TensorRT): what aot_impl hands TensorRT
+
+
+class Sym:
+    """A TensorRT shape expression stand-in: +, -, * and // with ints or Syms, nothing else
+    (no reflected operators, comparisons, bool() or int()), evaluated later."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    @classmethod
+    def var(cls, name):
+        return cls(lambda env: env[name])
+
+    def _op(self, other, op):
+        rhs = other.fn if isinstance(other, Sym) else (lambda env, v=other: v)
+        if not isinstance(other, (Sym, int)):
+            raise TypeError(f"shape expressions combine only with ints, got {type(other)}")
+        return Sym(lambda env: op(self.fn(env), rhs(env)))
+
+    def __add__(self, other):
+        return self._op(other, lambda a, b: a + b)
+
+    def __sub__(self, other):
+        return self._op(other, lambda a, b: a - b)
+
+    def __mul__(self, other):
+        return self._op(other, lambda a, b: a * b)
+
+    def __floordiv__(self, other):
+        return self._op(other, lambda a, b: a // b)
+
+    def __bool__(self):
+        raise TypeError("a shape expression has no truth value")
+
+    __radd__ = __rsub__ = __rmul__ = __rfloordiv__ = None
+    __lt__ = __le__ = __gt__ = __ge__ = __int__ = __index__ = None
+
+
+def _value(x, env):
+    return x.fn(env) if isinstance(x, Sym) else x
+
+
+@pytest.fixture()
+def no_compile(monkeypatch):
+    """The launch geometry alone: skip NVRTC (which the GPU test and the PTX test cover)."""
+    from mame_deploy.plugins import launch
+
+    monkeypatch.setattr(launch, "compile_ptx", lambda *args, **kw: (b"ptx", "kernel"))
+
+
+@pytest.mark.parametrize("dims", [(1, 768, 197), (64, 768, 99), (3, 384, 1), (256, 1536, 400), (5, 100, 13)])
+def test_aot_kernel_is_the_same_for_ints_and_shape_expressions(no_compile, dims):
+    from mame_deploy.plugins.trt_plugin import aot_kernel
+
+    env = dict(zip(("batch", "dim", "length"), dims))
+    symbolic = aot_kernel("float16", *(Sym.var(k) for k in env), 16, True, False)
+    concrete = aot_kernel("float16", *dims, 16, True, False)
+    for field in ("grid", "block", "scalars"):
+        assert tuple(_value(x, env) for x in getattr(symbolic, field)) == getattr(concrete, field), field
+    assert _value(symbolic.shared_mem, env) == concrete.shared_mem
+    assert concrete.scalars == dims  # the kernel's int32 arguments: batch, dim, length
+
+
+def test_kernel_arguments_follow_tensorrts_aot_order():
+    from mame_deploy.ops.selective_scan import INPUT_NAMES
+    from mame_deploy.plugins import launch
+
+    # TensorRT passes the plugin's inputs, then the extra int32 arguments, then the outputs.
+    assert launch.KERNEL_ARGS[: len(INPUT_NAMES)] == INPUT_NAMES
+    assert launch.KERNEL_ARGS[-1] == "out"
+    assert all(launch.KERNEL_ARG_TYPES[n] == "int32" for n in launch.KERNEL_ARGS[len(INPUT_NAMES):-1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_plugin_ptx_entry_takes_pointers_then_int32s_then_the_output(dtype, reverse):
+    pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC (cuda-python) is not installed")
+    import re
+
+    from mame_deploy.plugins.trt_plugin import aot_kernel
+
+    kernel = aot_kernel(dtype, 2, 768, 99, 16, True, reverse, arch="sm_90")
+    entry = re.search(rb"\.entry\s+(\w+)\s*\((.*?)\)", kernel.ptx, re.S)
+    assert entry is not None and entry.group(1).decode() == kernel.name
+    params = re.findall(rb"\.param\s+\.(\w+)", entry.group(2))
+    expected = [b"u64"] * 8 + [b"u32"] * len(kernel.scalars) + [b"u64"]  # PTX spells int32 as .u32
+    assert params == expected
