@@ -1,0 +1,217 @@
+"""ONNX export of (MaMe-patched) Vision Mamba models, every scan one ``mame::SelectiveScan`` node.
+
+``to_onnx`` turns a model into a checked ModelProto: ``torch.onnx.export(..., dynamo=True)``
+(each scan calls ``torch.onnx.ops.symbolic`` while exporting, see ops/selective_scan.py), then
+the scan's ONNX function is attached (``--scan plugin``) or inlined (``--scan inline``) and
+``onnx.checker`` runs with ``full_check``. ``export`` adds the files: NAME.onnx and the manifest
+NAME.json, both written atomically. ``build_engine_for`` is where a TensorRT engine is built
+from an export (mame_deploy.engine, when TensorRT is installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import onnx
+import torch
+
+from mame_deploy import artifacts, manifest as manifests, scan_onnx
+from mame_deploy.errors import UserError
+from mame_deploy.flops import gflops, relative_gflops
+from mame_deploy.manifest import Source
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+BATCH_DIM = "batch"
+SCAN_MODES = ("plugin", "inline")
+DEFAULT_OPSET = 20
+# The scan function needs opset 18; torch's exporter and onnxruntime 1.2x/1.3x go up to 23.
+OPSETS = range(scan_onnx.MIN_OPSET, 24)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    onnx_path: Path
+    manifest_path: Path
+    manifest: dict
+    onnx_bytes: int
+    engine_path: Optional[Path] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Model -> ModelProto
+
+
+def check_options(batch: Optional[int], opset: int, scan: str) -> None:
+    if batch is not None and batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
+    if opset not in OPSETS:
+        raise UserError(f"--opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1} "
+                        f"(default {DEFAULT_OPSET})")
+    if scan not in SCAN_MODES:
+        raise UserError(f"--scan must be one of {', '.join(SCAN_MODES)}, got {scan!r}")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch's exporter prints progress, deprecation warnings and notes about torchvision ops."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def _strip_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node metadata (stack traces with this checkout's paths, module
+    names): no runtime reads it, and without it the file depends only on the model."""
+    graph = model.graph
+    for node in graph.node:
+        del node.metadata_props[:]
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        del value.metadata_props[:]
+    del graph.metadata_props[:]
+
+
+def to_onnx(model: torch.nn.Module, batch: Optional[int] = 1, opset: int = DEFAULT_OPSET,
+            scan: str = "plugin") -> onnx.ModelProto:
+    """Export ``model`` for ``batch`` images (None: a symbolic batch axis, nothing else dynamic)."""
+    check_options(batch, opset, scan)
+    cfg = model.config
+    # torch.export specialises size-1 dims, so a dynamic batch is traced with 2 images.
+    example = torch.zeros(batch or 2, cfg.in_chans, cfg.img_size, cfg.img_size)
+    dynamic = None if batch else {INPUT_NAME: {0: torch.export.Dim(BATCH_DIM)}}
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(
+            model.eval(), (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            opset_version=opset, dynamic_shapes=dynamic, optimize=True, verbose=False,
+        )
+    proto = program.model_proto
+    _strip_metadata(proto)
+    scan_onnx.attach_scan_function(proto)
+    if scan == "inline":
+        proto = scan_onnx.inline_scan_functions(proto)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def serialize(proto: onnx.ModelProto) -> bytes:
+    return proto.SerializeToString(deterministic=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def default_output(model_name: str) -> Path:
+    return Path(f"{model_name}.onnx")
+
+
+def export(
+    source: Source,
+    output: Union[str, Path, None] = None,
+    batch: Optional[int] = 1,
+    opset: int = DEFAULT_OPSET,
+    scan: str = "plugin",
+    force: bool = False,
+) -> ExportResult:
+    """Export ``source`` to ``output`` (default ./MODEL.onnx) and write the manifest beside it."""
+    check_options(batch, opset, scan)
+    onnx_path = Path(output) if output is not None else default_output(source.model)
+    if onnx_path.suffix != ".onnx":
+        raise UserError(f"--output {onnx_path} must end in .onnx (the manifest is written beside it as .json)")
+    json_path = manifests.manifest_path(onnx_path)
+    artifacts.check_writable([onnx_path, json_path], force)
+
+    source = _resolve_checkpoint(source)
+    model = manifests.build_model(source)
+    data = serialize(to_onnx(model, batch, opset, scan))
+    schedule = manifests.model_schedule(model)
+    tokens = manifests.tokens_per_layer(model)
+    cfg = model.config
+    record = {
+        "manifest_version": manifests.MANIFEST_VERSION,
+        **source.as_dict(),
+        "schedule": schedule,
+        "tokens_per_layer": tokens,
+        "gflops": round(gflops(cfg, tokens), 6),
+        "relative_gflops": round(relative_gflops(cfg, tokens), 6),
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input_shape": [batch or BATCH_DIM, cfg.in_chans, cfg.img_size, cfg.img_size],
+        "batch": batch,
+        "dynamic_batch": batch is None,
+        "num_classes": cfg.num_classes,
+        "opset": opset,
+        "scan": scan,
+        "scan_nodes": 2 * cfg.depth if scan == "plugin" else 0,
+        "onnx_file": onnx_path.name,
+        "onnx_sha256": artifacts.sha256_bytes(data),
+        "versions": manifests.tool_versions(),
+    }
+    artifacts.write_bytes(onnx_path, data)
+    artifacts.write_json(json_path, record)
+    return ExportResult(onnx_path, json_path, record, len(data))
+
+
+def _resolve_checkpoint(source: Source) -> Source:
+    """Pin the checkpoint: the file actually loaded (the model's bundled weights when none is
+    given), by absolute path and sha256, so later commands load the same bytes."""
+    from dataclasses import replace
+
+    from mame_deploy.models import get_spec
+
+    checkpoint = source.checkpoint or get_spec(source.model).bundled_checkpoint
+    if checkpoint is None:
+        return replace(source, checkpoint=None, checkpoint_sha256=None)
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass the path of a .pth/.pt file")
+    return replace(source, checkpoint=str(path.resolve()), checkpoint_sha256=artifacts.file_sha256(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT (issue 6 builds the engine; export only decides whether to ask for one)
+
+
+def tensorrt_available() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except (ImportError, OSError):  # OSError: bindings present without libnvinfer
+        return False
+    return True
+
+
+def check_engine_request(engine: Optional[bool], scan: str) -> bool:
+    """Whether to build an engine after the export: ``engine`` is True (--engine: required),
+    False (--no-engine) or None (when TensorRT is installed). Fails before any export work."""
+    if engine is False:
+        return False
+    if scan != "plugin":
+        if engine:
+            raise UserError("engines are built from --scan plugin exports (the plugin runs the scan nodes); "
+                            "drop --scan inline or pass --no-engine")
+        return False
+    if engine:
+        from mame_deploy.engine import require_tensorrt
+
+        require_tensorrt("--engine")
+        return True
+    return tensorrt_available()
+
+
+def build_engine_for(result: ExportResult, force: bool = False) -> Path:
+    """Build NAME.plan from an export (the engine record goes into the same manifest)."""
+    from mame_deploy.engine import build_engine
+
+    return build_engine(result.onnx_path, force=force)
