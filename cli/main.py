@@ -82,6 +82,10 @@ from mame_deploy.cli import build  # noqa: E402
 
 build.register(app)
 
+from mame_deploy.cli import export  # noqa: E402
+
+export.register(app)
+
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI; a UserError becomes one line on stderr and exit code 2."""

@@ -1,0 +1,275 @@
+"""``mame-deploy export``, ``validate`` and ``bench``: thin over mame_deploy.onnx_export,
+mame_deploy.validate and mame_deploy.bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mame_deploy.errors import UserError
+
+console = Console()
+
+_MERGE_HELP = "Merge method: mame (default), tome or prune."
+_OPTION_HELP = "Merge option KEY=VALUE passed to mame_deploy.patch (repeatable)."
+_OVERRIDE_HELP = "Change a model config field, KEY=VALUE (repeatable; e.g. depth=2 for a quick check)."
+
+
+def _key_values(pairs: list[str], flag: str) -> dict:
+    """KEY=VALUE strings -> dict; values are read as JSON (numbers, true/false) or kept as text."""
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(text)
+        except ValueError:
+            out[key.strip()] = text
+    return out
+
+
+def _source(model, ratio, schedule, method, options, checkpoint, seed, overrides):
+    from mame_deploy.manifest import Source
+    from mame_deploy.onnx_export import resolve_checkpoint
+
+    if not 0 <= ratio < 1:
+        raise UserError(f"--ratio must be in [0, 1), got {ratio}")
+    return resolve_checkpoint(Source(
+        model=model, checkpoint=str(checkpoint) if checkpoint else None, seed=seed,
+        overrides=_key_values(overrides, "--override"), method=method, ratio=ratio,
+        schedule_spec=schedule, options=_key_values(options, "--option"),
+    ))
+
+
+def _runs(values: list[int]) -> str:
+    """[197, 197, 165] -> '197 x2, 165'."""
+    parts, i = [], 0
+    while i < len(values):
+        j = i
+        while j < len(values) and values[j] == values[i]:
+            j += 1
+        parts.append(f"{values[i]} x{j - i}" if j - i > 1 else str(values[i]))
+        i = j
+    return ", ".join(parts)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _write_report(path: Optional[Path], report, force: bool) -> None:
+    if path is None:
+        return
+    from mame_deploy import artifacts
+
+    artifacts.check_writable([path], force)
+    artifacts.write_json(path, report)
+    console.print(f"wrote {escape(str(path))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def export_cmd(
+    model: str = typer.Argument(..., help="Model name (see `mame-deploy models`)."),
+    ratio: float = typer.Option(0.0, help="Fraction of patch tokens removed by merging, in [0, 1)."),
+    schedule: Optional[str] = typer.Option(None, help="Explicit merges LAYER:COUNT,... (overrides --ratio)."),
+    method: str = typer.Option("mame", help=_MERGE_HELP),
+    option: list[str] = typer.Option([], "--option", help=_OPTION_HELP),
+    checkpoint: Optional[Path] = typer.Option(None, help="Weights to load (default: bundled, else random)."),
+    seed: int = typer.Option(0, help="Seed of the random initialisation."),
+    override: list[str] = typer.Option([], "--override", help=_OVERRIDE_HELP),
+    batch: Optional[int] = typer.Option(None, help="Static batch size of the graph (default 1)."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Leave the batch axis symbolic."),
+    opset: int = typer.Option(20, help="ONNX opset of the default domain (18..23)."),
+    scan: str = typer.Option("plugin", help="plugin: one mame::SelectiveScan node per scan, carrying its "
+                                            "function; inline: the function body inlined, no custom domain."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="ONNX file (default ./MODEL.onnx)."),
+    engine: Optional[bool] = typer.Option(None, "--engine/--no-engine",
+                                          help="Also build a TensorRT engine (default: when TensorRT is installed)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+):
+    """Export a (merged) model to ONNX with every selective scan as one custom node, plus its manifest."""
+    from mame_deploy import artifacts, onnx_export
+
+    if batch is not None and dynamic_batch:
+        raise UserError("--batch and --dynamic-batch exclude each other; pass one")
+    batch = None if dynamic_batch else (batch if batch is not None else 1)
+    onnx_export.check_options(batch, opset, scan)
+    want_engine = onnx_export.check_engine_request(engine, scan)
+    target = output if output is not None else onnx_export.default_output(model)
+    if want_engine:
+        artifacts.check_writable([Path(target).with_suffix(".plan")], force)
+    source = _source(model, ratio, schedule, method, option, checkpoint, seed, override)
+
+    with console.status(f"exporting {model} (torch.onnx.export, dynamo) ..."):
+        result = onnx_export.export(source, target, batch=batch, opset=opset, scan=scan, force=force)
+    _print_export_summary(result)
+
+    if want_engine:
+        with console.status("building the TensorRT engine ..."):
+            plan = onnx_export.build_engine_for(result, force=force)
+        console.print(f"wrote {escape(str(plan))}")
+    elif engine is False:
+        console.print("wrote ONNX only (--no-engine)")
+    elif scan != "plugin":
+        console.print("wrote ONNX only: --scan inline files have no plugin nodes to build an engine from")
+    else:
+        console.print(escape(f"TensorRT is not installed: wrote ONNX only (pip install 'mame-deploy[trt]', then "
+                             f"`mame-deploy build {result.onnx_path}`)"))
+
+
+def _print_export_summary(result) -> None:
+    m = result.manifest
+    table = Table(title=f"{m['model']} -> {escape(str(result.onnx_path))}", show_header=False)
+    weights = m["checkpoint"] or f"random (seed {m['seed']})"
+    table.add_row("weights", escape(str(weights)))
+    merges = ", ".join(f"{i}:{r}" for i, r in enumerate(m["schedule"]) if r)
+    table.add_row("merging", f"{m['method']}, ratio {m['ratio']:g}, after block:removed {merges}" if merges else "none")
+    table.add_row("tokens per layer", _runs(m["tokens_per_layer"]))
+    table.add_row("GFLOPs / image", f"{m['gflops']:.3f} ({m['relative_gflops']:.3f} of unmerged)")
+    table.add_row("input", f"{m['input_name']} {tuple(m['input_shape'])} float32 -> {m['output_name']}")
+    scan = f"{m['scan_nodes']} mame::SelectiveScan nodes + function" if m["scan"] == "plugin" else "inlined"
+    table.add_row("graph", f"opset {m['opset']}, scan {m['scan']} ({scan})")
+    table.add_row("ONNX", f"{escape(str(result.onnx_path))} ({_size(result.onnx_bytes)})")
+    table.add_row("manifest", f"{escape(str(result.manifest_path))} ({_size(result.manifest_path.stat().st_size)})")
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+
+
+def validate_cmd(
+    onnx: Path = typer.Option(..., "--onnx", help="ONNX file written by `mame-deploy export`."),
+    data: Optional[Path] = typer.Option(None, help="Labelled image folder (one sub-folder per class)."),
+    samples: Optional[int] = typer.Option(None, help="Number of images (default 16 random ones, or all of --data)."),
+    batch: Optional[int] = typer.Option(None, help="Batch size for --dynamic-batch files (default min(samples, 8))."),
+    device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu for the ONNX side)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for onnxruntime and PyTorch."),
+    seed: int = typer.Option(0, help="Seed of the random images."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
+):
+    """Compare the ONNX file in onnxruntime with the PyTorch source its manifest describes."""
+    from mame_deploy.validate import REL_TOLERANCE, validate
+
+    if json_path is not None:
+        from mame_deploy import artifacts
+
+        artifacts.check_writable([json_path], force)
+    with _progress() as bar:
+        task = bar.add_task("onnxruntime + torch", total=None)
+        report = validate(onnx, data, samples, batch, device, threads, seed,
+                          progress=lambda n: bar.advance(task, n))
+    table = Table(title=f"validate {escape(str(onnx))}", show_header=False)
+    table.add_row("PyTorch source", f"{report['model']}, {report['method']} ratio {report['ratio']:g}")
+    table.add_row("inputs", f"{report['samples']} x {escape(report['data'])}, batch {report['batch']}, {device}")
+    table.add_row("max abs error", f"{report['max_abs_err']:.3e} (max |logit| {report['max_abs_logit']:.3g})")
+    table.add_row("max rel error", f"{report['max_rel_err']:.3e} (of max |logit|; tolerance {REL_TOLERANCE:g})")
+    table.add_row("mean cosine", f"{report['mean_cosine']:.8f}")
+    table.add_row("top-1 agreement", f"{report['top1_agreement']:.2%}")
+    if "top1_accuracy" in report:
+        table.add_row("top-1 accuracy", f"onnxruntime {report['top1_accuracy']:.2%}, "
+                                        f"torch {report['top1_accuracy_reference']:.2%}")
+    table.add_row("result", "[green]PASS[/]" if report["passed"] else "[red]FAIL[/]")
+    console.print(table)
+    _write_report(json_path, report, force=True)
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+
+def bench_cmd(
+    onnx: list[Path] = typer.Option([], "--onnx", help="ONNX file(s) to time in onnxruntime (repeatable)."),
+    torch_model: Optional[str] = typer.Option(None, "--torch", help="Model name to time in PyTorch."),
+    ratio: float = typer.Option(0.0, help="With --torch: merge ratio."),
+    schedule: Optional[str] = typer.Option(None, help="With --torch: explicit merges LAYER:COUNT,..."),
+    method: str = typer.Option("mame", help="With --torch: " + _MERGE_HELP),
+    option: list[str] = typer.Option([], "--option", help="With --torch: " + _OPTION_HELP),
+    checkpoint: Optional[Path] = typer.Option(None, help="With --torch: weights to load."),
+    seed: int = typer.Option(0, help="With --torch: seed of the random initialisation."),
+    override: list[str] = typer.Option([], "--override", help="With --torch: " + _OVERRIDE_HELP),
+    batch_sizes: str = typer.Option("1,8", help="Batch sizes, comma-separated (static-batch files run their own)."),
+    warmup: int = typer.Option(3, help="Untimed calls before timing."),
+    iters: int = typer.Option(20, help="Timed calls per batch size."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for onnxruntime and PyTorch."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline",
+                                  help="Also time the unmerged model (exported to a temporary folder for --onnx)."),
+    compare_torch: bool = typer.Option(True, "--compare-torch/--no-compare-torch",
+                                       help="With --onnx: also time the PyTorch source from the manifest."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write rows and environment as JSON."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
+):
+    """Latency (p50/p90/p99) and throughput per batch size, side by side with the unmerged model."""
+    from mame_deploy import bench
+    from mame_deploy.runners import check_device
+
+    if not onnx and torch_model is None:
+        raise UserError("nothing to time: pass --onnx PATH.onnx and/or --torch MODEL")
+    check_device(device)
+    sizes = bench.parse_batch_sizes(batch_sizes)
+    if json_path is not None:
+        from mame_deploy import artifacts
+
+        artifacts.check_writable([json_path], force)
+
+    with bench.temporary_folder() as scratch:
+        targets = []
+        for path in onnx:
+            targets += bench.onnx_targets(path, device, threads, scratch, baseline, compare_torch,
+                                          status=lambda message: console.print(escape(message) + " ..."))
+        if torch_model is not None:
+            source = _source(torch_model, ratio, schedule, method, option, checkpoint, seed, override)
+            targets += bench.torch_targets(source, device, threads, baseline)
+        targets = bench.unique(targets)
+
+        with _progress() as bar:
+            def progress(label, total):
+                task = bar.add_task(escape(label), total=total)
+                return lambda: bar.advance(task)
+
+            rows = bench.bench(targets, sizes, warmup, iters, progress=progress)
+
+    env = bench.environment(device, threads)
+    table = Table(title=f"latency on {device} ({escape(env['processor'])}, threads {threads or 'default'}; "
+                        f"{warmup} warm-up + {iters} timed calls)")
+    for col in ("runtime", "model", "batch", "GFLOPs", "p50 ms", "p90 ms", "p99 ms", "img/s", "speedup"):
+        table.add_column(col, justify="left" if col in ("runtime", "model") else "right", no_wrap=col != "model")
+    for r in rows:
+        table.add_row(_RUNTIME_NAMES.get(r["backend"], r["backend"]), escape(r["target"]), str(r["batch"]), f"{r['relative_gflops']:.3f}",
+                      f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['throughput']:.1f}",
+                      f"{r['speedup']:.2f}x" if r["speedup"] else "-")
+    table.caption = "GFLOPs relative to the unmerged model; speed-up = unmerged p50 / p50, same backend and batch"
+    console.print(table)
+    _write_report(json_path, {"environment": env, "warmup": warmup, "iters": iters, "rows": rows}, force=True)
+
+
+_RUNTIME_NAMES = {"onnxruntime": "ORT", "torch": "torch", "tensorrt": "TRT"}
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_cmd)
+    app.command("validate")(validate_cmd)
+    app.command("bench")(bench_cmd)

@@ -1,0 +1,246 @@
+"""Latency and throughput of runners, side by side with the unmerged model.
+
+Each target (a runner factory plus what it runs) is timed per batch size: ``warmup`` untimed
+calls, then ``iters`` timed ones on the same input; the runner's own inference time is used
+(wall clock around onnxruntime's run, CUDA events around a PyTorch forward on the GPU). Rows
+report p50/p90/p99 latency, throughput (images per second at the mean latency) and the
+speed-up of the p50 over the unmerged model of the same backend at the same batch size.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from mame_deploy import artifacts, manifest as manifests
+from mame_deploy.errors import UserError
+from mame_deploy.flops import relative_gflops
+from mame_deploy.manifest import Source
+from mame_deploy.onnx_export import INPUT_NAME
+from mame_deploy.runners import TorchRunner, load_onnx_file, onnxruntime_runner
+
+DEFAULT_BATCH_SIZES = (1, 8)
+DEFAULT_WARMUP = 3
+DEFAULT_ITERS = 20
+
+
+@dataclass
+class Target:
+    """One thing to time: ``make_runner()`` builds its polygraphy runner."""
+
+    label: str
+    backend: str                 # "onnxruntime", "torch" or "tensorrt"
+    model: str
+    ratio: float
+    merged: bool                 # False for the unmerged baseline
+    tokens_per_layer: list
+    relative_gflops: float
+    fixed_batch: Optional[int]   # a static-batch file runs only this batch size
+    input_shape: tuple           # (channels, height, width)
+    make_runner: Callable
+
+    def batch_sizes(self, requested: Sequence[int]) -> list[int]:
+        return [self.fixed_batch] if self.fixed_batch is not None else list(requested)
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes must be comma-separated integers such as 1,8; got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--batch-sizes needs positive integers such as 1,8; got {text!r}")
+    return sorted(set(sizes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets
+
+
+def is_merged(source: Source) -> bool:
+    return source.ratio > 0 or source.schedule_spec is not None
+
+
+def unmerged(source: Source) -> Source:
+    return replace(source, ratio=0.0, schedule_spec=None, method="mame", options={})
+
+
+def torch_target(source: Source, device: str, threads: Optional[int], baseline: bool = False,
+                 expected_schedule: Optional[list] = None, fixed_batch: Optional[int] = None) -> Target:
+    """PyTorch on ``source``; ``fixed_batch`` pins it to the batch of the file it is compared with."""
+    model = manifests.build_model(source, expected_schedule)
+    tokens = manifests.tokens_per_layer(model)
+    cfg = model.config
+    return Target(
+        label=source.model + (" (unmerged)" if baseline else _merge_label(source)),
+        backend="torch", model=source.model, ratio=source.ratio, merged=is_merged(source),
+        tokens_per_layer=tokens, relative_gflops=relative_gflops(cfg, tokens), fixed_batch=fixed_batch,
+        input_shape=(cfg.in_chans, cfg.img_size, cfg.img_size),
+        make_runner=lambda: TorchRunner(model, device, threads),
+    )
+
+
+def onnx_target(path: Union[str, Path], device: str, threads: Optional[int], baseline: bool = False) -> Target:
+    path = Path(path)
+    load_onnx_file(path)
+    record = manifests.read_manifest(path, artifacts.file_sha256(path))
+    source = manifests.source_from_manifest(record)
+    channels, height, width = record["input_shape"][1:]
+    return Target(
+        label=path.name + (" (unmerged)" if baseline else ""),
+        backend="onnxruntime", model=source.model, ratio=source.ratio, merged=is_merged(source),
+        tokens_per_layer=record["tokens_per_layer"], relative_gflops=float(record["relative_gflops"]),
+        fixed_batch=record["batch"], input_shape=(channels, height, width),
+        make_runner=lambda: onnxruntime_runner(path, device, threads),
+    )
+
+
+def _merge_label(source: Source) -> str:
+    if not is_merged(source):
+        return ""
+    what = f"schedule {source.schedule_spec}" if source.schedule_spec else f"ratio {source.ratio:g}"
+    return f" ({source.method}, {what})"
+
+
+def onnx_targets(path: Union[str, Path], device: str, threads: Optional[int], scratch: Union[str, Path],
+                 baseline: bool = True, compare_torch: bool = True,
+                 status: Callable[[str], object] = lambda message: None) -> list[Target]:
+    """onnxruntime on ``path``; with ``baseline`` the unmerged counterpart (exported into
+    ``scratch``); with ``compare_torch`` the PyTorch source(s) the manifests describe."""
+    target = onnx_target(path, device, threads)
+    record = manifests.read_manifest(path)
+    source = manifests.source_from_manifest(record)
+    targets = [target]
+    if baseline and target.merged:
+        status(f"exporting the unmerged baseline of {path}")
+        targets.append(onnx_target(export_unmerged_baseline(path, scratch), device, threads, baseline=True))
+    if compare_torch:
+        batch = record["batch"]
+        targets.append(torch_target(source, device, threads, expected_schedule=record["schedule"], fixed_batch=batch))
+        if baseline and target.merged:
+            targets.append(torch_target(unmerged(source), device, threads, baseline=True, fixed_batch=batch))
+    return targets
+
+
+def torch_targets(source: Source, device: str, threads: Optional[int], baseline: bool = True) -> list[Target]:
+    targets = [torch_target(source, device, threads)]
+    if baseline and is_merged(source):
+        targets.append(torch_target(unmerged(source), device, threads, baseline=True))
+    return targets
+
+
+def unique(targets: Iterable[Target]) -> list[Target]:
+    """Drop repeats (e.g. the same unmerged PyTorch model asked for by two files)."""
+    seen, out = set(), []
+    for target in targets:
+        if (target.backend, target.label) not in seen:
+            seen.add((target.backend, target.label))
+            out.append(target)
+    return out
+
+
+def export_unmerged_baseline(onnx_path: Union[str, Path], folder: Union[str, Path]) -> Path:
+    """Export the unmerged counterpart of ``onnx_path`` (same model, weights, batch, opset, scan)."""
+    from mame_deploy.onnx_export import export
+
+    record = manifests.read_manifest(onnx_path)
+    source = unmerged(manifests.source_from_manifest(record))
+    output = Path(folder) / f"{Path(onnx_path).stem}-unmerged.onnx"
+    return export(source, output, batch=record["batch"], opset=record["opset"], scan=record["scan"]).onnx_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def measure(runner, images: np.ndarray, warmup: int, iters: int,
+            progress: Optional[Callable[[], None]] = None) -> np.ndarray:
+    """Per-call inference times in seconds (``runner`` active)."""
+    feed = {INPUT_NAME: images}
+    for _ in range(warmup):
+        runner.infer(feed, check_inputs=False)
+    times = np.empty(iters)
+    for i in range(iters):
+        runner.infer(feed, check_inputs=False)
+        times[i] = runner.last_inference_time()
+        if progress:
+            progress()
+    return times
+
+
+def summarize(times: np.ndarray, batch: int) -> dict:
+    p50, p90, p99 = np.percentile(times, [50, 90, 99]) * 1e3
+    return {
+        "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
+        "mean_ms": float(times.mean() * 1e3), "iters": int(len(times)),
+        "throughput": float(batch / times.mean()),
+    }
+
+
+def bench(
+    targets: Iterable[Target],
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    warmup: int = DEFAULT_WARMUP,
+    iters: int = DEFAULT_ITERS,
+    seed: int = 0,
+    progress: Optional[Callable[[str, int], Callable[[], None]]] = None,
+) -> list[dict]:
+    """Time every target at every batch size it accepts; one row per (target, batch)."""
+    if warmup < 0 or iters < 1:
+        raise UserError(f"need --warmup >= 0 and --iters >= 1, got {warmup} and {iters}")
+    rows = []
+    rng = np.random.default_rng(seed)
+    for target in targets:
+        with target.make_runner() as runner:  # one session or model per target, reused over batches
+            for batch in target.batch_sizes(batch_sizes):
+                images = rng.standard_normal((batch, *target.input_shape), dtype=np.float32)
+                tick = progress(f"{target.label} batch {batch}", iters) if progress else None
+                times = measure(runner, images, warmup, iters, tick)
+                rows.append({
+                    "target": target.label, "backend": target.backend, "model": target.model,
+                    "ratio": target.ratio, "merged": target.merged, "batch": batch,
+                    "relative_gflops": round(target.relative_gflops, 4),
+                    "tokens_last_layer": target.tokens_per_layer[-1],
+                    **summarize(times, batch),
+                })
+    _add_speedups(rows)
+    return rows
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """speedup = p50 of the unmerged model / p50 of this one (same backend, model and batch)."""
+    baselines = {(r["backend"], r["model"], r["batch"]): r["p50_ms"] for r in rows if not r["merged"]}
+    for row in rows:
+        base = baselines.get((row["backend"], row["model"], row["batch"]))
+        row["speedup"] = round(base / row["p50_ms"], 3) if base else None
+
+
+def environment(device: str, threads: Optional[int]) -> dict:
+    import os
+
+    info = {"device": device, "threads": threads, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "processor": _cpu_name(), "versions": manifests.tool_versions()}
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def temporary_folder():
+    return tempfile.TemporaryDirectory(prefix="mame-deploy-bench-")

@@ -1,0 +1,132 @@
+"""Runners: one interface -- polygraphy's ``BaseRunner`` -- over every backend that executes a
+model: ``with runner: outputs = runner.infer({"images": array})`` and
+``runner.last_inference_time()``. onnxruntime uses polygraphy's own ``OnnxrtRunner``; PyTorch
+gets ``TorchRunner`` (polygraphy's PytRunner always moves inputs to CUDA and does not
+synchronise); TensorRT engines use ``mame_deploy.trt_runner.TrtRunner``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner
+from polygraphy.common import TensorMetadata
+
+from mame_deploy.errors import UserError
+from mame_deploy.onnx_export import INPUT_NAME, OUTPUT_NAME
+
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    return device
+
+
+def load_onnx_file(path: Union[str, Path]) -> onnx.ModelProto:
+    """The model in ``path``, or a UserError saying why the file is not a usable ONNX model."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; export a model first with `mame-deploy export`")
+    if not path.is_file():
+        raise UserError(f"{path} is not a file; pass the .onnx file written by `mame-deploy export`")
+    try:
+        model = onnx.load(str(path))
+    except (OSError, DecodeError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a readable ONNX model ({reason})") from None
+    # Many non-ONNX files decode as an empty protobuf message: require an actual graph.
+    if not model.graph.node or not model.opset_import:
+        raise UserError(f"{path} is not an ONNX model (no graph inside); pass a file written by `mame-deploy export`")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime
+
+
+def onnxruntime_session(model: Union[str, Path, bytes], device: str = "cpu", threads: Optional[int] = None):
+    """An InferenceSession on ``device`` (CUDA needs onnxruntime-gpu), ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    check_device(device)
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UserError("this onnxruntime has no CUDA execution provider; install onnxruntime-gpu "
+                            "or use --device cpu")
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: initializer-cleanup notes are not for users
+    if threads:
+        options.intra_op_num_threads = threads
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, options, providers=providers)
+
+
+def onnxruntime_runner(path: Union[str, Path], device: str = "cpu", threads: Optional[int] = None,
+                       name: Optional[str] = None) -> OnnxrtRunner:
+    path = Path(path)
+    load_onnx_file(path)  # a clear error for missing or foreign files before onnxruntime's own
+    return OnnxrtRunner(lambda: onnxruntime_session(path, device, threads), name=name or f"onnxruntime:{path.name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch
+
+
+class TorchRunner(BaseRunner):
+    """A PyTorch image classifier as a polygraphy runner: numpy images in, numpy logits out.
+
+    On CUDA the time of ``infer`` is measured with CUDA events around the forward pass, so it
+    counts the GPU's work and not only the launches.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: str = "cpu", threads: Optional[int] = None,
+                 name: Optional[str] = None):
+        super().__init__(name=name or f"torch:{getattr(model, 'model_name', type(model).__name__)}",
+                         prefix="torch-runner")
+        self.model = model
+        self.device = torch.device(check_device(device))
+        self.threads = threads
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("PyTorch sees no CUDA device here; use --device cpu")
+
+    def activate_impl(self):
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.model = self.model.to(self.device).eval()
+
+    def get_input_metadata_impl(self):
+        cfg = self.model.config
+        meta = TensorMetadata()
+        meta.add(INPUT_NAME, dtype=np.float32, shape=(None, cfg.in_chans, cfg.img_size, cfg.img_size))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        images = torch.from_numpy(np.ascontiguousarray(feed_dict[INPUT_NAME])).to(self.device)
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                logits = self.model(images)
+                end.record()
+                end.synchronize()
+                self.inference_time = start.elapsed_time(end) / 1e3
+            else:
+                begin = time.perf_counter()
+                logits = self.model(images)
+                self.inference_time = time.perf_counter() - begin
+        return OrderedDict([(OUTPUT_NAME, logits.float().cpu().numpy())])
+
+    def deactivate_impl(self):
+        self.model = self.model.cpu()
