@@ -63,13 +63,15 @@ def selective_scan_ref(
     # (batch, length, dim, dstate): step-major so each step reads one contiguous slab.
     decay = torch.exp(dt.transpose(1, 2)[..., None] * A.float()[None, None])
     drive = (dt * u32).transpose(1, 2)[..., None] * B.float().transpose(1, 2)[:, :, None, :]
-    states = torch.empty_like(decay)
+    # Per-step views in and a list out (no indexing into, or writes to, a big tensor per
+    # step): autograd through this loop then costs O(L), not O(L^2) copies of the states.
+    decays, drives, states = decay.unbind(1), drive.unbind(1), [None] * length
     h = torch.zeros(batch, dim, dstate, dtype=torch.float32, device=u.device)
     steps = range(length - 1, -1, -1) if reverse else range(length)
     for t in steps:
-        h = torch.addcmul(drive[:, t], decay[:, t], h)
-        states[:, t] = h
-    y = torch.einsum("bldn,bnl->bdl", states, C.float())
+        h = torch.addcmul(drives[t], decays[t], h)
+        states[t] = h
+    y = torch.einsum("bldn,bnl->bdl", torch.stack(states, dim=1), C.float())
     if D is not None:
         y = y + D.float()[None, :, None] * u32
     if z is not None:
