@@ -14,7 +14,7 @@ import contextlib
 import io
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -133,8 +133,11 @@ def export(
     json_path = manifests.manifest_path(onnx_path)
     artifacts.check_writable([onnx_path, json_path], force)
 
-    source = _resolve_checkpoint(source)
+    source = resolve_checkpoint(source)
     model = manifests.build_model(source)
+    # Record the merge switches as resolved (defaults included), so a later default change
+    # cannot alter what validate/bench rebuild.
+    source = replace(source, options=dict(getattr(model, "mame_options", None) or source.options))
     data = serialize(to_onnx(model, batch, opset, scan))
     schedule = manifests.model_schedule(model)
     tokens = manifests.tokens_per_layer(model)
@@ -164,11 +167,9 @@ def export(
     return ExportResult(onnx_path, json_path, record, len(data))
 
 
-def _resolve_checkpoint(source: Source) -> Source:
+def resolve_checkpoint(source: Source) -> Source:
     """Pin the checkpoint: the file actually loaded (the model's bundled weights when none is
     given), by absolute path and sha256, so later commands load the same bytes."""
-    from dataclasses import replace
-
     from mame_deploy.models import get_spec
 
     checkpoint = source.checkpoint or get_spec(source.model).bundled_checkpoint
