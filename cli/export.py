@@ -134,6 +134,8 @@ def export_cmd(
 def _print_export_summary(result) -> None:
     m = result.manifest
     table = Table(title=f"{m['model']} -> {escape(str(result.onnx_path))}", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
     weights = m["checkpoint"] or f"random (seed {m['seed']})"
     table.add_row("weights", escape(str(weights)))
     merges = ", ".join(f"{i}:{r}" for i, r in enumerate(m["schedule"]) if r)
@@ -253,13 +255,14 @@ def bench_cmd(
             rows = bench.bench(targets, sizes, warmup, iters, progress=progress)
 
     env = bench.environment(device, threads)
-    table = Table(title=f"latency on {device} ({escape(env['processor'])}, threads {threads or 'default'}; "
+    table = Table(title=f"latency in ms on {device} ({escape(env['processor'])}, threads {threads or 'default'}; "
                         f"{warmup} warm-up + {iters} timed calls)")
-    for col in ("runtime", "model", "batch", "GFLOPs", "p50 ms", "p90 ms", "p99 ms", "img/s", "speedup"):
-        table.add_column(col, justify="left" if col in ("runtime", "model") else "right", no_wrap=col != "model")
+    for col in ("what", "batch", "GFLOPs", "p50", "p90", "p99", "img/s", "speedup"):
+        table.add_column(col, justify="left" if col == "what" else "right", overflow="fold")
     for r in rows:
-        table.add_row(_RUNTIME_NAMES.get(r["backend"], r["backend"]), escape(r["target"]), str(r["batch"]), f"{r['relative_gflops']:.3f}",
-                      f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['throughput']:.1f}",
+        what = f"{_RUNTIME_NAMES.get(r['backend'], r['backend'])} {r['target']}"
+        table.add_row(escape(what), str(r["batch"]), f"{r['relative_gflops']:.3f}", f"{r['p50_ms']:.2f}",
+                      f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['throughput']:.1f}",
                       f"{r['speedup']:.2f}x" if r["speedup"] else "-")
     table.caption = "GFLOPs relative to the unmerged model; speed-up = unmerged p50 / p50, same backend and batch"
     console.print(table)

@@ -90,7 +90,9 @@ export.register(app)
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI; a UserError becomes one line on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # typer.Exit(n) inside a command returns n
+        if isinstance(code, int):
+            return code
     except UserError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
