@@ -30,12 +30,14 @@ def build_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing engine and manifest."),
 ):
     """Build a TensorRT engine whose mame::SelectiveScan nodes run the CUDA kernel via the plugin."""
-    from mame_deploy.engine import build_engine, load_manifest, manifest_path
+    from mame_deploy.engine import build_engine, read_engine_manifest
+    from mame_deploy.manifest import manifest_path
 
-    path = build_engine(
-        onnx_path, output, precision, workspace, force, max_batch=max_batch, opt_batch=opt_batch, jit=jit
-    )
-    record = load_manifest(manifest_path(path))["engine"]
+    with console.status("building the TensorRT engine ..."):
+        path = build_engine(
+            onnx_path, output, precision, workspace, force, max_batch=max_batch, opt_batch=opt_batch, jit=jit
+        )
+    record = read_engine_manifest(path)["engine"]
     table = Table(title=str(path), show_header=False)
     for key in ("precision", "batch", "tensorrt", "gpu", "compute_capability", "bytes"):
         table.add_row(key, str(record[key]))

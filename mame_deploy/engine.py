@@ -22,17 +22,16 @@ the model in the reduced precision instead.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import onnx
 
+from mame_deploy import artifacts
+from mame_deploy import manifest as manifests
 from mame_deploy.errors import UserError
 from mame_deploy.ops.selective_scan import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE
 
@@ -340,53 +339,15 @@ def resolve_precision(requested: Optional[str], file_dtype: str) -> tuple[str, b
 # Files
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it over, so no reader sees half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_onnx(path: Path) -> onnx.ModelProto:
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; export a model first with mame-deploy export")
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:
-        raise UserError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
+    from mame_deploy.runners import load_onnx_file  # late: runners pulls in polygraphy
+
+    return load_onnx_file(path)
 
 
-def manifest_path(artifact: Path) -> Path:
-    """Every artifact's manifest is the .json beside it with the same stem."""
-    return artifact.with_suffix(".json")
-
-
-def load_manifest(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"no manifest {path}; it is written by mame-deploy export next to the ONNX file")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable manifest ({exc})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a manifest (expected a JSON object)")
-    return data
+def read_source_manifest(onnx_path: Path) -> dict:
+    """The export's manifest, checked to describe this very ONNX file."""
+    return manifests.read_manifest(onnx_path, artifacts.file_sha256(onnx_path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,17 +386,14 @@ def plan_build(
     output = Path(output) if output is not None else onnx_path.with_suffix(".plan")
     if output.suffix != ".plan":
         raise UserError(f"the engine file must end in .plan, got {output}")
-    manifest_in, manifest_out = manifest_path(onnx_path), manifest_path(output)
+    manifest_in, manifest_out = manifests.manifest_path(onnx_path), manifests.manifest_path(output)
     if precision is not None and precision.lower() not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if not force:
-        if output.exists():
-            raise UserError(f"{output} exists; pass --force to overwrite it")
-        if manifest_out != manifest_in and manifest_out.exists():
-            raise UserError(f"{manifest_out} exists; pass --force to overwrite it")
+    # The ONNX file's own manifest is updated in place; another stem gets a new manifest.
+    artifacts.check_writable([output] + ([manifest_out] if manifest_out != manifest_in else []), force)
     size = parse_size(workspace)
-    load_manifest(manifest_in)
     model = load_onnx(onnx_path) if model is None else model
+    read_source_manifest(onnx_path)
     nodes = tuple(scan_nodes(model))
     file_dtype = next((n.dtype for n in nodes if n.dtype is not None), "float32")
     precision, strongly_typed = resolve_precision(precision, file_dtype)
@@ -481,10 +439,10 @@ def engine_record(plan: BuildPlan, engine: bytes, trt_version: str, gpu: dict) -
     base = plan.manifest_out.parent
     return {
         "path": os.path.relpath(plan.output, base),
-        "sha256": hashlib.sha256(engine).hexdigest(),
+        "sha256": artifacts.sha256_bytes(engine),
         "bytes": len(engine),
         "onnx": os.path.relpath(plan.onnx_path, base),
-        "onnx_sha256": sha256_file(plan.onnx_path),
+        "onnx_sha256": artifacts.file_sha256(plan.onnx_path),
         "tensorrt": trt_version,
         "precision": plan.precision,
         "strongly_typed": plan.strongly_typed,
@@ -568,8 +526,24 @@ def build_engine(
     plugins.register(jit=jit)
     engine = _build_bytes(trt, plan, prepare_onnx(model, jit=jit))
 
-    manifest = load_manifest(plan.manifest_in)
+    manifest = read_source_manifest(plan.onnx_path)
     manifest["engine"] = engine_record(plan, engine, trt.__version__, gpu_info())
-    write_atomic(plan.output, engine)
-    write_atomic(plan.manifest_out, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    artifacts.write_bytes(plan.output, engine)
+    artifacts.write_json(plan.manifest_out, manifest)
     return plan.output
+
+
+def read_engine_manifest(plan: Union[str, Path]) -> dict:
+    """The manifest beside a .plan, checked to record a build of this very file."""
+    plan = Path(plan)
+    if not plan.is_file():
+        raise UserError(f"{plan} does not exist; build an engine with mame-deploy build")
+    data = manifests.read_manifest(plan)
+    record = data.get("engine")
+    if not isinstance(record, dict) or "sha256" not in record:
+        raise UserError(f"manifest {manifests.manifest_path(plan)} records no engine; build one with mame-deploy build")
+    if record["sha256"] != artifacts.file_sha256(plan):
+        raise UserError(
+            f"{plan} is not the engine its manifest records (sha256 differs); rebuild it with mame-deploy build"
+        )
+    return data

@@ -10,7 +10,8 @@ from typing import Optional, Union
 from polygraphy.backend.trt import EngineFromPath
 from polygraphy.backend.trt import TrtRunner as _PolygraphyTrtRunner
 
-from mame_deploy.engine import manifest_path, require_tensorrt
+from mame_deploy.engine import require_tensorrt
+from mame_deploy.manifest import manifest_path
 from mame_deploy.errors import UserError
 
 

@@ -229,12 +229,22 @@ def test_parse_size_errors(text):
 # build plan: every check that runs before TensorRT is touched
 
 
+def write_export(path, model=None):
+    """An exported file as `mame-deploy export` leaves it: the ONNX and its manifest."""
+    from mame_deploy import artifacts, manifest
+
+    data = (model or scan_model()).SerializeToString()
+    artifacts.write_bytes(path, data)
+    record = {key: None for key in manifest.REQUIRED_KEYS}
+    record.update(model="vim_t", seed=0, method="mame", ratio=0.0, schedule=[0], batch=2, scan="plugin",
+                  onnx_sha256=artifacts.sha256_bytes(data))
+    artifacts.write_json(manifest.manifest_path(path), record)
+    return path
+
+
 @pytest.fixture()
 def exported(tmp_path):
-    path = tmp_path / "net.onnx"
-    onnx.save(scan_model(), path)
-    (tmp_path / "net.json").write_text(json.dumps({"model": "vim_t", "onnx_sha256": "x"}))
-    return path
+    return write_export(tmp_path / "net.onnx")
 
 
 def test_plan_defaults_to_the_onnx_stem_and_its_manifest(exported):
@@ -248,12 +258,12 @@ def test_plan_defaults_to_the_onnx_stem_and_its_manifest(exported):
 
 def test_plan_refuses_to_overwrite_without_force(exported):
     exported.with_suffix(".plan").write_bytes(b"old")
-    with pytest.raises(UserError, match="exists; pass --force"):
+    with pytest.raises(UserError, match="net.plan already exists; pass --force"):
         engine.plan_build(exported)
     assert engine.plan_build(exported, force=True).output.read_bytes() == b"old"
     other = exported.parent / "other.plan"
     (exported.parent / "other.json").write_text("{}")
-    with pytest.raises(UserError, match="other.json exists"):
+    with pytest.raises(UserError, match="other.json already exists"):
         engine.plan_build(exported, output=other)
     assert engine.plan_build(exported, output=other, force=True).manifest_out == other.with_suffix(".json")
 
@@ -264,7 +274,10 @@ def test_plan_refuses_to_overwrite_without_force(exported):
         (lambda p: p.with_suffix(".json").unlink(), {}, "no manifest"),
         (lambda p: p.with_suffix(".json").write_text("[1]"), {}, "not a manifest"),
         (lambda p: p.with_suffix(".json").write_text("{"), {}, "not a readable manifest"),
-        (lambda p: p.write_bytes(b"not onnx at all"), {}, "not a readable ONNX file"),
+        (lambda p: p.with_suffix(".json").write_text('{"model": "vim_t"}'), {}, "lacks checkpoint"),
+        (lambda p: p.write_bytes(b"not onnx at all"), {}, "is not a"),
+        (lambda p: write_export(p, scan_model(length=6)).with_suffix(".json").write_text(
+            p.with_suffix(".json").read_text().replace('"onnx_sha256": "', '"onnx_sha256": "0')), {}, "does not match"),
         (lambda p: p.unlink(), {}, "does not exist"),
         (lambda p: None, {"output": "x.engine"}, "must end in .plan"),
         (lambda p: None, {"precision": "int8"}, "unknown precision 'int8'"),
@@ -278,19 +291,13 @@ def test_plan_errors_are_one_line(exported, setup, kwargs, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_write_atomic_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
-    target = tmp_path / "sub" / "a.plan"
-    engine.write_atomic(target, b"first")
-    engine.write_atomic(target, b"second")
-    assert target.read_bytes() == b"second"
-    assert sorted(p.name for p in target.parent.iterdir()) == ["a.plan"]
-
-
 def test_engine_record_points_at_files_relative_to_the_manifest(exported):
     plan = engine.plan_build(exported, precision="fp16", workspace="1G")
     record = engine.engine_record(plan, b"engine-bytes", "10.13.0", {"gpu": "NVIDIA H100", "compute_capability": "9.0"})
     assert record["path"] == "net.plan" and record["onnx"] == "net.onnx"
-    assert record["onnx_sha256"] == engine.sha256_file(exported)
+    from mame_deploy.artifacts import file_sha256
+
+    assert record["onnx_sha256"] == file_sha256(exported)
     assert (record["precision"], record["strongly_typed"], record["workspace_bytes"]) == ("fp16", False, 1 << 30)
     assert record["tensorrt"] == "10.13.0" and record["gpu"] == "NVIDIA H100"
     assert record["plugin"] == {"id": "mame::SelectiveScan", "implementation": "aot", "nodes": 1}
@@ -306,3 +313,21 @@ def test_a_network_without_a_plugin_layer_per_scan_node_is_refused():
     engine.check_plugin_layers(trt, network, 2)
     with pytest.raises(UserError, match="made 2 plugin layers for 3 mame::SelectiveScan nodes"):
         engine.check_plugin_layers(trt, network, 3)
+
+
+def test_engine_manifest_must_record_this_very_plan(exported):
+    from mame_deploy import artifacts
+
+    plan = exported.with_suffix(".plan")
+    with pytest.raises(UserError, match="does not exist; build an engine"):
+        engine.read_engine_manifest(plan)
+    plan.write_bytes(b"engine")
+    with pytest.raises(UserError, match="records no engine"):
+        engine.read_engine_manifest(plan)
+    data = json.loads(exported.with_suffix(".json").read_text())
+    data["engine"] = engine.engine_record(engine.plan_build(exported, force=True), b"engine", "10.13.0", {})
+    artifacts.write_json(exported.with_suffix(".json"), data)
+    assert engine.read_engine_manifest(plan)["engine"]["sha256"] == artifacts.sha256_bytes(b"engine")
+    plan.write_bytes(b"another engine")
+    with pytest.raises(UserError, match="not the engine its manifest records"):
+        engine.read_engine_manifest(plan)

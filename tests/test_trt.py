@@ -32,12 +32,9 @@ def no_tensorrt(monkeypatch):
 @pytest.fixture()
 def exported_stub(tmp_path):
     """A valid one-scan model with its manifest (what `export` leaves), no TensorRT needed."""
-    from test_engine_prep import scan_model
+    from test_engine_prep import write_export
 
-    path = tmp_path / "net.onnx"
-    onnx.save(scan_model(), path)
-    (tmp_path / "net.json").write_text(json.dumps({"model": "vim_t"}))
-    return path
+    return write_export(tmp_path / "net.onnx")
 
 
 # ---------------------------------------------------------------------------------------------
