@@ -155,7 +155,8 @@ def _print_export_summary(result) -> None:
 
 
 def validate_cmd(
-    onnx: Path = typer.Option(..., "--onnx", help="ONNX file written by `mame-deploy export`."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX file written by `mame-deploy export`."),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="TensorRT engine (.plan) instead: run on the GPU."),
     data: Optional[Path] = typer.Option(None, help="Labelled image folder (one sub-folder per class)."),
     samples: Optional[int] = typer.Option(None, help="Number of images (default 16 random ones, or all of --data)."),
     batch: Optional[int] = typer.Option(None, help="Batch size for --dynamic-batch files (default min(samples, 8))."),
@@ -167,6 +168,13 @@ def validate_cmd(
 ):
     """Compare the ONNX file in onnxruntime with the PyTorch source its manifest describes."""
     from mame_deploy.validate import REL_TOLERANCE, validate
+
+    if (onnx is None) == (engine is None):
+        raise UserError("pass one of --onnx PATH.onnx or --engine PATH.plan")
+    if engine is not None:
+        from mame_deploy.cli.build import validate_engine_report
+
+        return validate_engine_report(engine, data, samples, batch, seed, json_path, force)
 
     if json_path is not None:
         from mame_deploy import artifacts
@@ -204,6 +212,7 @@ def _progress() -> Progress:
 
 def bench_cmd(
     onnx: list[Path] = typer.Option([], "--onnx", help="ONNX file(s) to time in onnxruntime (repeatable)."),
+    engine: list[Path] = typer.Option([], "--engine", help="TensorRT engine(s) to time (repeatable; implies --device cuda)."),
     torch_model: Optional[str] = typer.Option(None, "--torch", help="Model name to time in PyTorch."),
     ratio: float = typer.Option(0.0, help="With --torch: merge ratio."),
     schedule: Optional[str] = typer.Option(None, help="With --torch: explicit merges LAYER:COUNT,..."),
@@ -228,8 +237,13 @@ def bench_cmd(
     from mame_deploy import bench
     from mame_deploy.runners import check_device
 
-    if not onnx and torch_model is None:
-        raise UserError("nothing to time: pass --onnx PATH.onnx and/or --torch MODEL")
+    if not onnx and not engine and torch_model is None:
+        raise UserError("nothing to time: pass --onnx PATH.onnx, --engine PATH.plan and/or --torch MODEL")
+    if engine:
+        from mame_deploy.engine import require_tensorrt
+
+        require_tensorrt("--engine")
+        device = "cuda"  # engines, and the PyTorch they are compared with, run on the GPU
     check_device(device)
     sizes = bench.parse_batch_sizes(batch_sizes)
     if json_path is not None:
@@ -242,6 +256,11 @@ def bench_cmd(
         for path in onnx:
             targets += bench.onnx_targets(path, device, threads, scratch, baseline, compare_torch,
                                           status=lambda message: console.print(escape(message) + " ..."))
+        for path in engine:
+            from mame_deploy.engine_checks import engine_targets
+
+            targets += engine_targets(path, scratch, baseline, compare_torch,
+                                      status=lambda message: console.print(escape(message) + " ..."))
         if torch_model is not None:
             source = _source(torch_model, ratio, schedule, method, option, checkpoint, seed, override)
             targets += bench.torch_targets(source, device, threads, baseline)
@@ -269,7 +288,7 @@ def bench_cmd(
     _write_report(json_path, {"environment": env, "warmup": warmup, "iters": iters, "rows": rows}, force=True)
 
 
-_RUNTIME_NAMES = {"onnxruntime": "ORT", "torch": "torch", "tensorrt": "TRT"}
+_RUNTIME_NAMES = {"onnxruntime": "ORT", "torch": "torch", "tensorrt": "TRT", "torch-graph": "torch (CUDA graph)"}
 
 
 def register(app: typer.Typer) -> None:

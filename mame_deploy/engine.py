@@ -246,9 +246,10 @@ def prepare_onnx(model: onnx.ModelProto, jit: bool = False) -> onnx.ModelProto:
 
 
 def parse_size(text: Union[str, int, None]) -> Optional[int]:
-    """Bytes from '4G', '4GiB', '512M', '512MiB' or a plain number of MiB; None stays None."""
-    if text is None:
-        return None
+    """Bytes from '4G', '4GiB', '512M', '512MiB' or a plain number of MiB (text); an int is
+    already bytes (as recorded in a manifest); None stays None."""
+    if text is None or (isinstance(text, int) and text > 0):
+        return text
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not match:
         raise UserError(f"cannot read the size {text!r}; write e.g. 4G, 512M or 2048 (MiB)")

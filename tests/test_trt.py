@@ -255,3 +255,105 @@ def test_plugin_ptx_entry_takes_pointers_then_int32s_then_the_output(dtype, reve
     params = re.findall(rb"\.param\s+\.(\w+)", entry.group(2))
     expected = [b"u64"] * 8 + [b"u32"] * len(kernel.scalars) + [b"u64"]  # PTX spells int32 as .u32
     assert params == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# validate/bench on engines: the rules that need no GPU, and the CLI without TensorRT
+
+
+def test_engine_batch_static_and_profile():
+    from mame_deploy.engine_checks import engine_batch
+
+    assert engine_batch({"batch": 8}, None, 3) == 8
+    assert engine_batch({"batch": 8}, 8, 3) == 8
+    with pytest.raises(UserError, match="built for batch 8, not 4"):
+        engine_batch({"batch": 8}, 4, 3)
+    profile = {"batch": {"min": 1, "opt": 16, "max": 64}}
+    assert engine_batch(profile, None, 3) == 3
+    assert engine_batch(profile, None, 100) == 16
+    assert engine_batch(profile, 64, 100) == 64
+    with pytest.raises(UserError, match=r"outside the engine's profile \(1..64\)"):
+        engine_batch(profile, 65, 100)
+
+
+@pytest.mark.parametrize(
+    "report, precision, expected",
+    [
+        ({"passed": True, "mean_cosine": 0.5, "top1_agreement": 0.0}, "fp32", True),
+        ({"passed": False, "mean_cosine": 1.0, "top1_agreement": 1.0}, "fp32", False),
+        ({"passed": False, "mean_cosine": 0.9995, "top1_agreement": 1.0}, "fp16", True),
+        ({"passed": False, "mean_cosine": 0.998, "top1_agreement": 1.0}, "fp16", False),
+        ({"passed": False, "mean_cosine": 0.9999, "top1_agreement": 0.95}, "fp16", False),
+        ({"passed": False, "mean_cosine": 0.996, "top1_agreement": 0.98}, "bf16", True),
+    ],
+)
+def test_reduced_precision_engines_pass_on_cosine_and_top1(report, precision, expected):
+    from mame_deploy.engine_checks import passed
+
+    assert passed(report, precision) is expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["validate", "--engine", "net.plan"],
+        ["bench", "--engine", "net.plan", "--iters", "5"],
+        ["export", "vim_t", "--engine", "--output", "x.onnx"],
+    ],
+)
+def test_engine_commands_without_tensorrt_are_one_line_and_exit_2(no_tensorrt, tmp_path, monkeypatch, capsys, argv):
+    from mame_deploy.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "TensorRT is needed" in err and "pip install 'mame-deploy[trt]'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_needs_exactly_one_of_onnx_and_engine(capsys):
+    from mame_deploy.cli.main import main
+
+    assert main(["validate"]) == 2
+    assert main(["validate", "--onnx", "a.onnx", "--engine", "a.plan"]) == 2
+    assert "pass one of --onnx PATH.onnx or --engine PATH.plan" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def vim_export(trt, tmp_path_factory):
+    """A small merged Vision Mamba export with a dynamic batch (one per module: exports are slow)."""
+    from mame_deploy.manifest import Source
+    from mame_deploy.onnx_export import export
+
+    folder = tmp_path_factory.mktemp("vim")
+    source = Source(model="vim_t", overrides={"depth": 4}, ratio=0.5)
+    return export(source, folder / "vim.onnx", batch=None).onnx_path
+
+
+@needs_trt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_vim_engine_validates_against_pytorch(trt, vim_export, precision):
+    from mame_deploy.engine_checks import validate_engine
+
+    plan = engine.build_engine(vim_export, output=vim_export.with_name(f"vim_{precision}.plan"),
+                               precision=precision, max_batch=4, opt_batch=2, force=True)
+    record = engine.read_engine_manifest(plan)["engine"]
+    assert record["batch"] == {"min": 1, "opt": 2, "max": 4}
+    assert record["plugin"]["nodes"] == 8
+    report = validate_engine(plan, samples=6, batch=3)
+    assert report["batch"] == 3 and report["samples"] == 6
+    assert report["passed"], report
+
+
+@needs_trt
+def test_vim_engine_bench_rows(trt, vim_export, tmp_path):
+    from mame_deploy import bench
+    from mame_deploy.engine_checks import engine_targets
+
+    plan = engine.build_engine(vim_export, output=tmp_path / "vim.plan", max_batch=2, force=True)
+    targets = engine_targets(plan, tmp_path, baseline=True, compare_torch=True)
+    assert [t.backend for t in targets] == ["tensorrt", "tensorrt", "torch", "torch-graph", "torch", "torch-graph"]
+    rows = bench.bench(targets, [1, 2], warmup=1, iters=3)
+    assert len(rows) == 12 and all(r["p50_ms"] > 0 for r in rows)
+    assert all(r["speedup"] for r in rows if r["merged"])

@@ -1,0 +1,229 @@
+"""``validate --engine`` and ``bench --engine``: a TensorRT plan against the PyTorch source its
+manifest describes, on the same GPU.
+
+The parity metrics and the timing loop are the ONNX ones (``mame_deploy.validate`` and
+``mame_deploy.bench``); this module supplies the engine's side: its batch sizes, its
+pass/fail rule per precision, and the bench targets (the engine, the unmerged engine built from
+the unmerged export, and PyTorch eager and as a CUDA graph, merged and unmerged).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+from polygraphy.backend.base import BaseRunner
+
+from mame_deploy import manifest as manifests
+from mame_deploy.engine import read_engine_manifest
+from mame_deploy.errors import UserError
+from mame_deploy.onnx_export import INPUT_NAME, OUTPUT_NAME
+
+# Reduced-precision engines cannot meet the fp32 rule (max abs error <= 1e-4 * max |logit|);
+# they pass on the direction of the logits and the predicted class.
+REDUCED_PRECISION_TOLERANCE = {
+    "fp16": {"mean_cosine": 0.999, "top1_agreement": 0.99},
+    "bf16": {"mean_cosine": 0.995, "top1_agreement": 0.97},
+}
+
+
+def engine_batch(record: dict, requested: Optional[int], samples: int) -> int:
+    """The batch to run: the engine's static batch, or one inside its optimisation profile."""
+    batch = record["batch"]
+    if isinstance(batch, int):
+        if requested is not None and requested != batch:
+            raise UserError(f"the engine was built for batch {batch}, not {requested}; drop --batch or "
+                            "build from a --dynamic-batch export")
+        return batch
+    low, opt, high = batch["min"], batch["opt"], batch["max"]
+    if requested is None:
+        return max(low, min(samples, opt))
+    if not low <= requested <= high:
+        raise UserError(f"--batch {requested} is outside the engine's profile ({low}..{high})")
+    return requested
+
+
+def passed(report: dict, precision: str) -> bool:
+    """fp32 engines: the ONNX rule already in ``report``; fp16/bf16: cosine and top-1 agreement."""
+    rule = REDUCED_PRECISION_TOLERANCE.get(precision)
+    if rule is None:
+        return bool(report["passed"])
+    return all(report[key] >= floor for key, floor in rule.items())
+
+
+def validate_engine(
+    plan: Union[str, Path],
+    data_dir: Union[str, Path, None] = None,
+    samples: Optional[int] = None,
+    batch: Optional[int] = None,
+    seed: int = 0,
+    progress: Optional[Callable[[int], None]] = None,
+) -> dict:
+    """Run ``plan`` in TensorRT and its rebuilt PyTorch source on CUDA, on the same inputs."""
+    from mame_deploy import validate as checks
+    from mame_deploy.runners import TorchRunner
+    from mame_deploy.trt_runner import TrtRunner
+
+    plan = Path(plan)
+    runner = TrtRunner(plan)  # fails first, in one line, where TensorRT is missing
+    record = read_engine_manifest(plan)
+    engine = record["engine"]
+    source = manifests.source_from_manifest(record)
+    model = manifests.build_model(source, record["schedule"])
+    cfg = model.config
+    if data_dir is not None:
+        batches = checks.folder_images(data_dir, source.model, cfg, samples)
+    else:
+        batches = checks.random_images(cfg, samples or checks.DEFAULT_SAMPLES, seed)
+    size = engine_batch(engine, batch, len(batches))
+    trt_logits = checks.run(runner, batches, size, progress)
+    torch_logits = checks.run(TorchRunner(model, "cuda"), batches, size, progress)
+    report = {
+        "engine": str(plan),
+        "precision": engine["precision"],
+        "tensorrt": engine["tensorrt"],
+        "gpu": engine["gpu"],
+        "model": source.model,
+        "method": source.method,
+        "ratio": source.ratio,
+        "tokens_per_layer": record["tokens_per_layer"],
+        "batch": size,
+        "data": str(data_dir) if data_dir is not None else f"random normal images, seed {seed}",
+        **checks.compare(trt_logits, torch_logits, batches.labels),
+    }
+    report["passed"] = passed(report, engine["precision"])
+    report["tolerance"] = REDUCED_PRECISION_TOLERANCE.get(engine["precision"], {"max_rel_err": checks.REL_TOLERANCE})
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+
+class TorchGraphRunner(BaseRunner):
+    """PyTorch on CUDA replaying one captured CUDA graph per input shape (launch overhead gone,
+    as in an engine). Times the replay with CUDA events."""
+
+    def __init__(self, model, name: Optional[str] = None):
+        super().__init__(name=name or f"torch-graph:{getattr(model, 'model_name', type(model).__name__)}",
+                         prefix="torch-graph-runner")
+        self.model = model
+        self.graphs = {}
+
+    def activate_impl(self):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("PyTorch sees no CUDA device here; CUDA graphs need one")
+        self.model = self.model.to("cuda").eval()
+
+    def _graph(self, shape):
+        import torch
+
+        if shape not in self.graphs:
+            static_in = torch.zeros(shape, device="cuda")
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.inference_mode(), torch.cuda.stream(side):
+                for _ in range(3):  # warm-up off the default stream, as capture requires
+                    self.model(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph):
+                static_out = self.model(static_in)
+            self.graphs[shape] = (graph, static_in, static_out)
+        return self.graphs[shape]
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        cfg = self.model.config
+        meta = TensorMetadata()
+        meta.add(INPUT_NAME, dtype=np.float32, shape=(None, cfg.in_chans, cfg.img_size, cfg.img_size))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        import torch
+
+        images = np.ascontiguousarray(feed_dict[INPUT_NAME])
+        graph, static_in, static_out = self._graph(tuple(images.shape))
+        static_in.copy_(torch.from_numpy(images))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        self.inference_time = start.elapsed_time(end) / 1e3
+        return OrderedDict([(OUTPUT_NAME, static_out.float().cpu().numpy())])
+
+    def deactivate_impl(self):
+        self.graphs.clear()
+        self.model = self.model.cpu()
+
+
+def engine_target(plan: Union[str, Path], baseline: bool = False):
+    """The bench target of one .plan file."""
+    from mame_deploy.bench import Target, is_merged
+    from mame_deploy.trt_runner import TrtRunner
+
+    plan = Path(plan)
+    record = read_engine_manifest(plan)
+    source = manifests.source_from_manifest(record)
+    engine = record["engine"]
+    channels, height, width = record["input_shape"][1:]
+    return Target(
+        label=f"{plan.name} ({engine['precision']})" + (" (unmerged)" if baseline else ""),
+        backend="tensorrt", model=source.model, ratio=source.ratio, merged=is_merged(source),
+        tokens_per_layer=record["tokens_per_layer"], relative_gflops=float(record["relative_gflops"]),
+        fixed_batch=engine["batch"] if isinstance(engine["batch"], int) else None,
+        input_shape=(channels, height, width), make_runner=lambda: TrtRunner(plan),
+    )
+
+
+def _graph_target(source, baseline: bool, fixed_batch: Optional[int], expected_schedule=None):
+    from mame_deploy.bench import torch_target
+
+    eager = torch_target(source, "cuda", None, baseline=baseline, expected_schedule=expected_schedule,
+                         fixed_batch=fixed_batch)
+    model = manifests.build_model(source, expected_schedule)
+    return replace(eager, backend="torch-graph", make_runner=lambda: TorchGraphRunner(model))
+
+
+def engine_targets(
+    plan: Union[str, Path],
+    scratch: Union[str, Path],
+    baseline: bool = True,
+    compare_torch: bool = True,
+    status: Callable[[str], object] = lambda message: None,
+) -> list:
+    """The engine; with ``baseline`` the unmerged engine (exported and built in ``scratch`` with
+    the same settings); with ``compare_torch`` PyTorch eager and CUDA graph, merged and unmerged."""
+    from mame_deploy.bench import export_unmerged_baseline, torch_target, unmerged
+    from mame_deploy.engine import build_engine
+
+    plan = Path(plan)
+    target = engine_target(plan)
+    record = read_engine_manifest(plan)
+    engine = record["engine"]
+    source = manifests.source_from_manifest(record)
+    fixed = target.fixed_batch
+    targets = [target]
+    if baseline and target.merged:
+        status(f"exporting and building the unmerged baseline of {plan}")
+        base_onnx = export_unmerged_baseline(plan, scratch)  # reads the export settings from the plan's manifest
+        profile = engine["batch"]
+        dynamic = {} if isinstance(profile, int) else {"max_batch": profile["max"], "opt_batch": profile["opt"]}
+        base_plan = build_engine(base_onnx, precision=engine["precision"], workspace=engine["workspace_bytes"],
+                                 force=True, **dynamic)
+        targets.append(engine_target(base_plan, baseline=True))
+    if compare_torch:
+        schedule = record["schedule"]
+        targets.append(torch_target(source, "cuda", None, expected_schedule=schedule, fixed_batch=fixed))
+        targets.append(_graph_target(source, False, fixed, schedule))
+        if baseline and target.merged:
+            targets.append(torch_target(unmerged(source), "cuda", None, baseline=True, fixed_batch=fixed))
+            targets.append(_graph_target(unmerged(source), True, fixed))
+    return targets
