@@ -357,3 +357,26 @@ def test_vim_engine_bench_rows(trt, vim_export, tmp_path):
     rows = bench.bench(targets, [1, 2], warmup=1, iters=3)
     assert len(rows) == 12 and all(r["p50_ms"] > 0 for r in rows)
     assert all(r["speedup"] for r in rows if r["merged"])
+
+
+def test_cuda_graph_runner_replays_the_eager_model():
+    """The PyTorch CUDA-graph side of `bench --engine` (needs a GPU, not TensorRT)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from mame_deploy import manifest
+    from mame_deploy.engine_checks import TorchGraphRunner
+    from mame_deploy.runners import TorchRunner
+
+    model = manifest.build_model(manifest.Source(model="vim_t", overrides={"depth": 2}, ratio=0.5))
+    rng = np.random.default_rng(0)
+    first, second = (rng.standard_normal((2, 3, 224, 224), dtype=np.float32) for _ in range(2))
+    with TorchRunner(model, "cuda") as eager:
+        want = [eager.infer({"images": x})["logits"] for x in (first, second)]
+    with TorchGraphRunner(model) as graph:
+        got = [graph.infer({"images": x})["logits"] for x in (first, second)]
+        assert graph.last_inference_time() > 0
+        assert len(graph.graphs) == 1  # one capture per shape, replayed for new inputs
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max()
+    assert not np.allclose(got[0], got[1])
