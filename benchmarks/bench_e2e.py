@@ -84,10 +84,10 @@ def main(argv=None) -> int:
             print(f"ratio {ratio}: skipped, mame_deploy.patch is not installed", file=sys.stderr)
             continue
         for backend in opts.backends:
-            model = create_model(opts.model, scan_backend=backend).to("cuda", dtype)
-            if ratio:
-                patch(model, ratio=ratio)
             try:
+                model = create_model(opts.model, scan_backend=backend).to("cuda", dtype)
+                if ratio:
+                    patch(model, ratio=ratio)
                 ms = graph_time_ms(model, images, opts.iters)
             except Exception as exc:  # e.g. mamba-ssm missing: report and go on
                 print(f"{backend} ratio {ratio}: failed: {exc}", file=sys.stderr)

@@ -3,11 +3,12 @@ reference on the same inputs, and against the memory floor (bytes moved / measur
 bandwidth).
 
     python benchmarks/bench_kernel.py                       # the issue's table (B 1/64/256, L 197/99)
-    python benchmarks/bench_kernel.py --tunings 4x32x32x4 8x16x32x4 --no-reference
+    python benchmarks/bench_kernel.py --tunings auto 4x32x32x4 16x8x32x1 --no-reference
 
 Timing: triton.testing.do_bench, median, L2 flushed before every run (so inputs come from
-device memory, as in a model). Each configuration is checked against the reference first
-(norm-wise relative error, printed). Needs a CUDA GPU, cuda-python and triton; mamba-ssm optional.
+device memory, as in a model), of the Python call and of its CUDA-graph replay (GPU time without
+the launch cost). Each configuration is checked against the reference first (norm-wise relative
+error, printed). Needs a CUDA GPU, cuda-python and triton; mamba-ssm optional.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from mame_deploy.kernels import TORCH_DTYPES, selective_scan_cuda
 from mame_deploy.ops.selective_scan import selective_scan_ref
-from mame_deploy.plugins.launch import DEFAULT_TUNING, Tuning
+from mame_deploy.plugins.launch import Tuning, tuning_for
 
 DTYPES = {name: dtype for dtype, name in TORCH_DTYPES.items()}
 
@@ -32,6 +33,17 @@ def do_bench(fn, rep_ms: float = 200) -> float:
     from triton.testing import do_bench as triton_bench
 
     return triton_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median") * 1e3  # us
+
+
+def do_bench_graph(fn, rep_ms: float = 200) -> float:
+    """GPU time of ``fn`` alone: one call captured in a CUDA graph, the replay timed (no Python
+    launch cost, which matters when the kernel takes a few microseconds)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, rep_ms)
 
 
 def copy_bandwidth() -> float:
@@ -86,8 +98,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--dstate", type=int, default=16)
     ap.add_argument("--dtype", nargs="+", default=["float32", "float16"], choices=list(DTYPES))
-    ap.add_argument("--tunings", nargs="+", default=[str(DEFAULT_TUNING)],
-                    help="work splits LANESxCHANNELSxCHUNKxMIN_BLOCKS; the first fills the main table")
+    ap.add_argument("--tunings", nargs="+", default=["auto"],
+                    help="work splits LANESxCHANNELSxCHUNKxMIN_BLOCKS, or 'auto' (launch.tuning_for: "
+                         "what the PyTorch op uses); the first fills the main table")
     ap.add_argument("--reverse", action="store_true", help="time the reverse scan")
     ap.add_argument("--no-mamba", action="store_true", help="skip mamba-ssm")
     ap.add_argument("--no-reference", action="store_true", help="skip timing the PyTorch reference")
@@ -99,7 +112,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("error: this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
-    tunings = [Tuning.parse(t) for t in opts.tunings]
+    tunings = [t if t == "auto" else Tuning.parse(t) for t in opts.tunings]
     fn_mamba = None if opts.no_mamba else mamba_fn()
     device = torch.cuda.get_device_name()
     bw = copy_bandwidth()
@@ -115,7 +128,7 @@ def main(argv=None) -> int:
                 row = dict(dtype=dtype_name, batch=batch, dim=opts.dim, length=length, dstate=opts.dstate)
                 ref = selective_scan_ref(**{k: v.float() for k, v in args.items()}, delta_softplus=True, reverse=opts.reverse)
                 for tuning in tunings:
-                    def ours(tuning=tuning):
+                    def ours(tuning=None if tuning == "auto" else tuning):
                         return selective_scan_cuda(**args, delta_softplus=True, reverse=opts.reverse, out=out, tuning=tuning)
 
                     out.fill_(float("nan"))
@@ -123,6 +136,7 @@ def main(argv=None) -> int:
                     row[f"err {tuning}"] = rel_err(out, ref)
                     if not opts.once:
                         row[f"us {tuning}"] = do_bench(ours, opts.rep_ms)
+                        row[f"graph us {tuning}"] = do_bench_graph(ours, opts.rep_ms)
                 if fn_mamba is not None and not opts.reverse:
                     def theirs():
                         return fn_mamba(args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"],
@@ -131,6 +145,7 @@ def main(argv=None) -> int:
                     row["err mamba"] = rel_err(theirs(), ref)
                     if not opts.once:
                         row["us mamba"] = do_bench(theirs, opts.rep_ms)
+                        row["graph us mamba"] = do_bench_graph(theirs, opts.rep_ms)
                 if not opts.no_reference and not opts.once:
                     row["us reference"] = do_bench(
                         lambda: selective_scan_ref(**args, delta_softplus=True, reverse=opts.reverse), opts.rep_ms
@@ -152,23 +167,31 @@ def main(argv=None) -> int:
 
     main_t = tunings[0]
     direction = "reverse" if opts.reverse else "forward"
-    print(f"\n## {direction} scan, D={opts.dim}, N={opts.dstate}, kernel tuning {main_t} ({device})\n")
-    print("| dtype | B | L | ours (us) | mamba-ssm (us) | ours / mamba | PyTorch ref (us) | memory floor (us) | ours / floor | rel. err |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    chosen = {str(tuning_for(b, opts.dim)) for b in opts.batch} if main_t == "auto" else {str(main_t)}
+    print(f"\n## {direction} scan, D={opts.dim}, N={opts.dstate}, kernel tuning {main_t} "
+          f"({', '.join(sorted(chosen))}) on {device}\n")
+    print("Times in us: 'call' = the Python call (do_bench median), 'graph' = its CUDA-graph replay.\n")
+    print("| dtype | B | L | ours call | ours graph | mamba-ssm call | mamba-ssm graph | ours / mamba (call) "
+          "| ours / mamba (graph) | PyTorch ref | memory floor | ours graph / floor | rel. err ours | rel. err mamba |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def fmt(v, spec=".1f"):
+        return "-" if v is None else format(v, spec)
+
     for r in rows:
-        ours = r[f"us {main_t}"]
-        mamba = r.get("us mamba")
-        refu = r.get("us reference")
-        print(f"| {r['dtype']} | {r['batch']} | {r['length']} | {ours:.1f} | "
-              f"{f'{mamba:.1f}' if mamba else '-'} | {f'{ours / mamba:.3f}' if mamba else '-'} | "
-              f"{f'{refu:.0f}' if refu else '-'} | {r['us floor']:.1f} | {ours / r['us floor']:.2f} | "
-              f"{r[f'err {main_t}']:.1e} |")
+        ours, ours_g = r[f"us {main_t}"], r[f"graph us {main_t}"]
+        mamba, mamba_g = r.get("us mamba"), r.get("graph us mamba")
+        print(f"| {r['dtype']} | {r['batch']} | {r['length']} | {ours:.1f} | {ours_g:.1f} | {fmt(mamba)} | "
+              f"{fmt(mamba_g)} | {fmt(mamba and ours / mamba, '.3f')} | {fmt(mamba_g and ours_g / mamba_g, '.3f')} | "
+              f"{fmt(r.get('us reference'), '.0f')} | {r['us floor']:.1f} | {ours_g / r['us floor']:.2f} | "
+              f"{r[f'err {main_t}']:.1e} | {fmt(r.get('err mamba'), '.1e')} |")
     if len(tunings) > 1:
-        print("\n## kernel time (us) per tuning LANESxCHANNELSxCHUNKxMIN_BLOCKS\n")
+        print("\n## CUDA-graph kernel time (us) per tuning LANESxCHANNELSxCHUNKxMIN_BLOCKS\n")
         print("| dtype | B | L | " + " | ".join(map(str, tunings)) + " |")
         print("|---|---|---|" + "---|" * len(tunings))
         for r in rows:
-            print(f"| {r['dtype']} | {r['batch']} | {r['length']} | " + " | ".join(f"{r[f'us {t}']:.1f}" for t in tunings) + " |")
+            print(f"| {r['dtype']} | {r['batch']} | {r['length']} | "
+                  + " | ".join(f"{r[f'graph us {t}']:.1f}" for t in tunings) + " |")
     return 0
 
 

@@ -57,8 +57,8 @@ if want tests; then
 fi
 
 if want tune; then
-    python3 benchmarks/bench_kernel.py --no-mamba --no-reference --rep-ms 100 \
-        --tunings 4x32x32x4 4x16x32x4 8x16x32x4 8x32x32x2 4x32x64x2 4x64x32x2 16x8x32x4 \
+    python3 benchmarks/bench_kernel.py --no-mamba --no-reference --rep-ms 100 --length 197 \
+        --batch 1 2 4 8 16 64 256 --tunings ${TUNE_TUNINGS:-auto 16x8x32x1 16x16x32x1 8x8x32x1 8x16x32x2 4x32x32x4} \
         --json "$LOGS/tune.json" 2>"$LOGS/tune.err" | tee "$LOGS/tune.md"
 fi
 
@@ -76,9 +76,20 @@ if want e2e; then
 fi
 
 if want profile; then
-    ncu --clock-control none -k regex:mame_selective_scan --launch-count 2 \
-        --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats \
-        python3 benchmarks/bench_kernel.py --once --no-mamba --batch 256 --length 197 --dtype float32 float16 \
-        > "$LOGS/ncu.txt" 2>&1
-    grep -E "Duration|Throughput|Issue|Occupancy|Pipe|Stall|Registers" "$LOGS/ncu.txt" | head -60
+    # Where the time goes: stall reasons per issued instruction and pipe use (ncu, clocks as found).
+    stalls=""
+    for r in barrier long_scoreboard short_scoreboard math_pipe_throttle mio_throttle wait not_selected \
+             selected no_instruction lg_throttle dispatch_stall branch_resolving; do
+        stalls+="smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio,"
+    done
+    metrics="${stalls}gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active,"
+    metrics+="sm__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,"
+    metrics+="sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,"
+    metrics+="l1tex__data_pipe_lsu_wavefronts_mem_shared.sum.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,"
+    metrics+="launch__registers_per_thread,launch__occupancy_limit_registers"
+    ncu --clock-control none -k regex:mame_selective_scan --metrics "$metrics" \
+        python3 benchmarks/bench_kernel.py --once --no-mamba --batch 256 1 --length 197 --dtype float16 float32 \
+        --tunings ${PROFILE_TUNINGS:-auto} > "$LOGS/ncu.txt" 2>&1
+    grep -E "mame_selective|stalled|duration|warps_active|inst_executed|issue_active|pipe|wavefronts|dram__|registers|occupancy" \
+        "$LOGS/ncu.txt" | sed -e 's/smsp__average_warps_issue_stalled_//' -e 's/_per_issue_active.ratio//' | awk '{$1=$1};1' | head -120
 fi

@@ -129,13 +129,14 @@ def selective_scan_cuda(
     delta_softplus: bool = False,
     reverse: bool = False,
     out: Optional[Tensor] = None,
-    tuning: launch.Tuning = launch.DEFAULT_TUNING,
+    tuning: Optional[launch.Tuning] = None,
 ) -> Tensor:
     """The forward scan on the GPU; same arguments and result as ``selective_scan_ref``.
 
     u, delta, B, C, z are used in u's dtype (float32, float16 or bfloat16), A, D, delta_bias in
     float32; non-contiguous inputs are copied. ``out`` (contiguous, u's shape and dtype) receives
-    the result if given.
+    the result if given. ``tuning`` (the kernel's work split) defaults to
+    ``launch.tuning_for(batch, dim)``.
     """
     batch, dim, length, dstate = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if not u.is_cuda:
@@ -143,6 +144,7 @@ def selective_scan_cuda(
     dtype = TORCH_DTYPES.get(u.dtype)
     if dtype is None:
         raise UserError(f"the selective-scan kernel has no {u.dtype} variant; use float32, float16 or bfloat16")
+    tuning = tuning or launch.tuning_for(batch, dim)
     params = launch.launch_params(batch, dim, length, dstate, dtype, tuning)
     if params.grid[1] > _MAX_GRID_Y:
         raise UserError(f"dim {dim} is too large for one launch (at most {_MAX_GRID_Y * tuning.channels})")
@@ -177,8 +179,8 @@ def selective_scan_cuda(
     return out
 
 
-def kernel_supports(dstate: int, tuning: launch.Tuning = launch.DEFAULT_TUNING) -> bool:
-    return dstate in launch.DSTATES and dstate % tuning.lanes == 0
+def kernel_supports(dstate: int) -> bool:
+    return dstate in launch.DSTATES
 
 
 _warned: set = set()

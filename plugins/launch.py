@@ -8,6 +8,9 @@ the TensorRT plugin (``mame_deploy.plugins.trt_plugin``):
 * :func:`launch_params` -- grid, block and dynamic shared memory, computed with nothing but
   ``+``, ``-``, ``*`` and ``//`` on the shape arguments, so the same function serves Python ints
   and TensorRT's symbolic shape expressions. The block size and shared memory are constants.
+* :class:`Tuning` -- the compile-time work split. Both functions take one (default
+  :data:`DEFAULT_TUNING`); a caller that picks another (e.g. :func:`tuning_for` a known small
+  batch) must pass the same one to both.
 * :data:`KERNEL_ARGS` -- the kernel's parameters in order (TensorRT's AOT convention: input
   tensors, then int32 scalars, then the output); :data:`KERNEL_ARG_TYPES` gives each one's C type.
 
@@ -17,6 +20,7 @@ A (dim, dstate) float32; D, delta_bias (dim,) float32. D, z and delta_bias may b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -54,7 +58,7 @@ class Tuning:
     def __post_init__(self):
         threads = self.lanes * self.channels
         problems = [
-            self.lanes not in (4, 8, 16, 32) and "lanes must be 4, 8, 16 or 32",
+            self.lanes not in (1, 2, 4, 8, 16, 32) and "lanes must be a power of two up to 32",
             (threads % 32 or threads > 1024) and "lanes * channels must be a multiple of 32, at most 1024",
             (self.chunk % 4 or self.chunk % self.lanes or threads % self.chunk)
             and "chunk must be a multiple of 4 and of lanes, and divide lanes * channels",
@@ -67,6 +71,10 @@ class Tuning:
     @property
     def threads(self) -> int:
         return self.lanes * self.channels
+
+    def for_dstate(self, dstate: int) -> "Tuning":
+        """The split actually compiled for ``dstate``: at most one state per lane."""
+        return self if self.lanes <= dstate else dataclasses.replace(self, lanes=dstate)
 
     @classmethod
     def parse(cls, text: str) -> "Tuning":
@@ -83,7 +91,22 @@ class Tuning:
         return f"{self.lanes}x{self.channels}x{self.chunk}x{self.min_blocks}"
 
 
+# Two work splits. Many channels (large batch): few threads per channel, several states each,
+# the fewest instructions per state-step. Few channels (batch 1..a few): every SM has at most a
+# warp or so per scheduler, so the time is one warp's chain of dependent steps; one state per
+# thread spreads a channel over 16 threads and shortens that chain. docs/perf-notes.md has the
+# measurements behind both and behind the crossover.
 DEFAULT_TUNING = Tuning()
+SMALL_BATCH_TUNING = Tuning(lanes=16, channels=8, chunk=32, min_blocks=1)
+SMALL_BATCH_CHANNELS = 4096  # batch * dim at or below which SMALL_BATCH_TUNING is faster
+
+
+def tuning_for(batch, dim) -> Tuning:
+    """The split for a launch over ``batch * dim`` channels. Symbolic (TensorRT) shapes get
+    DEFAULT_TUNING. Whatever is chosen must be passed to both compile_ptx and launch_params."""
+    if isinstance(batch, int) and isinstance(dim, int) and batch * dim <= SMALL_BATCH_CHANNELS:
+        return SMALL_BATCH_TUNING
+    return DEFAULT_TUNING
 
 
 @dataclass(frozen=True)
@@ -95,10 +118,10 @@ class LaunchParams:
     shared_mem: int
 
 
-def _check_variant(dtype: str, dstate: int, tuning: Tuning) -> None:
+def _check_variant(dtype: str, dstate: int) -> None:
     if dtype not in DTYPES:
         raise UserError(f"the selective-scan kernel has no {dtype!r} variant; use one of {', '.join(DTYPES)}")
-    if dstate not in DSTATES or dstate % tuning.lanes:
+    if dstate not in DSTATES:
         raise UserError(
             f"the selective-scan kernel supports d_state {', '.join(map(str, DSTATES))}, got {dstate}; "
             "use the PyTorch reference (mame_deploy.ops.selective_scan_ref) for other sizes"
@@ -108,14 +131,13 @@ def _check_variant(dtype: str, dstate: int, tuning: Tuning) -> None:
 def launch_params(batch, dim, length, dstate, dtype: str, tuning: Tuning = DEFAULT_TUNING) -> LaunchParams:
     """Grid (batch, ceil(dim / channels), 1) of blocks of ``channels * lanes`` threads.
 
-    ``batch``, ``dim``, ``length`` (and ``dstate``) may be TensorRT shape expressions: only
-    ``+``, ``-``, ``*``, ``//`` with ints are applied to them. ``length`` does not enter the
-    geometry (the kernel loops over time); the shared memory is static, so 0 here.
+    ``batch``, ``dim`` and ``length`` may be TensorRT shape expressions: only ``+``, ``-``,
+    ``*``, ``//`` with ints are applied to them. ``dstate`` must be an int (it selects the
+    compiled variant). ``length`` does not enter the geometry (the kernel loops over time); the
+    shared memory is static, so 0 here.
     """
-    if isinstance(dstate, int):
-        _check_variant(dtype, dstate, tuning)
-    elif dtype not in DTYPES:
-        _check_variant(dtype, DSTATES[0], tuning)
+    _check_variant(dtype, dstate)
+    tuning = tuning.for_dstate(dstate)
     channel_groups = (dim + (tuning.channels - 1)) // tuning.channels
     return LaunchParams(grid=(batch, channel_groups, 1), block=(tuning.threads, 1, 1), shared_mem=0)
 
@@ -130,7 +152,8 @@ def compile_options(
     dtype: str, dstate: int, delta_softplus: bool, reverse: bool, tuning: Tuning = DEFAULT_TUNING
 ) -> list[str]:
     """The -D options that select one variant: the same for NVRTC and for nvcc."""
-    _check_variant(dtype, dstate, tuning)
+    _check_variant(dtype, dstate)
+    tuning = tuning.for_dstate(dstate)
     defines = {
         "SCAN_KERNEL_NAME": kernel_name(dtype, dstate, delta_softplus, reverse),
         "SCAN_DTYPE": DTYPES[dtype],

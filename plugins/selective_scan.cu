@@ -23,10 +23,11 @@
 // group); each channel is scanned by LANES threads of one warp, each keeping N / LANES states
 // in registers, so the only serial chain per step is one FMA per state. Each chunk of time is
 // staged in shared memory with coalesced loads, and dt = softplus(.) and dt * u are computed
-// there once per (channel, step) instead of once per state. The partial sums over states of
-// LANES consecutive steps are reduce-scattered across the LANES threads with shuffles, so each
-// thread finishes one step. The next chunk's global loads are issued before the current chunk is
-// scanned (register prefetch), which hides memory latency when there are few blocks per SM.
+// there once per (channel, step) instead of once per state. Each scanning thread stores its
+// partial sums over its states to shared memory (4 steps per 16-byte store); the epilogue adds
+// the LANES partials of a (channel, step), so the scan loop has no cross-thread chain. The next
+// chunk's global loads are issued before the current chunk is scanned (register prefetch),
+// which hides memory latency when there are few blocks per SM.
 
 #if !defined(SCAN_KERNEL_NAME) || !defined(SCAN_DTYPE) || !defined(SCAN_DSTATE) ||             \
     !defined(SCAN_DELTA_SOFTPLUS) || !defined(SCAN_REVERSE) || !defined(SCAN_LANES) ||         \
@@ -53,12 +54,14 @@ constexpr int TILE_PER_THREAD = CHANNELS / ROW_STEP;
 constexpr int BC_PER_THREAD = (N + ROW_STEP - 1) / ROW_STEP;
 constexpr float LOG2E = 1.4426950408889634f;
 
-static_assert(LANES == 4 || LANES == 8 || LANES == 16 || LANES == 32,
-              "SCAN_LANES must be 4, 8, 16 or 32 (steps are read as float4)");
+static_assert(LANES == 1 || LANES == 2 || LANES == 4 || LANES == 8 || LANES == 16 || LANES == 32,
+              "SCAN_LANES must be a power of two up to 32");
 static_assert(N % LANES == 0, "SCAN_DSTATE must be a multiple of SCAN_LANES");
 static_assert(CHUNK % 4 == 0 && CHUNK % LANES == 0, "SCAN_CHUNK must be a multiple of 4 and LANES");
 static_assert(THREADS % 32 == 0 && THREADS <= 1024, "block must be whole warps, at most 1024");
 static_assert(THREADS % CHUNK == 0, "SCAN_CHUNK must divide the block size");
+static_assert(4 * ROW * (2 * CHANNELS + 2 * N + THREADS) + 8 * CHANNELS <= 48 * 1024,
+              "shared tiles exceed 48 KB: use fewer channels or a shorter chunk");
 
 // Element type: raw 16-bit patterns for half types, so no cuda_fp16.h / cuda_bf16.h is needed.
 #if SCAN_DTYPE == 0
@@ -133,6 +136,39 @@ __device__ __forceinline__ int time_index(int s, int length) {
     return SCAN_REVERSE ? length - 1 - s : s;
 }
 
+// Sum of v[0, W) pairwise: a dependency chain of log2(W) adds instead of W.
+template <int W>
+__device__ __forceinline__ float tree_sum(float* v) {
+    if constexpr (W == 1) {
+        return v[0];
+    } else {
+#pragma unroll
+        for (int q = 0; q < W / 2; ++q) v[q] += v[q + W / 2];
+        return tree_sum<W / 2>(v);
+    }
+}
+
+// One scan thread's shared-memory operands for 4 consecutive steps: dt and dt * u of its
+// channel, B and C of its states.
+struct Group {
+    float4 dt, dtu;
+    float4 B[STATES_PER_LANE], C[STATES_PER_LANE];
+};
+
+__device__ __forceinline__ Group load_group(int c, int r, int g, const float (*s_dt)[ROW],
+                                            const float (*s_dtu)[ROW], const float (*s_B)[ROW],
+                                            const float (*s_C)[ROW]) {
+    Group grp;
+    grp.dt = *reinterpret_cast<const float4*>(&s_dt[c][g]);
+    grp.dtu = *reinterpret_cast<const float4*>(&s_dtu[c][g]);
+#pragma unroll
+    for (int j = 0; j < STATES_PER_LANE; ++j) {
+        grp.B[j] = *reinterpret_cast<const float4*>(&s_B[r + LANES * j][g]);
+        grp.C[j] = *reinterpret_cast<const float4*>(&s_C[r + LANES * j][g]);
+    }
+    return grp;
+}
+
 }  // namespace mame_scan
 
 using namespace mame_scan;
@@ -153,7 +189,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, SCAN_MIN_BLOCKS) SCAN_KERN
     __shared__ __align__(16) float s_dtu[CHANNELS][ROW];  // dt * u
     __shared__ __align__(16) float s_B[N][ROW];
     __shared__ __align__(16) float s_C[N][ROW];
-    __shared__ float s_y[CHANNELS][ROW];                  // sum_n h * C, per step
+    __shared__ __align__(16) float s_part[THREADS][ROW];  // per scan thread: sum over its states
     __shared__ float s_bias[CHANNELS];
     __shared__ float s_D[CHANNELS];
 
@@ -215,13 +251,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, SCAN_MIN_BLOCKS) SCAN_KERN
     float gate[TILE_PER_THREAD], dug[TILE_PER_THREAD];  // silu(z) and D * u * silu(z)
 
     load_chunk(0);
+    __syncthreads();  // s_bias, s_D
     for (int s0 = 0; s0 < length; s0 += CHUNK) {
-        const int steps = min(CHUNK, length - s0);
-        __syncthreads();  // the previous chunk's scan and epilogue are done with the tiles
-
-        // Stage this chunk: dt and dt * u once per (channel, step). Steps past the end get
-        // dt = 0 and no input, which leaves the state untouched (exp(0) = 1).
-        const bool step_ok = s_mine < steps;
+        // Stage this chunk (the previous scan finished at the last barrier): dt and dt * u once
+        // per (channel, step). Steps past the end get dt = 0 and no input, which leaves the
+        // state untouched (exp(0) = 1), so the scan below always runs whole chunks.
+        const bool step_ok = s0 + s_mine < length;
 #pragma unroll
         for (int k = 0; k < TILE_PER_THREAD; ++k) {
             const int cc = row_mine + k * ROW_STEP;
@@ -246,62 +281,54 @@ extern "C" __global__ void __launch_bounds__(THREADS, SCAN_MIN_BLOCKS) SCAN_KERN
 
         if (s0 + CHUNK < length) load_chunk(s0 + CHUNK);  // in flight during the scan
 
-        // Scan: LANES steps at a time; p[i] = this lane's share of y at step g + i.
-        for (int g = 0; g < steps; g += LANES) {
-            float dtv[LANES], dtuv[LANES];
+        // Scan, 4 steps at a time: p[i] = this thread's states' share of y at step g + i. With
+        // one or two states per thread (the small-batch split) the shared-memory reads of group
+        // g + 4 are issued before group g is computed (and before its partial sums are stored,
+        // which the compiler would not move loads across), so their latency overlaps the
+        // arithmetic even with one warp per scheduler.
+        // With several states per thread the group itself has enough independent work and the
+        // extra registers would cost occupancy: those splits read each group where it is used.
+        constexpr bool READ_AHEAD = STATES_PER_LANE <= 2;
+        Group cur = load_group(c, r, 0, s_dt, s_dtu, s_B, s_C);
 #pragma unroll
-            for (int i = 0; i < LANES; i += 4) {
-                const float4 a = *reinterpret_cast<const float4*>(&s_dt[c][g + i]);
-                const float4 w = *reinterpret_cast<const float4*>(&s_dtu[c][g + i]);
-                dtv[i] = a.x; dtv[i + 1] = a.y; dtv[i + 2] = a.z; dtv[i + 3] = a.w;
-                dtuv[i] = w.x; dtuv[i + 1] = w.y; dtuv[i + 2] = w.z; dtuv[i + 3] = w.w;
-            }
-            float p[LANES];
-#pragma unroll
-            for (int i = 0; i < LANES; ++i) p[i] = 0.f;
+        for (int g = 0; g < CHUNK; g += 4) {
+            Group next;
+            if (READ_AHEAD && g + 4 < CHUNK) next = load_group(c, r, g + 4, s_dt, s_dtu, s_B, s_C);
+            if (!READ_AHEAD && g > 0) cur = load_group(c, r, g, s_dt, s_dtu, s_B, s_C);
+            const float dtv[4] = {cur.dt.x, cur.dt.y, cur.dt.z, cur.dt.w};
+            const float dtuv[4] = {cur.dtu.x, cur.dtu.y, cur.dtu.z, cur.dtu.w};
+            float p[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int j = 0; j < STATES_PER_LANE; ++j) {
-                const int n = r + LANES * j;
+                const float bb[4] = {cur.B[j].x, cur.B[j].y, cur.B[j].z, cur.B[j].w};
+                const float cc4[4] = {cur.C[j].x, cur.C[j].y, cur.C[j].z, cur.C[j].w};
+                float decay[4];
 #pragma unroll
-                for (int i = 0; i < LANES; i += 4) {
-                    const float4 bv = *reinterpret_cast<const float4*>(&s_B[n][g + i]);
-                    const float4 cv = *reinterpret_cast<const float4*>(&s_C[n][g + i]);
-                    const float bb[4] = {bv.x, bv.y, bv.z, bv.w};
-                    const float cc4[4] = {cv.x, cv.y, cv.z, cv.w};
+                for (int i = 0; i < 4; ++i) decay[i] = fast_exp2(dtv[i] * A2[j]);
 #pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        const float decay = fast_exp2(dtv[i + q] * A2[j]);
-                        h[j] = fmaf(decay, h[j], dtuv[i + q] * bb[q]);
-                        p[i + q] = fmaf(h[j], cc4[q], p[i + q]);
-                    }
+                for (int i = 0; i < 4; ++i) {
+                    h[j] = fmaf(decay[i], h[j], dtuv[i] * bb[i]);
+                    p[i] = fmaf(h[j], cc4[i], p[i]);
                 }
             }
-            // Reduce-scatter over the LANES threads of the channel: at width w each thread keeps
-            // the half of p[0, 2w) that its bit w selects and adds its partner's copy of it, so at
-            // the end p[0] holds, summed over all LANES threads, step g + r.
-#pragma unroll
-            for (int w = LANES / 2; w >= 1; w /= 2) {
-                const bool upper = r & w;
-#pragma unroll
-                for (int i = 0; i < w; ++i) {
-                    const float keep = upper ? p[i + w] : p[i];
-                    const float send = upper ? p[i] : p[i + w];
-                    p[i] = keep + __shfl_xor_sync(0xffffffffu, send, w);
-                }
-            }
-            s_y[c][g + r] = p[0];
+            *reinterpret_cast<float4*>(&s_part[tid][g]) = make_float4(p[0], p[1], p[2], p[3]);
+            if (READ_AHEAD && g + 4 < CHUNK) cur = next;
         }
         __syncthreads();
 
-        // Epilogue on the staging layout: coalesced stores of (y + D u) * silu(z).
+        // Epilogue on the staging layout: y = sum of the LANES partials; coalesced stores of
+        // (y + D u) * silu(z).
         if (step_ok) {
             const size_t t = time_index(s0 + s_mine, length);
 #pragma unroll
             for (int k = 0; k < TILE_PER_THREAD; ++k) {
                 const int cc = row_mine + k * ROW_STEP;
+                float part[LANES];
+#pragma unroll
+                for (int q = 0; q < LANES; ++q) part[q] = s_part[cc * LANES + q][s_mine];
+                const float y = tree_sum<LANES>(part);
                 if (d0 + cc < dim)
-                    out[(tile_row0 + k * ROW_STEP) * length + t] =
-                        from_float(fmaf(s_y[cc][s_mine], gate[k], dug[k]));
+                    out[(tile_row0 + k * ROW_STEP) * length + t] = from_float(fmaf(y, gate[k], dug[k]));
             }
         }
     }

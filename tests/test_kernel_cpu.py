@@ -145,6 +145,14 @@ def test_bad_variants_fail_with_one_line(call):
     assert "\n" not in str(info.value)
 
 
+def test_tuning_for_picks_the_small_batch_split_only_for_few_channels():
+    assert launch.tuning_for(1, 768) == launch.SMALL_BATCH_TUNING
+    assert launch.tuning_for(256, 768) == launch.DEFAULT_TUNING
+    assert launch.tuning_for(Sym("b"), 768) == launch.DEFAULT_TUNING  # TensorRT's symbolic batch
+    # One state per lane at most: d_state 8 narrows the small-batch split, still valid.
+    assert launch.SMALL_BATCH_TUNING.for_dstate(8).lanes == 8
+
+
 def test_tuning_parse_round_trips():
     t = launch.Tuning.parse("8x16x32x2")
     assert (t.lanes, t.channels, t.chunk, t.min_blocks) == (8, 16, 32, 2)
@@ -161,12 +169,13 @@ def test_kernel_source_is_package_data():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("tuning", [launch.DEFAULT_TUNING, launch.SMALL_BATCH_TUNING], ids=str)
 @pytest.mark.parametrize(
     "dtype,dstate,softplus,reverse",
     [("float32", 16, True, False), ("float16", 16, True, True), ("bfloat16", 8, False, False), ("float32", 32, True, True)],
 )
-def test_nvcc_compiles_the_kernel_for_sm90(tmp_path, dtype, dstate, softplus, reverse):
-    opts = launch.compile_options(dtype, dstate, softplus, reverse)
+def test_nvcc_compiles_the_kernel_for_sm90(tmp_path, dtype, dstate, softplus, reverse, tuning):
+    opts = launch.compile_options(dtype, dstate, softplus, reverse, tuning)
     cmd = ["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), *opts, str(launch.KERNEL_SOURCE)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
