@@ -112,13 +112,16 @@ def aot_kernel(
 
     ``batch``, ``dim`` and ``length`` may be ints or TensorRT shape expressions (only +, -, *
     and // are applied to them); ``dstate`` must be an int because it selects the compiled
-    variant.
+    variant. The kernel's work split (``launch.tuning_for``) depends on the channel count when
+    it is known: a static engine gets the split for its batch, a dynamic-batch engine the
+    default one; PTX and launch parameters always come from the same split.
     """
     if dtype not in KERNEL_DTYPES:
         raise UserError(f"the selective-scan kernel has no {dtype} variant; use one of {KERNEL_DTYPES}")
     launch = _launch()
-    ptx, name = launch.compile_ptx(dtype, int(dstate), bool(delta_softplus), bool(reverse), arch)
-    params = launch.launch_params(batch, dim, length, int(dstate), dtype)
+    tuning = launch.tuning_for(batch, dim)
+    ptx, name = launch.compile_ptx(dtype, int(dstate), bool(delta_softplus), bool(reverse), arch, tuning)
+    params = launch.launch_params(batch, dim, length, int(dstate), dtype, tuning)
     return AotKernel(
         name=name,
         ptx=ptx,
@@ -142,6 +145,11 @@ def _dtype_names(trt):
 
 def _flag(value) -> bool:
     return bool(np.asarray(value).reshape(-1)[0])
+
+
+def _static(expr):
+    """A shape expression as an int where TensorRT knows its value at build time."""
+    return int(expr.constant_value()) if expr.is_constant else expr
 
 
 def _constant(expr, what: str) -> int:
@@ -211,7 +219,8 @@ def _bind_aot() -> None:
         u: Desc, delta: Desc, A: Desc, B: Desc, C: Desc, D: Desc, z: Desc, delta_bias: Desc,
         delta_softplus: Flag, reverse: Flag, outputs: Tuple[Desc], tactic: int,
     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        batch, dim, length = (u.shape_expr[i] for i in range(3))
+        # Static sizes as ints: they pick the kernel's work split (see aot_kernel).
+        batch, dim, length = (_static(u.shape_expr[i]) for i in range(3))
         dstate = _constant(A.shape_expr[1], "d_state (A's second axis)")
         kernel = aot_kernel(
             dtype_names[u.dtype], batch, dim, length, dstate, _flag(delta_softplus), _flag(reverse)

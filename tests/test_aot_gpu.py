@@ -1,7 +1,8 @@
 """The TensorRT plugin's ahead-of-time path, end to end on a GPU, without TensorRT.
 
 For every scan shape of a vim_s engine at ratio 0.5 (read from an exported ONNX file with the
-same ``scan_nodes`` the engine build uses) this does what TensorRT does with the plugin's
+same ``scan_nodes`` the engine build uses), as a static engine and as a dynamic-batch one
+(whose launch is an expression of the batch), this does what TensorRT does with the plugin's
 ``aot_impl``: take the PTX NVRTC compiled from the one kernel source, load it with
 ``cuModuleLoadData``, and ``cuLaunchKernel`` it with the plugin's grid, block, shared memory
 and argument list -- input pointers in the plugin's input order, then the int32 extra
@@ -15,6 +16,7 @@ test exports vim_s at ratio 0.5 itself.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 driver = pytest.importorskip("cuda.bindings.driver", reason="needs cuda-python (pip install 'mame-deploy[gpu]')")
+
+from shape_expr import Sym, evaluate  # noqa: E402
 
 from mame_deploy.engine import scan_nodes  # noqa: E402
 from mame_deploy.ops.selective_scan import INPUT_NAMES, selective_scan_ref  # noqa: E402
@@ -68,6 +72,22 @@ def engine_scans(tmp_path_factory):
     return nodes, sorted(shapes)
 
 
+def plugin_kernel(dtype, batch, dim, length, dstate, softplus, reverse, dynamic_batch):
+    """What TensorRT gets from the plugin: for a static engine the sizes are known at build
+    time; a dynamic-batch engine gets a batch expression, evaluated at each run."""
+    if not dynamic_batch:
+        return aot_kernel(dtype, batch, dim, length, dstate, softplus, reverse)
+    kernel = aot_kernel(dtype, Sym.var("batch"), dim, length, dstate, softplus, reverse)
+    env = {"batch": batch}
+    return replace(
+        kernel,
+        grid=tuple(evaluate(x, env) for x in kernel.grid),
+        block=tuple(evaluate(x, env) for x in kernel.block),
+        shared_mem=evaluate(kernel.shared_mem, env),
+        scalars=tuple(evaluate(x, env) for x in kernel.scalars),
+    )
+
+
 class PluginLauncher:
     """Loads each PTX once and launches it as TensorRT launches an AOT plugin kernel."""
 
@@ -80,11 +100,12 @@ class PluginLauncher:
         self.functions = {}
 
     def function(self, kernel):
-        if kernel.name not in self.functions:
+        key = (kernel.name, kernel.ptx)  # one name, several work splits: the PTX tells them apart
+        if key not in self.functions:
             # The driver reads PTX as a C string; TensorRT stores the plugin's bytes with a size.
             module = _check(driver.cuModuleLoadData(kernel.ptx + b"\0"))
-            self.functions[kernel.name] = _check(driver.cuModuleGetFunction(module, kernel.name.encode()))
-        return self.functions[kernel.name]
+            self.functions[key] = _check(driver.cuModuleGetFunction(module, kernel.name.encode()))
+        return self.functions[key]
 
     def launch(self, kernel, inputs, out):
         # One host slot per argument, then the array of their addresses (CUDA's void** params).
@@ -131,12 +152,13 @@ def test_engine_contains_the_expected_scans(engine_scans):
     assert {(n.dim, n.dstate) for n in nodes} == {(768, 16)}
 
 
+@pytest.mark.parametrize("dynamic_batch", [False, True], ids=["static", "dynamic-batch"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_aot_launch_matches_the_reference(engine_scans, launcher, dtype):
+def test_aot_launch_matches_the_reference(engine_scans, launcher, dtype, dynamic_batch):
     _, shapes = engine_scans
     worst = []
     for i, (batch, dim, length, dstate, softplus, reverse) in enumerate(shapes):
-        kernel = aot_kernel(dtype, batch, dim, length, dstate, softplus, reverse)
+        kernel = plugin_kernel(dtype, batch, dim, length, dstate, softplus, reverse, dynamic_batch)
         args = _inputs(batch, dim, length, dstate, dtype, seed=i)
         out = torch.full((batch, dim, length), float("nan"), device="cuda", dtype=TORCH_DTYPES[dtype])
         launcher.launch(kernel, list(args.values()), out)
@@ -147,4 +169,5 @@ def test_aot_launch_matches_the_reference(engine_scans, launcher, dtype):
         worst.append((err, (batch, dim, length, softplus, reverse)))
         assert err < TOLERANCE[dtype], f"{dtype} {(batch, dim, length, softplus, reverse)}: rel err {err:.2e}"
     err, shape = max(worst)
-    print(f"\n{dtype}: {len(worst)} shapes, worst norm-wise relative error {err:.2e} at {shape}")
+    kind = "dynamic-batch" if dynamic_batch else "static"
+    print(f"\n{dtype} {kind}: {len(worst)} shapes, worst norm-wise relative error {err:.2e} at {shape}")

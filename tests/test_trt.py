@@ -11,9 +11,12 @@ import importlib.util
 import json
 import sys
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
+from shape_expr import Sym, evaluate
 
 from mame_deploy import engine
 from mame_deploy.errors import UserError
@@ -170,46 +173,6 @@ def test_plugin_implementation_is_read_from_the_plans_manifest(tmp_path):
 # The plugin's AOT computation (no TensorRT): what aot_impl hands TensorRT
 
 
-class Sym:
-    """A TensorRT shape expression stand-in: +, -, * and // with ints or Syms, nothing else
-    (no reflected operators, comparisons, bool() or int()), evaluated later."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    @classmethod
-    def var(cls, name):
-        return cls(lambda env: env[name])
-
-    def _op(self, other, op):
-        rhs = other.fn if isinstance(other, Sym) else (lambda env, v=other: v)
-        if not isinstance(other, (Sym, int)):
-            raise TypeError(f"shape expressions combine only with ints, got {type(other)}")
-        return Sym(lambda env: op(self.fn(env), rhs(env)))
-
-    def __add__(self, other):
-        return self._op(other, lambda a, b: a + b)
-
-    def __sub__(self, other):
-        return self._op(other, lambda a, b: a - b)
-
-    def __mul__(self, other):
-        return self._op(other, lambda a, b: a * b)
-
-    def __floordiv__(self, other):
-        return self._op(other, lambda a, b: a // b)
-
-    def __bool__(self):
-        raise TypeError("a shape expression has no truth value")
-
-    __radd__ = __rsub__ = __rmul__ = __rfloordiv__ = None
-    __lt__ = __le__ = __gt__ = __ge__ = __int__ = __index__ = None
-
-
-def _value(x, env):
-    return x.fn(env) if isinstance(x, Sym) else x
-
-
 @pytest.fixture()
 def no_compile(monkeypatch):
     """The launch geometry alone: skip NVRTC (which the GPU test and the PTX test cover)."""
@@ -220,15 +183,37 @@ def no_compile(monkeypatch):
 
 @pytest.mark.parametrize("dims", [(1, 768, 197), (64, 768, 99), (3, 384, 1), (256, 1536, 400), (5, 100, 13)])
 def test_aot_kernel_is_the_same_for_ints_and_shape_expressions(no_compile, dims):
+    """A dynamic-batch engine gets TensorRT expressions; they must give the launch that the
+    same split gives for ints. PTX and launch always use one split."""
+    from mame_deploy.plugins import launch
     from mame_deploy.plugins.trt_plugin import aot_kernel
 
     env = dict(zip(("batch", "dim", "length"), dims))
     symbolic = aot_kernel("float16", *(Sym.var(k) for k in env), 16, True, False)
-    concrete = aot_kernel("float16", *dims, 16, True, False)
-    for field in ("grid", "block", "scalars"):
-        assert tuple(_value(x, env) for x in getattr(symbolic, field)) == getattr(concrete, field), field
-    assert _value(symbolic.shared_mem, env) == concrete.shared_mem
-    assert concrete.scalars == dims  # the kernel's int32 arguments: batch, dim, length
+    expected = launch.launch_params(*dims, 16, "float16", launch.DEFAULT_TUNING)  # unknown batch: default split
+    assert tuple(evaluate(x, env) for x in symbolic.grid) == tuple(expected.grid)
+    assert tuple(evaluate(x, env) for x in symbolic.block) == tuple(expected.block)
+    assert evaluate(symbolic.shared_mem, env) == expected.shared_mem
+    assert tuple(evaluate(x, env) for x in symbolic.scalars) == dims  # int32 args: batch, dim, length
+
+    static = aot_kernel("float16", *dims, 16, True, False)
+    tuning = launch.tuning_for(*dims[:2])
+    assert static == replace(static, **vars(launch.launch_params(*dims, 16, "float16", tuning)))
+    assert static.scalars == dims
+
+
+def test_ptx_and_launch_come_from_the_same_work_split(monkeypatch):
+    from mame_deploy.plugins import launch
+    from mame_deploy.plugins.trt_plugin import aot_kernel
+
+    seen = []
+    monkeypatch.setattr(launch, "compile_ptx", lambda *args: seen.append(args[-1]) or (b"ptx", "kernel"))
+    real = launch.launch_params
+    monkeypatch.setattr(launch, "launch_params", lambda *args: seen.append(args[-1]) or real(*args))
+    aot_kernel("float32", 1, 768, 197, 16, True, False)  # few channels, static: the small-batch split
+    aot_kernel("float32", 64, 768, 197, 16, True, False)
+    aot_kernel("float32", Sym.var("batch"), 768, 197, 16, True, False)
+    assert seen == [launch.SMALL_BATCH_TUNING] * 2 + [launch.DEFAULT_TUNING] * 4
 
 
 def test_kernel_arguments_follow_tensorrts_aot_order():
