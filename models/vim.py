@@ -193,10 +193,21 @@ class VisionMamba(nn.Module):
 
     def forward_features(self, images: Tensor) -> Tensor:
         hidden, residual = self.embed(images), None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
+        # Token merging between blocks, installed by mame_deploy.patch() (a plain object, so
+        # state_dict keys stay as released); None runs the model exactly as released.
+        merge = getattr(self, "token_merge", None)
+        tokens = merge.start(hidden, self.config.cls_position) if merge is not None else None
+        for i, layer in enumerate(self.layers):
+            if merge is not None and merge.schedule[i] > 0:
+                hidden, residual, score = layer(hidden, residual, return_score=True)
+                hidden, residual, tokens = merge(i, hidden, residual, score, tokens)
+            else:
+                hidden, residual = layer(hidden, residual)
         residual = residual + hidden.float()
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))[:, self.config.cls_position]
+        out = self.norm_f(residual.to(self.norm_f.weight.dtype))
+        if tokens is None:
+            return out[:, self.config.cls_position]
+        return merge.class_token(out, tokens)  # the class token moves when tokens merge
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.forward_features(images))
