@@ -91,21 +91,28 @@ class Tuning:
         return f"{self.lanes}x{self.channels}x{self.chunk}x{self.min_blocks}"
 
 
-# Two work splits. Many channels (large batch): few threads per channel, several states each,
-# the fewest instructions per state-step. Few channels (batch 1..a few): every SM has at most a
-# warp or so per scheduler, so the time is one warp's chain of dependent steps; one state per
-# thread spreads a channel over 16 threads and shortens that chain. docs/perf-notes.md has the
-# measurements behind both and behind the crossover.
+# Work splits by how many channels (batch * dim) one launch scans. Many channels: few threads
+# per channel with several states each, the fewest instructions per state-step. Few channels
+# (batch 1..4 at Vim-S's 768): each scheduler holds at most one warp, so the time is one warp's
+# chain of dependent steps; one state per thread spreads a channel over 16 threads and shortens
+# it. In between, 8 threads per channel. The thresholds come from the H100 measurements in
+# docs/perf-notes.md (batch 1..256 at dim 768).
 DEFAULT_TUNING = Tuning()
 SMALL_BATCH_TUNING = Tuning(lanes=16, channels=8, chunk=32, min_blocks=1)
-SMALL_BATCH_CHANNELS = 4096  # batch * dim at or below which SMALL_BATCH_TUNING is faster
+MEDIUM_BATCH_TUNING = Tuning(lanes=8, channels=16, chunk=32, min_blocks=2)
+SMALL_BATCH_CHANNELS = 4096  # batch * dim up to which SMALL_BATCH_TUNING is used
+MEDIUM_BATCH_CHANNELS = 8192  # ... and then MEDIUM_BATCH_TUNING
 
 
 def tuning_for(batch, dim) -> Tuning:
     """The split for a launch over ``batch * dim`` channels. Symbolic (TensorRT) shapes get
     DEFAULT_TUNING. Whatever is chosen must be passed to both compile_ptx and launch_params."""
-    if isinstance(batch, int) and isinstance(dim, int) and batch * dim <= SMALL_BATCH_CHANNELS:
+    if not (isinstance(batch, int) and isinstance(dim, int)):
+        return DEFAULT_TUNING
+    if batch * dim <= SMALL_BATCH_CHANNELS:
         return SMALL_BATCH_TUNING
+    if batch * dim <= MEDIUM_BATCH_CHANNELS:
+        return MEDIUM_BATCH_TUNING
     return DEFAULT_TUNING
 
 

@@ -145,8 +145,11 @@ def test_bad_variants_fail_with_one_line(call):
     assert "\n" not in str(info.value)
 
 
-def test_tuning_for_picks_the_small_batch_split_only_for_few_channels():
+def test_tuning_for_picks_the_split_by_channel_count():
     assert launch.tuning_for(1, 768) == launch.SMALL_BATCH_TUNING
+    assert launch.tuning_for(4, 768) == launch.SMALL_BATCH_TUNING
+    assert launch.tuning_for(8, 768) == launch.MEDIUM_BATCH_TUNING
+    assert launch.tuning_for(16, 768) == launch.DEFAULT_TUNING
     assert launch.tuning_for(256, 768) == launch.DEFAULT_TUNING
     assert launch.tuning_for(Sym("b"), 768) == launch.DEFAULT_TUNING  # TensorRT's symbolic batch
     # One state per lane at most: d_state 8 narrows the small-batch split, still valid.
@@ -169,7 +172,9 @@ def test_kernel_source_is_package_data():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("tuning", [launch.DEFAULT_TUNING, launch.SMALL_BATCH_TUNING], ids=str)
+@pytest.mark.parametrize(
+    "tuning", [launch.DEFAULT_TUNING, launch.MEDIUM_BATCH_TUNING, launch.SMALL_BATCH_TUNING], ids=str
+)
 @pytest.mark.parametrize(
     "dtype,dstate,softplus,reverse",
     [("float32", 16, True, False), ("float16", 16, True, True), ("bfloat16", 8, False, False), ("float32", 32, True, True)],
