@@ -183,11 +183,10 @@ def engine_target(plan: Union[str, Path], baseline: bool = False):
     )
 
 
-def _graph_target(source, baseline: bool, fixed_batch: Optional[int], expected_schedule=None):
+def _graph_target(source, fixed_batch: Optional[int], expected_schedule=None):
     from mame_deploy.bench import torch_target
 
-    eager = torch_target(source, "cuda", None, baseline=baseline, expected_schedule=expected_schedule,
-                         fixed_batch=fixed_batch)
+    eager = torch_target(source, "cuda", None, expected_schedule=expected_schedule, fixed_batch=fixed_batch)
     model = manifests.build_model(source, expected_schedule)
     return replace(eager, backend="torch-graph", make_runner=lambda: TorchGraphRunner(model))
 
@@ -222,8 +221,8 @@ def engine_targets(
     if compare_torch:
         schedule = record["schedule"]
         targets.append(torch_target(source, "cuda", None, expected_schedule=schedule, fixed_batch=fixed))
-        targets.append(_graph_target(source, False, fixed, schedule))
+        targets.append(_graph_target(source, fixed, schedule))
         if baseline and target.merged:
-            targets.append(torch_target(unmerged(source), "cuda", None, baseline=True, fixed_batch=fixed))
-            targets.append(_graph_target(unmerged(source), True, fixed))
+            targets.append(torch_target(unmerged(source), "cuda", None, fixed_batch=fixed))
+            targets.append(_graph_target(unmerged(source), fixed))
     return targets
