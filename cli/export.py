@@ -253,8 +253,8 @@ def bench_cmd(
 
     with bench.temporary_folder() as scratch:
         targets = []
-        for path in onnx:
-            targets += bench.onnx_targets(path, device, threads, scratch, baseline, compare_torch,
+        if onnx:
+            targets += bench.onnx_targets(onnx, device, threads, scratch, baseline, compare_torch,
                                           status=lambda message: console.print(escape(message) + " ..."))
         for path in engine:
             from mame_deploy.engine_checks import engine_targets

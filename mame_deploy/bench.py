@@ -9,6 +9,7 @@ speed-up of the p50 over the unmerged model of the same backend at the same batc
 
 from __future__ import annotations
 
+import json
 import platform
 import tempfile
 from dataclasses import dataclass, replace
@@ -70,14 +71,14 @@ def unmerged(source: Source) -> Source:
     return replace(source, ratio=0.0, schedule_spec=None, method="mame", options={})
 
 
-def torch_target(source: Source, device: str, threads: Optional[int], baseline: bool = False,
+def torch_target(source: Source, device: str, threads: Optional[int],
                  expected_schedule: Optional[list] = None, fixed_batch: Optional[int] = None) -> Target:
     """PyTorch on ``source``; ``fixed_batch`` pins it to the batch of the file it is compared with."""
     model = manifests.build_model(source, expected_schedule)
     tokens = manifests.tokens_per_layer(model)
     cfg = model.config
     return Target(
-        label=source.model + (" (unmerged)" if baseline else _merge_label(source)),
+        label=source.model + _merge_label(source),
         backend="torch", model=source.model, ratio=source.ratio, merged=is_merged(source),
         tokens_per_layer=tokens, relative_gflops=relative_gflops(cfg, tokens), fixed_batch=fixed_batch,
         input_shape=(cfg.in_chans, cfg.img_size, cfg.img_size),
@@ -85,14 +86,14 @@ def torch_target(source: Source, device: str, threads: Optional[int], baseline: 
     )
 
 
-def onnx_target(path: Union[str, Path], device: str, threads: Optional[int], baseline: bool = False) -> Target:
+def onnx_target(path: Union[str, Path], device: str, threads: Optional[int]) -> Target:
     path = Path(path)
     load_onnx_file(path)
     record = manifests.read_manifest(path, artifacts.file_sha256(path))
     source = manifests.source_from_manifest(record)
     channels, height, width = record["input_shape"][1:]
     return Target(
-        label=path.name + (" (unmerged)" if baseline else ""),
+        label=path.name,
         backend="onnxruntime", model=source.model, ratio=source.ratio, merged=is_merged(source),
         tokens_per_layer=record["tokens_per_layer"], relative_gflops=float(record["relative_gflops"]),
         fixed_batch=record["batch"], input_shape=(channels, height, width),
@@ -102,35 +103,56 @@ def onnx_target(path: Union[str, Path], device: str, threads: Optional[int], bas
 
 def _merge_label(source: Source) -> str:
     if not is_merged(source):
-        return ""
+        return " (unmerged)"
     what = f"schedule {source.schedule_spec}" if source.schedule_spec else f"ratio {source.ratio:g}"
     return f" ({source.method}, {what})"
 
 
-def onnx_targets(path: Union[str, Path], device: str, threads: Optional[int], scratch: Union[str, Path],
+def _baseline_key(record: dict) -> tuple:
+    """Files with equal keys differ at most in merging: one's unmerged form is the other's baseline."""
+    return (record["model"], record["checkpoint_sha256"], record["seed"], json.dumps(record.get("overrides") or {},
+            sort_keys=True), record["batch"], record["opset"], record["scan"])
+
+
+def onnx_targets(paths: Sequence[Union[str, Path]], device: str, threads: Optional[int], scratch: Union[str, Path],
                  baseline: bool = True, compare_torch: bool = True,
                  status: Callable[[str], object] = lambda message: None) -> list[Target]:
-    """onnxruntime on ``path``; with ``baseline`` the unmerged counterpart (exported into
-    ``scratch``); with ``compare_torch`` the PyTorch source(s) the manifests describe."""
+    """onnxruntime on each file; with ``baseline`` the unmerged counterpart of merged ones (one of
+    ``paths`` if it is that, else exported into ``scratch``); with ``compare_torch`` the PyTorch
+    source(s) the manifests describe."""
+    records = {Path(p): manifests.read_manifest(p) for p in paths}
+    unmerged_files = {_baseline_key(r): p for p, r in records.items()
+                      if not is_merged(manifests.source_from_manifest(r))}
+    targets = []
+    for path in records:
+        targets += _targets_of(path, records[path], unmerged_files, device, threads, scratch, baseline,
+                               compare_torch, status)
+    return unique(targets)
+
+
+def _targets_of(path, record, unmerged_files, device, threads, scratch, baseline, compare_torch, status):
     target = onnx_target(path, device, threads)
-    record = manifests.read_manifest(path)
     source = manifests.source_from_manifest(record)
     targets = [target]
     if baseline and target.merged:
-        status(f"exporting the unmerged baseline of {path}")
-        targets.append(onnx_target(export_unmerged_baseline(path, scratch), device, threads, baseline=True))
+        base = unmerged_files.get(_baseline_key(record))
+        if base is None:
+            status(f"exporting the unmerged baseline of {path}")
+            base = export_unmerged_baseline(path, scratch)
+            unmerged_files[_baseline_key(record)] = base
+        targets.append(onnx_target(base, device, threads))
     if compare_torch:
         batch = record["batch"]
         targets.append(torch_target(source, device, threads, expected_schedule=record["schedule"], fixed_batch=batch))
         if baseline and target.merged:
-            targets.append(torch_target(unmerged(source), device, threads, baseline=True, fixed_batch=batch))
+            targets.append(torch_target(unmerged(source), device, threads, fixed_batch=batch))
     return targets
 
 
 def torch_targets(source: Source, device: str, threads: Optional[int], baseline: bool = True) -> list[Target]:
     targets = [torch_target(source, device, threads)]
     if baseline and is_merged(source):
-        targets.append(torch_target(unmerged(source), device, threads, baseline=True))
+        targets.append(torch_target(unmerged(source), device, threads))
     return targets
 
 

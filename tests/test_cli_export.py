@@ -233,14 +233,18 @@ def test_bench_torch_rows(capsys, tmp_path):
         assert row["throughput"] == pytest.approx(row["batch"] / (row["mean_ms"] / 1e3))
         assert row["speedup"] == 1.0  # the unmerged model is its own baseline
     assert report["environment"]["device"] == "cpu"
+    assert {r["target"] for r in rows} == {"vim_t (unmerged)"}
     for phrase in ("p50", "p90", "p99", "img/s", "torch vim_t"):
         assert phrase in out
 
 
-def test_bench_onnx_runs_its_static_batch_beside_torch(capsys, pair):
-    code, out, err = run(capsys, "bench", "--onnx", pair[0], "--warmup", "0", "--iters", "2")
+def test_bench_onnx_runs_its_static_batch_beside_torch(capsys, pair, tmp_path):
+    report_path = tmp_path / "bench.json"
+    code, out, err = run(capsys, "bench", "--onnx", pair[0], "--warmup", "0", "--iters", "2", "--json", report_path)
     assert code == 0, out + err
-    assert "ORT t.onnx" in out and "torch vim_t" in out
+    rows = json.loads(report_path.read_text())["rows"]
+    assert [(r["backend"], r["target"], r["batch"]) for r in rows] == [
+        ("onnxruntime", "t.onnx", 2), ("torch", "vim_t (unmerged)", 2)]
 
 
 @pytest.mark.parametrize("args,phrase", [
@@ -252,3 +256,38 @@ def test_bench_onnx_runs_its_static_batch_beside_torch(capsys, pair):
 def test_bench_rejects_bad_options(capsys, args, phrase):
     code, out, err = run(capsys, "bench", *args)
     assert_one_line_error(code, out, err, phrase)
+
+
+def _has_patch() -> bool:
+    try:
+        import mame_deploy.patch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_patch(), reason="merging (mame_deploy.patch) is not in this tree yet")
+def test_bench_merged_file_side_by_side_with_unmerged(capsys, tmp_path):
+    small = ["--override", "depth=2", "--override", "img_size=64", "--dynamic-batch"]
+    merged, plain = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    assert main(["export", "vim_t", *small, "--ratio", "0.5", "-o", str(merged)]) == 0
+    report_path = tmp_path / "bench.json"
+    code, out, err = run(capsys, "bench", "--onnx", merged, "--batch-sizes", "1,2", "--warmup", "0", "--iters", "2",
+                         "--json", report_path)
+    assert code == 0, out + err
+    assert "exporting the unmerged baseline" in out
+    rows = json.loads(report_path.read_text())["rows"]
+    assert {(r["backend"], r["merged"], r["batch"]) for r in rows} == {
+        (backend, merged_, batch) for backend in ("onnxruntime", "torch") for merged_ in (True, False)
+        for batch in (1, 2)}
+    for row in rows:
+        assert row["speedup"] is not None and row["speedup"] > 0
+        assert (row["relative_gflops"] < 1) == row["merged"]
+    # An unmerged file of the same source given alongside serves as the baseline: no export.
+    assert main(["export", "vim_t", *small, "-o", str(plain)]) == 0
+    capsys.readouterr()
+    code, out, err = run(capsys, "bench", "--onnx", merged, "--onnx", plain, "--batch-sizes", "1", "--warmup", "0",
+                         "--iters", "1", "--no-compare-torch", "--json", tmp_path / "b2.json")
+    assert code == 0 and "exporting" not in out, out + err
+    rows = json.loads((tmp_path / "b2.json").read_text())["rows"]
+    assert [(r["target"], r["speedup"] is not None) for r in rows] == [("m.onnx", True), ("p.onnx", True)]
