@@ -365,3 +365,26 @@ def test_cuda_graph_runner_replays_the_eager_model():
     for g, w in zip(got, want):
         assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max()
     assert not np.allclose(got[0], got[1])
+
+
+def test_engine_bench_targets_pair_the_engine_with_its_pytorch_source(tmp_path):
+    """What `bench --engine` times, composed from the plan's manifest (no TensorRT needed to
+    compose; the unmerged engine, which needs a build, is left out here)."""
+    from mame_deploy import artifacts, manifest
+    from mame_deploy.engine_checks import engine_targets
+    from mame_deploy.onnx_export import export
+
+    result = export(manifest.Source(model="vim_t", overrides={"depth": 2}, ratio=0.5), tmp_path / "net.onnx")
+    plan = tmp_path / "net.plan"
+    plan.write_bytes(b"engine")
+    record = dict(result.manifest)
+    record["engine"] = engine.engine_record(engine.plan_build(result.onnx_path, force=True), b"engine", "10.13.0", {})
+    artifacts.write_json(result.manifest_path, record)
+
+    targets = engine_targets(plan, tmp_path, baseline=False, compare_torch=True)
+    assert [(t.backend, t.merged, t.fixed_batch) for t in targets] == [
+        ("tensorrt", True, 1), ("torch", True, 1), ("torch-graph", True, 1)
+    ]
+    assert targets[0].label == "net.plan (fp32)"
+    assert targets[0].tokens_per_layer == targets[1].tokens_per_layer == record["tokens_per_layer"]
+    assert targets[1].label == targets[2].label
