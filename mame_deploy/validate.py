@@ -1,6 +1,7 @@
 """Accuracy parity of an exported file against the PyTorch source its manifest describes.
 
-Both run the same images (random ones from a seed, or a labelled image folder); the report
+Both run the same images (random ones from a seed, a labelled image folder, or the model's
+bundled labelled data such as vim_digits' test split); the report
 gives the largest absolute and relative logit error, the mean cosine similarity of the logit
 vectors, how often the top-1 classes agree, and top-1 accuracy of each when labels are known.
 The tolerance is the issue's: max abs error <= 1e-4 * max |logit| and identical top-1.
@@ -25,23 +26,25 @@ DEFAULT_SAMPLES = 16
 
 @dataclass
 class Batches:
-    """Images (and labels, or None) in batches the file accepts."""
+    """Images (and labels, or None) read in the batches a file accepts; a folder is read lazily."""
 
-    images: np.ndarray
+    name: str
+    count: int
     labels: Optional[np.ndarray]
+    read: Callable[[int, int], np.ndarray]   # (start, stop) -> float32 images (stop - start, C, H, W)
 
     def __len__(self):
-        return len(self.images)
+        return self.count
 
     def chunks(self, batch: int) -> Iterator[tuple[np.ndarray, int]]:
         """(batch of exactly ``batch`` images, number of real ones): a short last batch is padded
         with zeros so a file with a static batch size can run it."""
-        for start in range(0, len(self.images), batch):
-            part = self.images[start:start + batch]
+        for start in range(0, self.count, batch):
+            part = self.read(start, min(start + batch, self.count))
             real = len(part)
             if real < batch:
                 part = np.concatenate([part, np.zeros((batch - real, *part.shape[1:]), part.dtype)])
-            yield np.ascontiguousarray(part), real
+            yield np.ascontiguousarray(part, dtype=np.float32), real
 
 
 def random_images(config, samples: int, seed: int = 0) -> Batches:
@@ -49,19 +52,40 @@ def random_images(config, samples: int, seed: int = 0) -> Batches:
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
     rng = np.random.default_rng(seed)
-    shape = (samples, config.in_chans, config.img_size, config.img_size)
-    return Batches(rng.standard_normal(shape, dtype=np.float32), None)
+    images = rng.standard_normal((samples, config.in_chans, config.img_size, config.img_size), dtype=np.float32)
+    return Batches(f"random normal images, seed {seed}", samples, None, lambda a, b: images[a:b])
 
 
-def folder_images(data_dir: Union[str, Path], model_name: str, config, samples: Optional[int]) -> Batches:
-    """A labelled ImageFolder (class sub-folders), preprocessed as ``model_name`` expects."""
-    try:
-        from mame_deploy import data
-    except ImportError:
-        raise UserError("--data needs image-folder support (mame_deploy.data), which this installation "
-                        "lacks; run without --data to compare on random inputs") from None
-    images, labels = data.load_image_folder(data_dir, model_name, config, limit=samples)
-    return Batches(np.asarray(images, dtype=np.float32), np.asarray(labels))
+def folder_images(data_dir: Union[str, Path, None], model_name: str, config, samples: Optional[int]) -> Batches:
+    """Labelled images preprocessed as ``model_name`` expects: the ImageFolder ``data_dir``
+    (ROOT/CLASS/IMAGE), or with None the model's bundled data (vim_digits: its test split).
+    ``samples`` takes that many, evenly spaced over the set (folders are sorted by class)."""
+    from mame_deploy import data
+
+    dataset = data.dataset_for(model_name, config, data_dir)
+    keep = np.arange(len(dataset))
+    if samples is not None:
+        if samples < 1:
+            raise UserError(f"--samples must be at least 1, got {samples}")
+        keep = np.unique(np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int))
+    if isinstance(dataset, data.FolderImages):
+        chosen = [dataset.samples[i] for i in keep]
+        labels = np.array([label for _, label in chosen], dtype=np.int64)
+
+        def read(a: int, b: int) -> np.ndarray:
+            return np.stack([data.load_image(path, dataset.kind, dataset.size).numpy() for path, _ in chosen[a:b]])
+    else:  # held in memory
+        images, labels = dataset.images[keep].numpy(), dataset.labels[keep].numpy()
+
+        def read(a: int, b: int) -> np.ndarray:
+            return images[a:b]
+    return Batches(dataset.name, len(keep), labels, read)
+
+
+def has_bundled_data(model_name: str) -> bool:
+    from mame_deploy import data
+
+    return data.preprocess_kind(model_name) == "digits"
 
 
 def compare(outputs: np.ndarray, reference: np.ndarray, labels: Optional[np.ndarray] = None) -> dict:
@@ -117,7 +141,7 @@ def validate(
     source = manifests.source_from_manifest(record)
     model = manifests.build_model(source, record["schedule"])
     cfg = model.config
-    if data_dir is not None:
+    if data_dir is not None or has_bundled_data(source.model):
         batches = folder_images(data_dir, source.model, cfg, samples)
     else:
         batches = random_images(cfg, samples or DEFAULT_SAMPLES, seed)
@@ -134,7 +158,7 @@ def validate(
         "scan": record["scan"],
         "batch": batch,
         "device": device,
-        "data": str(data_dir) if data_dir is not None else f"random normal images, seed {seed}",
+        "data": batches.name,
         **compare(onnx_logits, torch_logits, batches.labels),
     }
     return report

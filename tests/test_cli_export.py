@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -291,3 +292,27 @@ def test_bench_merged_file_side_by_side_with_unmerged(capsys, tmp_path):
     assert code == 0 and "exporting" not in out, out + err
     rows = json.loads((tmp_path / "b2.json").read_text())["rows"]
     assert [(r["target"], r["speedup"] is not None) for r in rows] == [("m.onnx", True), ("p.onnx", True)]
+
+
+def test_validate_with_a_labelled_image_folder(capsys, tmp_path):
+    from PIL import Image
+
+    micro = ["--override", "depth=1", "--override", "img_size=32", "--override", "patch_size=8",
+             "--override", "embed_dim=32", "--override", "num_classes=10"]
+    path = tmp_path / "m.onnx"
+    assert main(["export", "vim_t", *micro, "--batch", "2", "-o", str(path)]) == 0
+    rng = np.random.default_rng(0)
+    for label in ("3", "7"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
+    capsys.readouterr()
+    code, out, err = run(capsys, "validate", "--onnx", path, "--data", tmp_path / "data", "--json", tmp_path / "r.json")
+    assert code == 0, out + err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["samples"] == 4 and report["passed"]
+    assert 0 <= report["top1_accuracy"] <= 1 and report["top1_accuracy"] == report["top1_accuracy_reference"]
+    assert "top-1 accuracy" in out
+    code, out, err = run(capsys, "validate", "--onnx", path, "--data", tmp_path / "none")
+    assert_one_line_error(code, out, err, "not a directory")
