@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 
 import torch
 
-from mame_deploy.kernels import TORCH_DTYPES, selective_scan_cuda
+from mame_deploy.kernels import TORCH_DTYPES, relative_error, scan_inputs, selective_scan_cuda
 from mame_deploy.ops.selective_scan import selective_scan_ref
 from mame_deploy.plugins.launch import Tuning, tuning_for
 
@@ -57,28 +56,6 @@ def copy_bandwidth() -> float:
 def scan_bytes(batch: int, dim: int, length: int, dstate: int, elem: int) -> int:
     """Fewest bytes a scan moves: u, delta, z read and out written once; B, C read once; A, D, bias."""
     return 4 * batch * dim * length * elem + 2 * batch * dstate * length * elem + 4 * (dim * dstate + 2 * dim)
-
-
-def make_inputs(batch, dim, length, dstate, dtype, seed=0):
-    """Vim-like values: A = -exp(.) in [-16, -1], dt = softplus(delta + bias) around 1e-3..0.1."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, device="cuda")
-
-    A = -torch.exp(torch.rand(dim, dstate, generator=g, device="cuda") * math.log(16.0))
-    dt = torch.exp(torch.rand(dim, generator=g, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    args = dict(
-        u=randn(batch, dim, length).to(dtype), delta=(0.5 * randn(batch, dim, length)).to(dtype), A=A,
-        B=randn(batch, dstate, length).to(dtype), C=randn(batch, dstate, length).to(dtype), D=randn(dim),
-        z=randn(batch, dim, length).to(dtype), delta_bias=dt + torch.log(-torch.expm1(-dt)),
-    )
-    return args
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def mamba_fn():
@@ -123,7 +100,7 @@ def main(argv=None) -> int:
         for length in opts.length:
             for batch in opts.batch:
                 dtype = DTYPES[dtype_name]
-                args = make_inputs(batch, opts.dim, length, opts.dstate, dtype)
+                args = scan_inputs(batch, opts.dim, length, opts.dstate, dtype)
                 out = torch.empty_like(args["u"])
                 row = dict(dtype=dtype_name, batch=batch, dim=opts.dim, length=length, dstate=opts.dstate)
                 ref = selective_scan_ref(**{k: v.float() for k, v in args.items()}, delta_softplus=True, reverse=opts.reverse)
@@ -133,7 +110,7 @@ def main(argv=None) -> int:
 
                     out.fill_(float("nan"))
                     ours()
-                    row[f"err {tuning}"] = rel_err(out, ref)
+                    row[f"err {tuning}"] = relative_error(out, ref)
                     if not opts.once:
                         row[f"us {tuning}"] = do_bench(ours, opts.rep_ms)
                         row[f"graph us {tuning}"] = do_bench_graph(ours, opts.rep_ms)
@@ -142,7 +119,7 @@ def main(argv=None) -> int:
                         return fn_mamba(args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"],
                                         args["z"], args["delta_bias"], delta_softplus=True)
 
-                    row["err mamba"] = rel_err(theirs(), ref)
+                    row["err mamba"] = relative_error(theirs(), ref)
                     if not opts.once:
                         row["us mamba"] = do_bench(theirs, opts.rep_ms)
                         row["graph us mamba"] = do_bench_graph(theirs, opts.rep_ms)

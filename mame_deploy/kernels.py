@@ -11,6 +11,7 @@ this module on a machine without either is fine.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 import warnings
 from typing import Optional
@@ -207,3 +208,44 @@ def _selective_scan_cuda_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         _fallback(str(exc))
         return selective_scan_ref(*args)
     return selective_scan_cuda(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and error metric shared by the GPU tests and the benchmarks.
+
+def scan_inputs(
+    batch: int, dim: int, length: int, dstate: int = 16, dtype: torch.dtype = torch.float32,
+    softplus: bool = True, seed: int = 0, device="cuda",
+) -> dict:
+    """Random scan arguments (keyword names of ``selective_scan_ref``) with Vim-like magnitudes:
+    A = -exp(.) in [-16, -1], step sizes dt in [1e-3, 0.1] (delta_bias = inverse softplus, as
+    Vim's dt_proj.bias), unit-scale activations; u, delta, B, C, z in ``dtype``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, device=device)
+
+    A = -torch.exp(rand(dim, dstate) * math.log(16.0))
+    if softplus:
+        dt = torch.exp(rand(dim) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        delta_bias = dt + torch.log(-torch.expm1(-dt))
+        delta = 0.5 * randn(batch, dim, length)
+    else:  # dt = delta + delta_bias must stay positive
+        delta_bias = torch.full((dim,), 1e-3, device=device)
+        delta = 0.1 * rand(batch, dim, length)
+    args = dict(
+        u=randn(batch, dim, length), delta=delta, A=A, B=randn(batch, dstate, length),
+        C=randn(batch, dstate, length), D=randn(dim), z=randn(batch, dim, length), delta_bias=delta_bias,
+    )
+    for name in ("u", "delta", "B", "C", "z"):
+        args[name] = args[name].to(dtype)
+    return args
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    """Norm-wise ||out - ref|| / ||ref||, in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()

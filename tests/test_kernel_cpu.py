@@ -256,3 +256,23 @@ def test_mamba_ssm_backend_needs_mamba_ssm(monkeypatch):
     with pytest.raises(UserError, match="mamba-ssm"):
         mamba_ssm_backend.mamba_ssm_scan(*_inputs()[:8], reverse=False)
     mamba_ssm_backend.selective_scan_fn.cache_clear()
+
+
+def test_scan_inputs_are_vim_like_and_the_error_metric_is_normwise():
+    from mame_deploy.kernels import relative_error, scan_inputs
+
+    args = scan_inputs(3, 12, 7, dstate=8, dtype=torch.bfloat16, seed=5, device="cpu")
+    assert args["u"].shape == args["delta"].shape == args["z"].shape == (3, 12, 7)
+    assert args["B"].shape == args["C"].shape == (3, 8, 7) and args["A"].shape == (12, 8)
+    assert {args[k].dtype for k in ("u", "delta", "B", "C", "z")} == {torch.bfloat16}
+    assert {args[k].dtype for k in ("A", "D", "delta_bias")} == {torch.float32}
+    assert ((-16.0 <= args["A"]) & (args["A"] <= -1.0)).all()
+    dt = torch.nn.functional.softplus(args["delta_bias"])
+    assert ((0.99e-3 <= dt) & (dt <= 0.101)).all()
+    again = scan_inputs(3, 12, 7, dstate=8, dtype=torch.bfloat16, seed=5, device="cpu")
+    assert all(torch.equal(args[k], again[k]) for k in args)  # seeded
+    linear = scan_inputs(2, 4, 3, softplus=False, device="cpu")
+    assert (linear["delta"] + linear["delta_bias"][None, :, None] > 0).all()
+    ref = torch.tensor([3.0, 4.0])
+    assert relative_error(ref, ref) == 0.0
+    assert relative_error(torch.tensor([3.0, 4.0 + 0.5]), ref) == pytest.approx(0.1)

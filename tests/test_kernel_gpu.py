@@ -8,11 +8,11 @@ the reference computed in float32 from the very inputs the kernel saw (half inpu
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
 
+from mame_deploy.kernels import relative_error, scan_inputs
 from mame_deploy.ops.selective_scan import selective_scan_ref
 
 
@@ -41,38 +41,12 @@ _seed = itertools.count(1234)
 
 
 def make_inputs(batch, dim, length, dstate=16, dtype=torch.float32, softplus=True):
-    """Vim-like magnitudes: A = -exp(.) in [-16, -1]-ish, step sizes dt in [1e-3, 0.1] after
-    softplus (delta_bias = inverse softplus), unit-scale activations."""
-    g = torch.Generator(device="cuda").manual_seed(next(_seed))
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, device="cuda")
-
-    A = -torch.exp(torch.rand(dim, dstate, generator=g, device="cuda") * math.log(16.0))
-    if softplus:
-        dt = torch.exp(torch.rand(dim, generator=g, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        delta_bias = dt + torch.log(-torch.expm1(-dt))
-        delta = 0.5 * randn(batch, dim, length)
-    else:  # dt = delta + delta_bias must stay positive
-        delta_bias = torch.full((dim,), 1e-3, device="cuda")
-        delta = 0.1 * torch.rand(batch, dim, length, generator=g, device="cuda")
-    args = dict(
-        u=randn(batch, dim, length), delta=delta, A=A, B=randn(batch, dstate, length),
-        C=randn(batch, dstate, length), D=randn(dim), z=randn(batch, dim, length), delta_bias=delta_bias,
-    )
-    for name in ("u", "delta", "B", "C", "z"):
-        args[name] = args[name].to(dtype)
-    return args
+    return scan_inputs(batch, dim, length, dstate, dtype, softplus, seed=next(_seed))
 
 
 def reference(args, softplus, reverse):
     up = {k: (v.float() if v is not None else None) for k, v in args.items()}
     return selective_scan_ref(**up, delta_softplus=softplus, reverse=reverse)
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def run_kernel(args, softplus, reverse, **kw):
@@ -90,7 +64,7 @@ def check(args, softplus, reverse, dtype_name, **kw):
     assert not torch.isnan(out).any(), "some outputs were never written (NaN poison left)"
     ref = reference(args, softplus, reverse)
     assert torch.isfinite(ref).all()
-    err = rel_err(out, ref)
+    err = relative_error(out, ref)
     assert err < TOL[dtype_name], f"relative error {err:.2e} >= {TOL[dtype_name]}"
     return err
 
@@ -139,7 +113,7 @@ def test_op_dispatches_to_kernel_on_cuda_and_handles_views():
     got = torch.ops.mame.selective_scan(*(args[k] for k in order), True, True)
     direct = run_kernel(args, True, True)
     assert torch.equal(got, direct)
-    assert rel_err(got, reference(args, True, True)) < 1e-5
+    assert relative_error(got, reference(args, True, True)) < 1e-5
 
 
 def test_kernel_in_a_cuda_graph():
@@ -158,7 +132,7 @@ def test_kernel_in_a_cuda_graph():
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    assert rel_err(out, reference(fresh, True, False)) < 1e-5
+    assert relative_error(out, reference(fresh, True, False)) < 1e-5
 
 
 def test_repeated_runs_are_identical():
@@ -193,4 +167,4 @@ def test_vim_forward_with_kernel_matches_reference():
             ref = model(images)
         finally:
             vim.selective_scan = original
-    assert rel_err(got, ref) < 1e-4
+    assert relative_error(got, ref) < 1e-4
