@@ -83,6 +83,30 @@ def _strip_metadata(model: onnx.ModelProto) -> None:
     del graph.metadata_props[:]
 
 
+def _tidy(model) -> None:
+    """Fold constants (shape arithmetic, A = -exp(A_log)), drop dead nodes, merge duplicates.
+
+    This is onnxscript's optimizer (what ``optimize=True`` runs) without its pattern-rewrite
+    pass, which matched every node against every rule and took ~40% of a merged model's export
+    time for node-count savings under 5% that onnxruntime and TensorRT make themselves anyway.
+    """
+    import onnx_ir
+    import onnx_ir.passes.common as passes
+    import onnxscript.optimizer
+
+    for _ in range(2):  # folding can expose more folding
+        onnxscript.optimizer.fold_constants(model)
+        onnxscript.optimizer.remove_unused_nodes(model)
+    onnx_ir.passes.Sequential(
+        passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        passes.DeduplicateInitializersPass(),
+        passes.CommonSubexpressionEliminationPass(),
+        passes.RemoveUnusedNodesPass(),
+        passes.RemoveUnusedOpsetsPass(),
+        passes.NameFixPass(),
+    )(model)
+
+
 def to_onnx(model: torch.nn.Module, batch: Optional[int] = 1, opset: int = DEFAULT_OPSET,
             scan: str = "plugin") -> onnx.ModelProto:
     """Export ``model`` for ``batch`` images (None: a symbolic batch axis, nothing else dynamic)."""
@@ -94,8 +118,9 @@ def to_onnx(model: torch.nn.Module, batch: Optional[int] = 1, opset: int = DEFAU
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             model.eval(), (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            opset_version=opset, dynamic_shapes=dynamic, optimize=True, verbose=False,
+            opset_version=opset, dynamic_shapes=dynamic, optimize=False, verbose=False,
         )
+    _tidy(program.model)
     proto = program.model_proto
     _strip_metadata(proto)
     scan_onnx.attach_scan_function(proto)

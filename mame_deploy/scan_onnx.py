@@ -182,11 +182,13 @@ def inline_scan_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every scan node replaced by the function body: no custom domain
     remains, neither in nodes nor in functions nor in the opset imports.
 
-    Once inlined, each node's attributes are constants, so folding them (onnxscript's optimizer)
-    turns the direction Slices' parameters into constants and every tensor gets a static shape
-    again, as in the file with the custom nodes."""
+    Once inlined, each node's attributes are constants, so folding them (onnxscript's constant
+    folding) turns the direction Slices' parameters into constants and every tensor gets a static
+    shape again, as in the file with the custom nodes."""
     model = attach_scan_function(onnx.ModelProto.FromString(model.SerializeToString()))
-    inlined = onnxscript.optimizer.optimize(onnx.inliner.inline_local_functions(model))
+    inlined = onnx.inliner.inline_local_functions(model)
+    onnxscript.optimizer.fold_constants(inlined)
+    onnxscript.optimizer.remove_unused_nodes(inlined)
     del inlined.functions[:]
     kept = [entry for entry in inlined.opset_import if entry.domain != ONNX_DOMAIN]
     del inlined.opset_import[:]
