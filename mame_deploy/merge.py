@@ -2,8 +2,8 @@
 
 A merge step runs right after block l. It removes a FIXED number r of patch tokens from every
 sample, so every tensor keeps a static shape and the same code exports to ONNX: sorting of
-fixed-size tensors (by pairwise ranks), Gather, Scatter (no reduction), MatMul with a one-hot
-matrix and Where. No NonZero, no boolean indexing, no ``.item()``.
+fixed-size tensors (pairwise ranks where float keys may tie, TopK for distinct positions),
+Gather, Scatter (no reduction), MatMul with a one-hot matrix and Where. No NonZero, no boolean indexing, no ``.item()``.
 
 MaMe (see shared docs/mame.md), per sample, with s = the block's Delta informativeness:
   1. split the patches: the n // 2 lowest-s tokens are candidate sources, the rest destinations;
@@ -101,8 +101,9 @@ def start_state(tokens: Tensor, cls_position: int) -> TokenState:
 def _stable_order(key: Tensor, descending: bool = False) -> Tensor:
     """Indices that sort ``key`` (B, n) along dim 1; equal keys keep their positional order.
 
-    Ranks come from pairwise comparisons (O(n^2), tiny next to a block): unlike a sort or TopK
-    they export to plain ONNX ops and break ties the same way on every runtime.
+    For float keys that can tie (informativeness, similarity). Ranks come from pairwise
+    comparisons (O(n^2), small next to a block): unlike a sort or TopK, whose tie order a
+    runtime may not keep, they break ties by position the same way on every runtime.
     """
     if descending:
         key = -key
@@ -125,8 +126,14 @@ def _split(s: Tensor, split: str) -> tuple[Tensor, Tensor]:
     return _ascending(src), _ascending(dst)
 
 
+def _order_of_distinct(key: Tensor) -> Tensor:
+    """Ascending order of keys that are all distinct (positions), so no tie-break is needed
+    and a plain sort (ONNX TopK) is exact on every runtime: O(n log n), not O(n^2)."""
+    return torch.sort(key, dim=1).indices
+
+
 def _ascending(idx: Tensor) -> Tensor:
-    return idx.gather(1, _stable_order(idx))
+    return torch.sort(idx, dim=1).values
 
 
 def _minmax(s: Tensor) -> Tensor:
@@ -138,9 +145,10 @@ def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def choose(hidden: Tensor, residual: Tensor, s: Tensor, r: int, method: str,
+def choose(metric: Tensor, s: Tensor, r: int, method: str,
            opts: MergeOptions) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Which patches go where. Inputs are the PATCH tokens only (class token removed).
+    """Which patches go where, from the patches' informativeness ``s`` (B, n) and ``metric``,
+    a callable giving the unit-norm merge metric (B, k, E) of patch indices (B, k).
 
     Returns ``src`` (B, r): patch indices that leave the sequence; ``dst`` (B, r): the patch
     each of them merges into (None when pruning); ``is_dst`` (B, n) bool: destination
@@ -149,9 +157,7 @@ def choose(hidden: Tensor, residual: Tensor, s: Tensor, r: int, method: str,
     if method == "prune":  # EViT-like: the r least informative tokens are dropped
         return _stable_order(s)[:, :r], None, None
     src_set, dst_set = _split(s, opts.split)
-    metric = hidden.float() if opts.metric == "hidden" else residual + hidden.float()
-    metric = F.normalize(metric, dim=-1)
-    sim = _gather_tokens(metric, src_set) @ _gather_tokens(metric, dst_set).transpose(1, 2)
+    sim = metric(src_set) @ metric(dst_set).transpose(1, 2)
     best_sim, best_dst = sim.max(dim=-1)          # first maximum: ties go to the earlier token
     rank = best_sim - opts.lam * _minmax(s).gather(1, src_set) if opts.lam else best_sim
     chosen = _stable_order(rank, descending=True)[:, :r]
@@ -164,22 +170,32 @@ def choose(hidden: Tensor, residual: Tensor, s: Tensor, r: int, method: str,
 def merge_step(hidden: Tensor, residual: Tensor, score: Tensor, state: TokenState, r: int,
                method: str, opts: MergeOptions) -> tuple[Tensor, Tensor, TokenState]:
     """Remove ``r`` patch tokens from (B, L, E) ``hidden``/``residual`` given the block's
-    informativeness ``score`` (B, L); returns the two streams (B, L - r, E) and the new state."""
+    informativeness ``score`` (B, L); returns the two streams (B, L - r, E) and the new state.
+
+    Full-width (B, L, E) passes are what a step costs on a GPU (it is memory-bound), so only
+    the merge metric's rows are gathered for matching, and each stream is then read once by a
+    gather and once by a fused multiply-add (``baddbmm``) that folds the sources in.
+    """
     B, L, _ = hidden.shape
     n, device = L - 1, hidden.device
     # Sequence position of every patch (class token skipped), in scan order.
     k = torch.arange(n, device=device).expand(B, n)
     patch_pos = k + (k >= state.cls[:, None]).long()
     s = score.float().gather(1, patch_pos)
-    src, dst, is_dst = choose(_gather_tokens(hidden, patch_pos), _gather_tokens(residual, patch_pos),
-                              s, r, method, opts)
+    if method == "prune":
+        metric = None
+    else:
+        full = hidden.float() if opts.metric == "hidden" else residual + hidden.float()
+        full = F.normalize(full, dim=-1)
+        metric = lambda idx: _gather_tokens(full, patch_pos.gather(1, idx))  # noqa: E731
+    src, dst, is_dst = choose(metric, s, r, method, opts)
 
     # Output order of the n - r surviving patches: scan order, or ToMe's [sources; destinations].
     removed = torch.zeros_like(s, dtype=torch.bool).scatter(1, src, True)
     key = k.float() + (2 * n) * removed.float()
     if opts.arrangement == "concat" and is_dst is not None:
         key = key + n * is_dst.float()
-    keep = _stable_order(key)[:, : n - r]                       # patch indices, output order
+    keep = _order_of_distinct(key)[:, : n - r]                  # patch indices, output order
     if opts.arrangement == "concat" and is_dst is not None:
         new_cls = torch.full_like(state.cls, (n - r) // 2)      # Vim's convention: the middle
     else:
@@ -203,15 +219,16 @@ def merge_step(hidden: Tensor, residual: Tensor, score: Tensor, state: TokenStat
         if opts.weighting == "informativeness":
             w_src = w_src * s.gather(1, src)
             w_out = w_out * score.float().gather(1, seq_idx)
-        absorbed = onehot.sum(dim=1) > 0                        # (B, L - r)
         total = w_out + (w_src[:, None, :] @ onehot).squeeze(1)
+        # merged = (w_out * x + sum of w_src * x_src) / total, as x * keep_w + fold @ x_src.
+        # A token that absorbed nothing has keep_w = w/w = 1 and an all-zero fold row, so it
+        # comes out bit-exact.
+        keep_w = (w_out / total)[..., None]
+        fold = onehot.transpose(1, 2) * (w_src[:, None, :] / total[..., None])  # (B, L - r, r)
 
         def mean(x_out: Tensor, x: Tensor) -> Tensor:
             x_src = _gather_tokens(x, src_seq).float()
-            merged = w_out[..., None] * x_out.float() + onehot.transpose(1, 2) @ (w_src[..., None] * x_src)
-            merged = (merged / total[..., None]).to(x_out.dtype)
-            # Tokens that absorbed nothing are copied exactly, not re-derived from a weighted mean.
-            return torch.where(absorbed[..., None], merged, x_out)
+            return torch.baddbmm(x_out.float() * keep_w, fold, x_src).to(x_out.dtype)
 
         hidden_out, residual_out = mean(hidden_out, hidden), mean(residual_out, residual)
         size_out = size_out + (src_size[:, None, :] @ onehot).squeeze(1)
