@@ -86,6 +86,10 @@ from mame_deploy.cli import export  # noqa: E402
 
 export.register(app)
 
+from mame_deploy.cli import evaluate  # noqa: E402
+
+evaluate.register(app)
+
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI; a UserError becomes one line on stderr and exit code 2."""
