@@ -19,6 +19,8 @@ import torch.nn as nn
 
 from mame_deploy.artifacts import file_sha256
 from mame_deploy.errors import UserError
+from mame_deploy.patch import patch
+from mame_deploy.schedule import tokens_per_layer as schedule_tokens
 
 MANIFEST_VERSION = 1
 REQUIRED_KEYS = (
@@ -65,14 +67,6 @@ class Source:
         return asdict(self)
 
 
-def _patch_available() -> bool:
-    try:
-        import mame_deploy.patch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def build_model(source: Source, expected_schedule: Optional[list[int]] = None) -> nn.Module:
     """Create, load and patch the model ``source`` describes (eval mode, on the CPU).
 
@@ -90,14 +84,7 @@ def build_model(source: Source, expected_schedule: Optional[list[int]] = None) -
             raise UserError(f"checkpoint {checkpoint} changed since the export (sha256 differs); "
                             "re-export the model from this checkpoint")
     model = create_model(source.model, checkpoint=checkpoint, seed=source.seed, **source.overrides)
-    merges = source.ratio > 0 or source.schedule_spec is not None
-    if _patch_available():
-        from mame_deploy.patch import patch
-
-        patch(model, ratio=source.ratio, schedule=source.schedule_spec, method=source.method, **source.options)
-    elif merges:
-        raise UserError("token merging (mame_deploy.patch) is not available in this installation; "
-                        "use --ratio 0 without --schedule")
+    patch(model, ratio=source.ratio, schedule=source.schedule_spec, method=source.method, **source.options)
     schedule = model_schedule(model)
     if expected_schedule is not None and list(expected_schedule) != schedule:
         raise UserError(f"the manifest's merge schedule {expected_schedule} differs from the one this version "
@@ -113,12 +100,7 @@ def model_schedule(model: nn.Module) -> list[int]:
 
 def tokens_per_layer(model: nn.Module) -> list[int]:
     """Sequence length each block sees, class token included."""
-    schedule = model_schedule(model)
-    try:
-        from mame_deploy.schedule import tokens_per_layer as from_schedule
-    except ImportError:  # merging not installed: nothing is merged (model_schedule is all zeros)
-        return [model.config.num_patches + 1] * model.config.depth
-    return [int(t) for t in from_schedule(model.config, schedule)]
+    return [int(t) for t in schedule_tokens(model.config, model_schedule(model))]
 
 
 # ---------------------------------------------------------------------------------------------

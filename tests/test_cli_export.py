@@ -259,15 +259,6 @@ def test_bench_rejects_bad_options(capsys, args, phrase):
     assert_one_line_error(code, out, err, phrase)
 
 
-def _has_patch() -> bool:
-    try:
-        import mame_deploy.patch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_patch(), reason="merging (mame_deploy.patch) is not in this tree yet")
 def test_bench_merged_file_side_by_side_with_unmerged(capsys, tmp_path):
     small = ["--override", "depth=2", "--override", "img_size=64", "--dynamic-batch"]
     merged, plain = tmp_path / "m.onnx", tmp_path / "p.onnx"

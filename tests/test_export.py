@@ -18,24 +18,12 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 from mame_deploy.manifest import Source, build_model
-from mame_deploy.models import list_models
 from mame_deploy.onnx_export import serialize, to_onnx
 from mame_deploy.scan_onnx import scan_nodes
 
 TINY = {"depth": 2}                                         # vim_t's widths and 197 tokens, 2 blocks
 SMALL = {"depth": 4, "img_size": 64}                        # 16 patches: room for merges, fast
 MICRO = {"depth": 1, "img_size": 32, "patch_size": 8, "embed_dim": 32, "num_classes": 10}
-
-
-def _has_patch() -> bool:
-    try:
-        import mame_deploy.patch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_patch = pytest.mark.skipif(not _has_patch(), reason="merging (mame_deploy.patch) is not in this tree yet")
 
 
 @functools.lru_cache(maxsize=None)
@@ -182,7 +170,6 @@ def test_inline_has_no_custom_domain_and_equals_plugin():
     np.testing.assert_allclose(run_onnxruntime(inline, x), run_onnxruntime(plugin, x), rtol=0, atol=1e-6)
 
 
-@needs_patch
 def test_merged_static_export_structure_and_parity():
     overrides = tuple(SMALL.items())
     data = exported("vim_t", overrides, ratio=0.5, batch=3)
@@ -198,7 +185,6 @@ def test_merged_static_export_structure_and_parity():
     assert_parity(run_onnxruntime(data, x), run_torch(torch_model, x))
 
 
-@needs_patch
 def test_merged_inline_equals_plugin():
     overrides = tuple(SMALL.items())
     x = images(3, source_model("vim_t", overrides, "tome", 0.5))
@@ -222,9 +208,7 @@ def _matrix():
     for model in ("vim_t", "vim_digits"):
         for method, ratio in CONFIGS:
             overrides = MERGED_VIM_T if model == "vim_t" and ratio > 0 else ()
-            marks = [pytest.mark.slow] + ([needs_patch] if ratio > 0 else [])
-            if model not in list_models():
-                marks.append(pytest.mark.skip(reason=f"{model} is not registered in this tree yet"))
+            marks = [pytest.mark.slow]
             name = f"{model}{'-depth6' if overrides else ''}-{method}-{ratio}"
             yield pytest.param(model, overrides, method, ratio, marks=marks, id=name)
 
