@@ -197,7 +197,7 @@ def test_merged_inline_equals_plugin():
 # The parity matrix of the issue
 
 # Ratio 0 merges nothing whatever the method, so it is exported once. A merged vim_t export
-# takes several times the unmerged one (the merge steps add ~100 nodes each), so merged vim_t
+# takes several times the unmerged one (each merge step adds ~160 nodes), so merged vim_t
 # configurations use 6 of its 24 blocks (same widths, 197 tokens, merges after blocks 0..4);
 # vim_digits (8 blocks, 64 patches) runs whole.
 CONFIGS = [("mame", 0.0)] + [(method, ratio) for method in ("mame", "tome") for ratio in (0.3, 0.5, 0.7)]
