@@ -68,6 +68,12 @@ def _size(n: int) -> str:
         n /= 1024
 
 
+def _merge_settings(record: dict) -> str:
+    """'mame, ratio 0.5' or 'tome, schedule 4:20,8:20' (an explicit schedule overrides the ratio)."""
+    spec = record.get("schedule_spec")
+    return f"{record['method']}, " + (f"schedule {spec}" if spec else f"ratio {record['ratio']:g}")
+
+
 def _write_report(path: Optional[Path], report, force: bool) -> None:
     if path is None:
         return
@@ -123,12 +129,13 @@ def export_cmd(
             plan = onnx_export.build_engine_for(result, force=force)
         console.print(f"wrote {escape(str(plan))}")
     elif engine is False:
-        console.print("wrote ONNX only (--no-engine)")
+        console.print("wrote ONNX only (--no-engine)", soft_wrap=True)
     elif scan != "plugin":
-        console.print("wrote ONNX only: --scan inline files have no plugin nodes to build an engine from")
+        console.print("wrote ONNX only: --scan inline files have no plugin nodes to build an engine from",
+                      soft_wrap=True)
     else:
         console.print(escape(f"TensorRT is not installed: wrote ONNX only (pip install 'mame-deploy[trt]', then "
-                             f"`mame-deploy build {result.onnx_path}`)"))
+                             f"`mame-deploy build {result.onnx_path}`)"), soft_wrap=True)
 
 
 def _print_export_summary(result) -> None:
@@ -139,7 +146,7 @@ def _print_export_summary(result) -> None:
     weights = m["checkpoint"] or f"random (seed {m['seed']})"
     table.add_row("weights", escape(str(weights)))
     merges = ", ".join(f"{i}:{r}" for i, r in enumerate(m["schedule"]) if r)
-    table.add_row("merging", f"{m['method']}, ratio {m['ratio']:g}, after block:removed {merges}" if merges else "none")
+    table.add_row("merging", f"{_merge_settings(m)}; after block:removed {merges}" if merges else "none")
     table.add_row("tokens per layer", _runs(m["tokens_per_layer"]))
     table.add_row("GFLOPs / image", f"{m['gflops']:.3f} ({m['relative_gflops']:.3f} of unmerged)")
     table.add_row("input", f"{m['input_name']} {tuple(m['input_shape'])} float32 -> {m['output_name']}")
@@ -185,7 +192,7 @@ def validate_cmd(
         report = validate(onnx, data, samples, batch, device, threads, seed,
                           progress=lambda n: bar.advance(task, n))
     table = Table(title=f"validate {escape(str(onnx))}", show_header=False)
-    table.add_row("PyTorch source", f"{report['model']}, {report['method']} ratio {report['ratio']:g}")
+    table.add_row("PyTorch source", f"{report['model']}, {_merge_settings(report)}")
     table.add_row("inputs", f"{report['samples']} x {escape(report['data'])}, batch {report['batch']}, {device}")
     table.add_row("max abs error", f"{report['max_abs_err']:.3e} (max |logit| {report['max_abs_logit']:.3g})")
     table.add_row("max rel error", f"{report['max_rel_err']:.3e} (of max |logit|; tolerance {REL_TOLERANCE:g})")

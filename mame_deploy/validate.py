@@ -154,6 +154,7 @@ def validate(
         "model": source.model,
         "method": source.method,
         "ratio": source.ratio,
+        "schedule_spec": source.schedule_spec,
         "tokens_per_layer": record["tokens_per_layer"],
         "scan": record["scan"],
         "batch": batch,

@@ -307,3 +307,19 @@ def test_validate_with_a_labelled_image_folder(capsys, tmp_path):
     assert "top-1 accuracy" in out
     code, out, err = run(capsys, "validate", "--onnx", path, "--data", tmp_path / "none")
     assert_one_line_error(code, out, err, "not a directory")
+
+
+def test_vim_digits_validates_on_its_bundled_test_split(capsys, tmp_path):
+    path = tmp_path / "d.onnx"
+    assert main(["export", "vim_digits", "--schedule", "2:8,4:8", "--method", "tome", "--batch", "8",
+                 "-o", str(path)]) == 0
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    assert manifest["checkpoint"].endswith("vim_digits.pt") and len(manifest["checkpoint_sha256"]) == 64
+    assert manifest["schedule_spec"] == "2:8,4:8" and manifest["schedule"][2] == manifest["schedule"][4] == 8
+    capsys.readouterr()
+    code, out, err = run(capsys, "validate", "--onnx", path, "--samples", "40", "--json", tmp_path / "r.json")
+    assert code == 0, out + err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["data"] == "digits/test" and report["samples"] == 40 and report["passed"]
+    assert 0 < report["top1_accuracy"] == report["top1_accuracy_reference"] <= 1
+    assert "tome, schedule 2:8,4:8" in out
