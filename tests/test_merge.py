@@ -235,11 +235,19 @@ def test_patch_attributes_and_repatching():
     ({"ratio": 0.3, "split": "random"}, "split must be one of informativeness, alternate"),
     ({"ratio": 0.3, "lam": "x"}, "lam must be a number"),
     ({"ratio": 1.2}, "--ratio must lie in"),
+    ({"ratio": 0.3, "method": "prune", "lam": 1.0}, "option\\(s\\) lam do not apply to prune"),
     ({"schedule": "3:5"}, "merge layer 3 is out of range"),
 ])
 def test_patch_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
         mame_deploy.patch(tiny_model(), **kwargs)
+
+
+def test_recorded_options_rebuild_every_method():
+    for method in ("mame", "tome", "prune"):
+        model = mame_deploy.patch(tiny_model(), ratio=0.4, method=method)
+        again = mame_deploy.patch(tiny_model(), ratio=0.4, method=method, **model.mame_options)
+        assert again.mame_options == model.mame_options and again.mame_schedule == model.mame_schedule
 
 
 def test_patch_refuses_other_modules():
