@@ -138,6 +138,9 @@ def test_dynamic_batch_leaves_only_the_batch_axis_symbolic():
 def test_export_is_deterministic():
     model = source_model("vim_t", tuple(MICRO.items()))
     assert serialize(to_onnx(model, 2)) == serialize(to_onnx(model, 2))
+    assert serialize(to_onnx(model, 2, scan="inline")) == serialize(to_onnx(model, 2, scan="inline"))
+    merged = source_model("vim_t", tuple(SMALL.items()), "mame", 0.5)
+    assert serialize(to_onnx(merged, 3)) == exported("vim_t", tuple(SMALL.items()), ratio=0.5, batch=3)
 
 
 @pytest.mark.parametrize("opset", [18, 23])
