@@ -140,7 +140,7 @@ def test_export_is_deterministic():
     assert serialize(to_onnx(model, 2)) == serialize(to_onnx(model, 2))
     assert serialize(to_onnx(model, 2, scan="inline")) == serialize(to_onnx(model, 2, scan="inline"))
     merged = source_model("vim_t", tuple(SMALL.items()), "mame", 0.5)
-    assert serialize(to_onnx(merged, 3)) == exported("vim_t", tuple(SMALL.items()), ratio=0.5, batch=3)
+    assert serialize(to_onnx(merged, 3)) == exported("vim_t", tuple(SMALL.items()), "mame", 0.5, batch=3)
 
 
 @pytest.mark.parametrize("opset", [18, 23])
@@ -173,16 +173,17 @@ def test_inline_has_no_custom_domain_and_equals_plugin():
     np.testing.assert_allclose(run_onnxruntime(inline, x), run_onnxruntime(plugin, x), rtol=0, atol=1e-6)
 
 
-def test_merged_static_export_structure_and_parity():
+@pytest.mark.parametrize("method", ["mame", "prune"])
+def test_merged_static_export_structure_and_parity(method):
     overrides = tuple(SMALL.items())
-    data = exported("vim_t", overrides, ratio=0.5, batch=3)
+    data = exported("vim_t", overrides, method, 0.5, batch=3)
     model = onnx.ModelProto.FromString(data)
     onnx.checker.check_model(model, full_check=True)
     assert len(scan_nodes(model)) == 2 * SMALL["depth"]
     assert not {"NonZero", "Loop", "If"} & all_op_types(model) - {"Scan"}
     shapes = static_shapes_after_inference(data)
     assert all(dims is not None and all(isinstance(d, int) for d in dims) for dims in shapes.values())
-    torch_model = source_model("vim_t", overrides, ratio=0.5)
+    torch_model = source_model("vim_t", overrides, method, 0.5)
     assert sum(torch_model.mame_schedule) > 0
     x = images(3, torch_model)
     assert_parity(run_onnxruntime(data, x), run_torch(torch_model, x))
