@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="+", default=["op", "mamba_ssm"], choices=["op", "mamba_ssm"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--layers", type=int, nargs="+", help="merge only after these blocks (default placement otherwise)")
     ap.add_argument("--json", help="write the numbers here")
     opts = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
             try:
                 model = create_model(opts.model, scan_backend=backend).to("cuda", dtype)
                 if ratio:
-                    patch(model, ratio=ratio)
+                    patch(model, ratio=ratio, layers=opts.layers)
                 ms = graph_time_ms(model, images, opts.iters)
             except Exception as exc:  # e.g. mamba-ssm missing: report and go on
                 print(f"{backend} ratio {ratio}: failed: {exc}", file=sys.stderr)
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
             del model
             torch.cuda.empty_cache()
 
-    print(f"\n## {opts.model} forward, CUDA graph, batch {opts.batch}, {opts.dtype} ({device}, {datetime.date.today()})\n")
+    where = f"merge layers {opts.layers}" if opts.layers else "default merge layers"
+    print(f"\n## {opts.model} forward, CUDA graph, batch {opts.batch}, {opts.dtype}, {where} ({device}, {datetime.date.today()})\n")
     print("| MaMe ratio | scan | ms / batch | images/s | vs mamba-ssm |")
     print("|---|---|---|---|---|")
     for r in rows:
