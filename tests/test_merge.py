@@ -26,6 +26,13 @@ OPTION_SETS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(_deterministic_threads):
+    # Small ops in loops: one thread is as fast, and immune to a busy second core (see test_digits).
+    torch.set_num_threads(1)
+    yield
+
+
 def tiny_model(depth=4, **kw):
     # 8 x 8 = 64 patches; a few blocks: fast enough for property tests on the CPU.
     return create_model("vim_t", depth=depth, embed_dim=32, img_size=32, patch_size=4, **kw)
