@@ -169,7 +169,8 @@ def train_cmd(
 
     from mame_deploy import artifacts
     from mame_deploy.data import digits_dataset
-    from mame_deploy.train import Recipe, accuracy, check_trainable, save_weights, train_digits
+    from mame_deploy.evaluate import evaluate
+    from mame_deploy.train import Recipe, check_trainable, save_weights, train_digits
 
     check_trainable(model)
     if epochs is not None and epochs < 1:
@@ -191,8 +192,8 @@ def train_cmd(
             bar.console.print(f"epoch {log.epoch:>2}: loss {log.loss:.4f}, val top-1 {100 * log.val_accuracy:.2f}%")
 
         net, history = train_digits(recipe, on_step, on_epoch)
-    test = digits_dataset("test", net.config.img_size)
-    test_acc = accuracy(net, test.images, test.labels)
+    correct, total = evaluate(net, digits_dataset("test", net.config.img_size), batch_size=256)
+    test_acc = correct / total
     save_weights(net, output, recipe, history, force)
     size = output.stat().st_size
     sha = artifacts.file_sha256(output)

@@ -19,7 +19,7 @@ position (stable sorts, first maximum), so a sample's result never depends on it
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +151,7 @@ def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def choose(metric: Tensor, s: Tensor, r: int, method: str,
+def choose(metric: Optional[Callable[[Tensor], Tensor]], s: Tensor, r: int, method: str,
            opts: MergeOptions) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Which patches go where, from the patches' informativeness ``s`` (B, n) and ``metric``,
     a callable giving the unit-norm merge metric (B, k, E) of patch indices (B, k).

@@ -17,9 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mame_deploy.data import DIGITS_MEAN, DIGITS_STD, digits_dataset
 from mame_deploy.errors import UserError
+from mame_deploy.evaluate import evaluate
 
 TRAINABLE = ("vim_digits",)
+BACKGROUND = (0.0 - DIGITS_MEAN) / DIGITS_STD  # a blank pixel after normalisation
 
 
 @dataclass(frozen=True)
@@ -46,20 +49,9 @@ def _shift(images: Tensor, max_shift: int, gen: torch.Generator) -> Tensor:
     if max_shift == 0:
         return images
     B, _, H, W = images.shape
-    background = images.amin()
-    padded = F.pad(images, (max_shift,) * 4, value=float(background))
+    padded = F.pad(images, (max_shift,) * 4, value=BACKGROUND)
     offsets = torch.randint(0, 2 * max_shift + 1, (B, 2), generator=gen)
     return torch.stack([padded[b, :, y:y + H, x:x + W] for b, (y, x) in enumerate(offsets.tolist())])
-
-
-@torch.no_grad()
-def accuracy(model, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
-    model.eval()
-    correct = sum(
-        (model(images[i:i + batch_size]).argmax(-1) == labels[i:i + batch_size]).sum().item()
-        for i in range(0, len(labels), batch_size)
-    )
-    return correct / len(labels)
 
 
 def train_digits(
@@ -72,7 +64,6 @@ def train_digits(
     """Train vim_digits from its seeded initialisation on the digits train subset; returns the
     model (eval mode) and one ``EpochLog`` per epoch (accuracy on the val subset).
     ``limit`` (first N training images) and config ``overrides`` exist for quick checks."""
-    from mame_deploy.data import digits_dataset
     from mame_deploy.models import get_spec, init_weights
 
     spec = get_spec("vim_digits")
@@ -112,7 +103,8 @@ def train_digits(
             step += 1
             if on_step is not None:
                 on_step(step, total, loss.item())
-        log = EpochLog(epoch + 1, running / len(labels), accuracy(model, val.images, val.labels))
+        correct, total_val = evaluate(model, val, batch_size=256)
+        log = EpochLog(epoch + 1, running / len(labels), correct / total_val)
         history.append(log)
         if on_epoch is not None:
             on_epoch(log)
