@@ -35,17 +35,19 @@ def patch_function():
     return fn if callable(fn) and not isinstance(fn, types.ModuleType) else getattr(module, "patch", None)
 
 
-def graph_time_ms(model, images, iters: int) -> float:
+def graph_time_ms(fn, iters: int) -> float:
+    """Median of ``iters`` CUDA-graph replays of ``fn()`` (CUDA events), after warm-up on a side
+    stream and one capture."""
     with torch.no_grad():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
-                model(images)
+                fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            model(images)
+            fn()
         graph.replay()
         torch.cuda.synchronize()
         times = []
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
                 model = create_model(opts.model, scan_backend=backend).to("cuda", dtype)
                 if ratio:
                     patch(model, ratio=ratio, layers=opts.layers)
-                ms = graph_time_ms(model, images, opts.iters)
+                ms = graph_time_ms(lambda: model(images), opts.iters)
             except Exception as exc:  # e.g. mamba-ssm missing: report and go on
                 print(f"{backend} ratio {ratio}: failed: {exc}", file=sys.stderr)
                 continue

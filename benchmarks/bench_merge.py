@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from bench_e2e import graph_time_ms  # benchmarks/ is on sys.path when run as a script
 from mame_deploy.merge import merge_options, merge_step, start_state
 from mame_deploy.models import create_model
 from mame_deploy.schedule import resolve_schedule
@@ -32,27 +33,6 @@ def cpu_ms(fn, iters: int) -> float:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def graph_ms(fn, iters: int) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
@@ -70,7 +50,7 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(opts.threads)
     dev = opts.device
-    timer = graph_ms if dev == "cuda" else cpu_ms
+    timer = graph_time_ms if dev == "cuda" else cpu_ms
     model = create_model(opts.model).to(dev)
     cfg, block = model.config, model.layers[0]
     r = resolve_schedule(cfg, 0.5)[0]
