@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mame_deploy.cli.export import _key_values, _runs
+from mame_deploy.cli.common import compact_runs, key_values
 from mame_deploy.errors import UserError
 
 console = Console()
@@ -28,7 +28,7 @@ def _progress() -> Progress:
 
 
 def _options(pairs: list[str]) -> dict:
-    options = _key_values(pairs, "--option")
+    options = key_values(pairs, "--option")
     if "layers" in options:
         raise UserError("give merge layers with --layers, not --option layers=...")
     return options
@@ -95,7 +95,7 @@ def eval_cmd(
     console.print(_schedule_table(net))
     console.print(f"{escape(model)} on {escape(record['data'])}: top-1 [bold]{100 * record['accuracy']:.2f}%[/] "
                   f"({record['correct']}/{record['images']}), {record['relative_gflops']:.3f}x GFLOPs, "
-                  f"tokens per block {_runs(record['tokens_per_layer'])}", highlight=False)
+                  f"tokens per block {compact_runs(record['tokens_per_layer'])}", highlight=False)
     if json_path is not None:
         artifacts.write_json(json_path, record)
         console.print(f"wrote {escape(str(json_path))}")
@@ -149,7 +149,7 @@ def sweep_table(records: list[dict], title: str) -> Table:
     for r in records:
         drop = f"{100 * (base[r['method']] - r['accuracy']):.2f}" if r["method"] in base else "-"
         table.add_row(r["method"], f"{r['ratio']:g}", f"{100 * r['accuracy']:.2f}", drop,
-                      f"{r['relative_gflops']:.3f}", _runs(r["tokens_per_layer"]))
+                      f"{r['relative_gflops']:.3f}", compact_runs(r["tokens_per_layer"]))
     return table
 
 

@@ -3,7 +3,6 @@ mame_deploy.validate and mame_deploy.bench."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mame_deploy.cli.common import compact_runs, key_values
 from mame_deploy.errors import UserError
 
 console = Console()
@@ -20,20 +20,6 @@ console = Console()
 _MERGE_HELP = "Merge method: mame (default), tome or prune."
 _OPTION_HELP = "Merge option KEY=VALUE passed to mame_deploy.patch (repeatable)."
 _OVERRIDE_HELP = "Change a model config field, KEY=VALUE (repeatable; e.g. depth=2 for a quick check)."
-
-
-def _key_values(pairs: list[str], flag: str) -> dict:
-    """KEY=VALUE strings -> dict; values are read as JSON (numbers, true/false) or kept as text."""
-    out = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"{flag} expects KEY=VALUE, got {pair!r}")
-        try:
-            out[key.strip()] = json.loads(text)
-        except ValueError:
-            out[key.strip()] = text
-    return out
 
 
 def _source(model, ratio, schedule, method, options, checkpoint, seed, overrides):
@@ -44,21 +30,9 @@ def _source(model, ratio, schedule, method, options, checkpoint, seed, overrides
         raise UserError(f"--ratio must be in [0, 1), got {ratio}")
     return resolve_checkpoint(Source(
         model=model, checkpoint=str(checkpoint) if checkpoint else None, seed=seed,
-        overrides=_key_values(overrides, "--override"), method=method, ratio=ratio,
-        schedule_spec=schedule, options=_key_values(options, "--option"),
+        overrides=key_values(overrides, "--override"), method=method, ratio=ratio,
+        schedule_spec=schedule, options=key_values(options, "--option"),
     ))
-
-
-def _runs(values: list[int]) -> str:
-    """[197, 197, 165] -> '197 x2, 165'."""
-    parts, i = [], 0
-    while i < len(values):
-        j = i
-        while j < len(values) and values[j] == values[i]:
-            j += 1
-        parts.append(f"{values[i]} x{j - i}" if j - i > 1 else str(values[i]))
-        i = j
-    return ", ".join(parts)
 
 
 def _size(n: int) -> str:
@@ -147,7 +121,7 @@ def _print_export_summary(result) -> None:
     table.add_row("weights", escape(str(weights)))
     merges = ", ".join(f"{i}:{r}" for i, r in enumerate(m["schedule"]) if r)
     table.add_row("merging", f"{_merge_settings(m)}; after block:removed {merges}" if merges else "none")
-    table.add_row("tokens per layer", _runs(m["tokens_per_layer"]))
+    table.add_row("tokens per layer", compact_runs(m["tokens_per_layer"]))
     table.add_row("GFLOPs / image", f"{m['gflops']:.3f} ({m['relative_gflops']:.3f} of unmerged)")
     table.add_row("input", f"{m['input_name']} {tuple(m['input_shape'])} float32 -> {m['output_name']}")
     scan = f"{m['scan_nodes']} mame::SelectiveScan nodes + function" if m["scan"] == "plugin" else "inlined"
