@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mame_deploy.cli.common import add_parity_rows, progress_bar
+
 console = Console()
 
 
@@ -56,28 +58,20 @@ def validate_engine_report(
 ) -> None:
     """The --engine branch of `mame-deploy validate`: TensorRT vs the PyTorch source on CUDA."""
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mame_deploy import artifacts
     from mame_deploy.engine_checks import validate_engine
 
     if json_path is not None:
         artifacts.check_writable([json_path], force)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task("tensorrt + torch", total=None)
         report = validate_engine(plan, data, samples, batch, seed, progress=lambda n: bar.advance(task, n))
     table = Table(title=f"validate {escape(str(plan))}", show_header=False)
     table.add_row("engine", f"{report['precision']}, TensorRT {report['tensorrt']}, {escape(report['gpu'])}")
     table.add_row("PyTorch source", f"{report['model']}, {report['method']} ratio {report['ratio']:g} (CUDA)")
     table.add_row("inputs", f"{report['samples']} x {escape(report['data'])}, batch {report['batch']}")
-    table.add_row("max abs error", f"{report['max_abs_err']:.3e} (max |logit| {report['max_abs_logit']:.3g})")
-    table.add_row("max rel error", f"{report['max_rel_err']:.3e} (of max |logit|)")
-    table.add_row("mean cosine", f"{report['mean_cosine']:.8f}")
-    table.add_row("top-1 agreement", f"{report['top1_agreement']:.2%}")
-    if "top1_accuracy" in report:
-        table.add_row("top-1 accuracy", f"TensorRT {report['top1_accuracy']:.2%}, "
-                                        f"torch {report['top1_accuracy_reference']:.2%}")
+    add_parity_rows(table, report, "TensorRT", "of max |logit|")
     table.add_row("tolerance", ", ".join(f"{k} {v:g}" for k, v in report["tolerance"].items()))
     table.add_row("result", "[green]PASS[/]" if report["passed"] else "[red]FAIL[/]")
     console.print(table)

@@ -31,3 +31,22 @@ def compact_runs(values: list[int]) -> str:
         parts.append(f"{values[i]} x{j - i}" if j - i > 1 else str(values[i]))
         i = j
     return ", ".join(parts)
+
+
+def progress_bar(console):
+    """The transient progress bar of long CLI runs (counts done, time elapsed)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+def add_parity_rows(table, report: dict, runtime: str, rel_note: str) -> None:
+    """The parity metrics every `validate` prints, whatever runtime ran the artifact."""
+    table.add_row("max abs error", f"{report['max_abs_err']:.3e} (max |logit| {report['max_abs_logit']:.3g})")
+    table.add_row("max rel error", f"{report['max_rel_err']:.3e} ({rel_note})")
+    table.add_row("mean cosine", f"{report['mean_cosine']:.8f}")
+    table.add_row("top-1 agreement", f"{report['top1_agreement']:.2%}")
+    if "top1_accuracy" in report:
+        table.add_row("top-1 accuracy", f"{runtime} {report['top1_accuracy']:.2%}, "
+                                        f"torch {report['top1_accuracy_reference']:.2%}")

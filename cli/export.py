@@ -9,10 +9,9 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mame_deploy.cli.common import compact_runs, key_values
+from mame_deploy.cli.common import add_parity_rows, compact_runs, key_values, progress_bar
 from mame_deploy.errors import UserError
 
 console = Console()
@@ -161,30 +160,19 @@ def validate_cmd(
         from mame_deploy import artifacts
 
         artifacts.check_writable([json_path], force)
-    with _progress() as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task("onnxruntime + torch", total=None)
         report = validate(onnx, data, samples, batch, device, threads, seed,
                           progress=lambda n: bar.advance(task, n))
     table = Table(title=f"validate {escape(str(onnx))}", show_header=False)
     table.add_row("PyTorch source", f"{report['model']}, {_merge_settings(report)}")
     table.add_row("inputs", f"{report['samples']} x {escape(report['data'])}, batch {report['batch']}, {device}")
-    table.add_row("max abs error", f"{report['max_abs_err']:.3e} (max |logit| {report['max_abs_logit']:.3g})")
-    table.add_row("max rel error", f"{report['max_rel_err']:.3e} (of max |logit|; tolerance {REL_TOLERANCE:g})")
-    table.add_row("mean cosine", f"{report['mean_cosine']:.8f}")
-    table.add_row("top-1 agreement", f"{report['top1_agreement']:.2%}")
-    if "top1_accuracy" in report:
-        table.add_row("top-1 accuracy", f"onnxruntime {report['top1_accuracy']:.2%}, "
-                                        f"torch {report['top1_accuracy_reference']:.2%}")
+    add_parity_rows(table, report, "onnxruntime", f"of max |logit|; tolerance {REL_TOLERANCE:g}")
     table.add_row("result", "[green]PASS[/]" if report["passed"] else "[red]FAIL[/]")
     console.print(table)
     _write_report(json_path, report, force=True)
     if not report["passed"]:
         raise typer.Exit(1)
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +235,7 @@ def bench_cmd(
             targets += bench.torch_targets(source, device, threads, baseline)
         targets = bench.unique(targets)
 
-        with _progress() as bar:
+        with progress_bar(console) as bar:
             def progress(label, total):
                 task = bar.add_task(escape(label), total=total)
                 return lambda: bar.advance(task)
