@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dstate", type=int, default=16)
     ap.add_argument("--dtype", nargs="+", default=["float32", "float16"], choices=list(DTYPES))
     ap.add_argument("--tunings", nargs="+", default=["auto"],
-                    help="work splits LANESxCHANNELSxCHUNKxMIN_BLOCKS, or 'auto' (launch.tuning_for: "
+                    help="work splits LANESxCHANNELSxCHUNKxMIN_BLOCKS[xSEGMENTS], or 'auto' (launch.tuning_for: "
                          "what the PyTorch op uses); the first fills the main table")
     ap.add_argument("--reverse", action="store_true", help="time the reverse scan")
     ap.add_argument("--no-mamba", action="store_true", help="skip mamba-ssm")
@@ -144,7 +144,10 @@ def main(argv=None) -> int:
 
     main_t = tunings[0]
     direction = "reverse" if opts.reverse else "forward"
-    chosen = {str(tuning_for(b, opts.dim)) for b in opts.batch} if main_t == "auto" else {str(main_t)}
+    if main_t == "auto":
+        chosen = {str(tuning_for(b, opts.dim, n)) for b in opts.batch for n in opts.length}
+    else:
+        chosen = {str(main_t)}
     print(f"\n## {direction} scan, D={opts.dim}, N={opts.dstate}, kernel tuning {main_t} "
           f"({', '.join(sorted(chosen))}) on {device}\n")
     print("Times in us: 'call' = the Python call (do_bench median), 'graph' = its CUDA-graph replay.\n")
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
               f"{fmt(r.get('us reference'), '.0f')} | {r['us floor']:.1f} | {ours_g / r['us floor']:.2f} | "
               f"{r[f'err {main_t}']:.1e} | {fmt(r.get('err mamba'), '.1e')} |")
     if len(tunings) > 1:
-        print("\n## CUDA-graph kernel time (us) per tuning LANESxCHANNELSxCHUNKxMIN_BLOCKS\n")
+        print("\n## CUDA-graph kernel time (us) per tuning LANESxCHANNELSxCHUNKxMIN_BLOCKS[xSEGMENTS]\n")
         print("| dtype | B | L | " + " | ".join(map(str, tunings)) + " |")
         print("|---|---|---|" + "---|" * len(tunings))
         for r in rows:

@@ -5,7 +5,9 @@
 #
 # Run from the repository root on the GPU machine, with the mamba-ssm sdist (or a wheel built
 # by an earlier run) in .whl/:
-#     bash benchmarks/device_kernel.sh [all|tests|bench|e2e|tune|profile]...
+#     bash benchmarks/device_kernel.sh [all|tests|bench|e2e|merge|tune|profile]...
+# tune and profile take their work splits from TUNE_TUNINGS / PROFILE_TUNINGS, tune its shapes
+# from TUNE_BATCH and TUNE_LENGTH.
 # mamba-ssm's setup.py compiles nine GPU architectures; the build here keeps sm_90 only
 # (~2.5 min on 16 cores) and runs in the background while the tests use the GPU.
 set -uo pipefail
@@ -57,8 +59,8 @@ if want tests; then
 fi
 
 if want tune; then
-    python3 benchmarks/bench_kernel.py --no-mamba --no-reference --rep-ms 100 --length 197 \
-        --batch 1 2 4 8 16 64 256 --tunings ${TUNE_TUNINGS:-auto 16x8x32x1 16x16x32x1 8x8x32x1 8x16x32x2 4x32x32x4} \
+    python3 benchmarks/bench_kernel.py --no-mamba --no-reference --rep-ms 100 --length ${TUNE_LENGTH:-197} \
+        --batch ${TUNE_BATCH:-1 2 4 8 16 64 256} --tunings ${TUNE_TUNINGS:-auto 16x8x32x1 16x16x32x1 8x8x32x1 8x16x32x2 4x32x32x4} \
         --json "$LOGS/tune.json" 2>"$LOGS/tune.err" | tee "$LOGS/tune.md"
 fi
 
@@ -73,6 +75,16 @@ fi
 
 if want e2e; then
     python3 benchmarks/bench_e2e.py --model vim_s --batch 256 --json "$LOGS/e2e.json" 2>"$LOGS/e2e.err" | tee "$LOGS/e2e.md"
+fi
+
+if want merge; then
+    # What merge steps cost on the GPU: one step vs one block, and whole-model throughput with the
+    # default placement (a merge after every block but the last) and with three larger merges.
+    python3 benchmarks/bench_merge.py --batch 1 64 256 2>"$LOGS/merge.err" | tee "$LOGS/merge.md"
+    python3 benchmarks/bench_e2e.py --model vim_s --batch 256 --backends op --ratios 0 0.5 0.7 \
+        --json "$LOGS/e2e_default.json" 2>>"$LOGS/merge.err" | tee -a "$LOGS/merge.md"
+    python3 benchmarks/bench_e2e.py --model vim_s --batch 256 --backends op --ratios 0.5 0.7 --layers 5 11 17 \
+        --json "$LOGS/e2e_layers.json" 2>>"$LOGS/merge.err" | tee -a "$LOGS/merge.md"
 fi
 
 if want profile; then

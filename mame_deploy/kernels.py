@@ -137,7 +137,7 @@ def selective_scan_cuda(
     u, delta, B, C, z are used in u's dtype (float32, float16 or bfloat16), A, D, delta_bias in
     float32; non-contiguous inputs are copied. ``out`` (contiguous, u's shape and dtype) receives
     the result if given. ``tuning`` (the kernel's work split) defaults to
-    ``launch.tuning_for(batch, dim)``.
+    ``launch.tuning_for(batch, dim, length)``.
     """
     batch, dim, length, dstate = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if not u.is_cuda:
@@ -145,7 +145,7 @@ def selective_scan_cuda(
     dtype = TORCH_DTYPES.get(u.dtype)
     if dtype is None:
         raise UserError(f"the selective-scan kernel has no {u.dtype} variant; use float32, float16 or bfloat16")
-    tuning = tuning or launch.tuning_for(batch, dim)
+    tuning = tuning or launch.tuning_for(batch, dim, length)
     params = launch.launch_params(batch, dim, length, dstate, dtype, tuning)
     if params.grid[1] > _MAX_GRID_Y:
         raise UserError(f"dim {dim} is too large for one launch (at most {_MAX_GRID_Y * tuning.channels})")

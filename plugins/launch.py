@@ -38,6 +38,7 @@ KERNEL_ARG_TYPES = {
     "C": "const elem*", "D": "const float*", "z": "const elem*", "delta_bias": "const float*",
     "batch": "int32", "dim": "int32", "length": "int32", "out": "elem*",
 }
+MAX_SHARED_BYTES = 48 * 1024  # static shared memory: no opt-in attribute, which TensorRT cannot set
 SCALAR_ARGS = tuple(name for name in KERNEL_ARGS if KERNEL_ARG_TYPES[name] == "int32")
 
 # dtype of u, delta, B, C, z and out -> SCAN_DTYPE code in the source. A, D, delta_bias: float32.
@@ -54,13 +55,15 @@ class Tuning:
     channels: int = 32  # channels per block
     chunk: int = 32  # time steps staged in shared memory at a time
     min_blocks: int = 4  # blocks per SM the register allocation must allow
+    segments: int = 1  # stretches of time scanned in parallel (two passes) when channels are few
 
     def __post_init__(self):
-        threads = self.lanes * self.channels
+        threads = self.lanes * self.channels * self.segments
         problems = [
             self.lanes not in (1, 2, 4, 8, 16, 32) and "lanes must be a power of two up to 32",
-            (threads % 32 or threads > 1024) and "lanes * channels must be a multiple of 32, at most 1024",
-            (self.chunk % 4 or self.chunk % self.lanes or threads % self.chunk)
+            not 1 <= self.segments <= 16 and "segments must be 1..16",
+            (threads % 32 or threads > 1024) and "lanes * channels * segments must be a multiple of 32, at most 1024",
+            (self.chunk % 4 or self.chunk % self.lanes or (self.lanes * self.channels) % self.chunk)
             and "chunk must be a multiple of 4 and of lanes, and divide lanes * channels",
             self.min_blocks < 1 and "min_blocks must be at least 1",
         ]
@@ -70,25 +73,58 @@ class Tuning:
 
     @property
     def threads(self) -> int:
-        return self.lanes * self.channels
+        return self.lanes * self.channels * self.segments
+
+    @property
+    def covered_length(self) -> int:
+        """Longest sequence a segmented split scans from one staging (each segment one chunk)."""
+        return self.segments * self.chunk
+
+    def shared_bytes(self, dstate: int) -> int:
+        """Static shared memory of the kernel (the source's static_assert, same formula): tiles
+        of dt, dt*u (per channel) and B, C (per state) for each segment, partial sums (one row per
+        scan thread, or per channel when segmented), bias and D, the segments' carries."""
+        row = self.chunk + (4 if (self.chunk // 4) % 2 == 0 else 0)
+        segmented = self.segments > 1
+        part_rows = 1 if segmented else self.lanes * self.channels
+        y_rows = self.segments * self.channels if segmented else 1
+        carry_rows = self.threads if segmented else 1
+        tiles = self.segments * (2 * self.channels + 2 * dstate) + part_rows + y_rows
+        return 4 * row * tiles + 8 * self.channels + 4 * carry_rows * (dstate // self.lanes + 1)
 
     def for_dstate(self, dstate: int) -> "Tuning":
-        """The split actually compiled for ``dstate``: at most one state per lane."""
-        return self if self.lanes <= dstate else dataclasses.replace(self, lanes=dstate)
+        """The split actually compiled for ``dstate``: at most one state per lane (the block keeps
+        its size: fewer lanes, proportionally more channels), and for a large ``dstate`` fewer
+        segments where their tiles would not fit in shared memory."""
+        tuning = self
+        if tuning.lanes > dstate:
+            tuning = dataclasses.replace(tuning, lanes=dstate, channels=tuning.channels * tuning.lanes // dstate)
+        while tuning.segments > 1 and tuning.shared_bytes(dstate) > MAX_SHARED_BYTES:
+            tuning = dataclasses.replace(tuning, segments=tuning.segments // 2)
+        if tuning.shared_bytes(dstate) > MAX_SHARED_BYTES:
+            raise UserError(
+                f"kernel tuning {self} needs {tuning.shared_bytes(dstate)} bytes of shared memory for d_state "
+                f"{dstate} (at most {MAX_SHARED_BYTES}); use fewer channels or a shorter chunk"
+            )
+        return tuning
 
     @classmethod
     def parse(cls, text: str) -> "Tuning":
-        """``LANESxCHANNELSxCHUNK[xMIN_BLOCKS]``, e.g. ``4x32x32x4`` (benchmark option syntax)."""
+        """``LANESxCHANNELSxCHUNK[xMIN_BLOCKS[xSEGMENTS]]``, e.g. ``4x32x32x4`` or ``16x4x16x2x4``
+        (benchmark option syntax)."""
         try:
             values = [int(v) for v in text.lower().split("x")]
         except ValueError:
             values = []
-        if len(values) not in (3, 4):
-            raise UserError(f"bad kernel tuning {text!r}; write LANESxCHANNELSxCHUNK[xMIN_BLOCKS], e.g. 4x32x32x4")
+        if len(values) not in (3, 4, 5):
+            raise UserError(
+                f"bad kernel tuning {text!r}; write LANESxCHANNELSxCHUNK[xMIN_BLOCKS[xSEGMENTS]], e.g. 4x32x32x4"
+            )
         return cls(*values)
 
     def __str__(self) -> str:
-        return f"{self.lanes}x{self.channels}x{self.chunk}x{self.min_blocks}"
+        text = f"{self.lanes}x{self.channels}x{self.chunk}x{self.min_blocks}"
+        return text + (f"x{self.segments}" if self.segments > 1 else "")
 
 
 # Work splits by how many channels (batch * dim) one launch scans. Many channels: few threads
@@ -100,18 +136,31 @@ class Tuning:
 DEFAULT_TUNING = Tuning()
 SMALL_BATCH_TUNING = Tuning(lanes=16, channels=8, chunk=32, min_blocks=1)
 MEDIUM_BATCH_TUNING = Tuning(lanes=8, channels=16, chunk=32, min_blocks=2)
-SMALL_BATCH_CHANNELS = 4096  # batch * dim up to which SMALL_BATCH_TUNING is used
+# Fewest channels (batch 1 at Vim-S): time segments, the first whose covered_length (segments *
+# chunk) holds the sequence, so each segment is staged once and scanned twice.
+SEGMENTED_TUNINGS = (
+    Tuning(lanes=16, channels=2, chunk=32, min_blocks=4, segments=4),  # L <= 128
+    Tuning(lanes=8, channels=4, chunk=32, min_blocks=2, segments=7),  # L <= 224 (Vim: 197)
+)
+SEGMENTED_CHANNELS = 768  # batch * dim up to which SEGMENTED_TUNINGS are used
+SMALL_BATCH_CHANNELS = 4096  # ... then SMALL_BATCH_TUNING
 MEDIUM_BATCH_CHANNELS = 8192  # ... and then MEDIUM_BATCH_TUNING
 
 
-def tuning_for(batch, dim) -> Tuning:
-    """The split for a launch over ``batch * dim`` channels. Symbolic (TensorRT) shapes get
-    DEFAULT_TUNING. Whatever is chosen must be passed to both compile_ptx and launch_params."""
+def tuning_for(batch, dim, length=None) -> Tuning:
+    """The split for a launch over ``batch * dim`` channels of ``length`` steps. Symbolic
+    (TensorRT) shapes get DEFAULT_TUNING; an unknown length never gets a segmented split.
+    Whatever is chosen must be passed to both compile_ptx and launch_params."""
     if not (isinstance(batch, int) and isinstance(dim, int)):
         return DEFAULT_TUNING
-    if batch * dim <= SMALL_BATCH_CHANNELS:
+    channels = batch * dim
+    if channels <= SEGMENTED_CHANNELS and isinstance(length, int):
+        for tuning in SEGMENTED_TUNINGS:
+            if length <= tuning.covered_length:
+                return tuning
+    if channels <= SMALL_BATCH_CHANNELS:
         return SMALL_BATCH_TUNING
-    if batch * dim <= MEDIUM_BATCH_CHANNELS:
+    if channels <= MEDIUM_BATCH_CHANNELS:
         return MEDIUM_BATCH_TUNING
     return DEFAULT_TUNING
 
@@ -136,7 +185,7 @@ def _check_variant(dtype: str, dstate: int) -> None:
 
 
 def launch_params(batch, dim, length, dstate, dtype: str, tuning: Tuning = DEFAULT_TUNING) -> LaunchParams:
-    """Grid (batch, ceil(dim / channels), 1) of blocks of ``channels * lanes`` threads.
+    """Grid (batch, ceil(dim / channels), 1) of blocks of ``channels * lanes * segments`` threads.
 
     ``batch``, ``dim`` and ``length`` may be TensorRT shape expressions: only ``+``, ``-``,
     ``*``, ``//`` with ints are applied to them. ``dstate`` must be an int (it selects the
@@ -171,6 +220,7 @@ def compile_options(
         "SCAN_CHANNELS": tuning.channels,
         "SCAN_CHUNK": tuning.chunk,
         "SCAN_MIN_BLOCKS": tuning.min_blocks,
+        "SCAN_SEGMENTS": tuning.segments,
     }
     return [f"-D{key}={value}" for key, value in defines.items()]
 
@@ -247,7 +297,10 @@ def _compile_ptx(dtype, dstate, delta_softplus, reverse, arch, tuning) -> tuple[
     err, prog = nvrtc.nvrtcCreateProgram(source, KERNEL_SOURCE.name.encode(), 0, [], [])
     _check_nvrtc(nvrtc, err, "program creation")
     try:
-        opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17"] + [o.encode() for o in options]
+        # -default-device: NVRTC treats the kernel's generic lambdas as host code without it (nvcc
+        # derives their execution space from the enclosing kernel).
+        opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-default-device"]
+        opts += [o.encode() for o in options]
         _check_nvrtc(nvrtc, nvrtc.nvrtcCompileProgram(prog, len(opts), opts), "compilation", prog)
         err, size = nvrtc.nvrtcGetPTXSize(prog)
         _check_nvrtc(nvrtc, err, "PTX size")

@@ -113,13 +113,13 @@ def aot_kernel(
     ``batch``, ``dim`` and ``length`` may be ints or TensorRT shape expressions (only +, -, *
     and // are applied to them); ``dstate`` must be an int because it selects the compiled
     variant. The kernel's work split (``launch.tuning_for``) depends on the channel count when
-    it is known: a static engine gets the split for its batch, a dynamic-batch engine the
+    it is known: a static engine gets the split for its batch and length, a dynamic-batch engine the
     default one; PTX and launch parameters always come from the same split.
     """
     if dtype not in KERNEL_DTYPES:
         raise UserError(f"the selective-scan kernel has no {dtype} variant; use one of {KERNEL_DTYPES}")
     launch = _launch()
-    tuning = launch.tuning_for(batch, dim)
+    tuning = launch.tuning_for(batch, dim, length)
     ptx, name = launch.compile_ptx(dtype, int(dstate), bool(delta_softplus), bool(reverse), arch, tuning)
     params = launch.launch_params(batch, dim, length, int(dstate), dtype, tuning)
     return AotKernel(

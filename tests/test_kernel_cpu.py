@@ -136,6 +136,9 @@ def test_compile_options_select_the_variant():
         lambda: launch.Tuning(lanes=3),
         lambda: launch.Tuning(lanes=4, channels=32, chunk=24),
         lambda: launch.Tuning.parse("4x32"),
+        lambda: launch.Tuning(lanes=16, channels=1, chunk=16, segments=3),  # 48 threads: not whole warps
+        lambda: launch.Tuning(lanes=16, channels=8, chunk=32, segments=16),  # 2048 threads
+        lambda: launch.Tuning(lanes=16, channels=2, chunk=32, segments=0),
         lambda: launch.compile_ptx("float32", 16, True, False, arch="volta"),
     ],
 )
@@ -146,8 +149,14 @@ def test_bad_variants_fail_with_one_line(call):
 
 
 def test_tuning_for_picks_the_split_by_channel_count():
-    assert launch.tuning_for(1, 768) == launch.SMALL_BATCH_TUNING
-    assert launch.tuning_for(4, 768) == launch.SMALL_BATCH_TUNING
+    # Fewest channels with a known length: the first segmented split whose segments hold it.
+    for length in (1, 99, 128, 197, 224):
+        tuning = launch.tuning_for(1, 768, length)
+        assert tuning.segments > 1 and length <= tuning.covered_length
+        assert tuning == next(t for t in launch.SEGMENTED_TUNINGS if length <= t.covered_length)
+    assert launch.tuning_for(1, 768, 10_000) == launch.SMALL_BATCH_TUNING  # longer than any covers
+    assert launch.tuning_for(1, 768) == launch.SMALL_BATCH_TUNING  # length unknown
+    assert launch.tuning_for(4, 768, 197) == launch.SMALL_BATCH_TUNING
     assert launch.tuning_for(8, 768) == launch.MEDIUM_BATCH_TUNING
     assert launch.tuning_for(16, 768) == launch.DEFAULT_TUNING
     assert launch.tuning_for(256, 768) == launch.DEFAULT_TUNING
@@ -161,6 +170,40 @@ def test_tuning_parse_round_trips():
     assert (t.lanes, t.channels, t.chunk, t.min_blocks) == (8, 16, 32, 2)
     assert launch.Tuning.parse(str(t)) == t
     assert launch.Tuning.parse("4x32x32").min_blocks == launch.DEFAULT_TUNING.min_blocks
+    segmented = launch.Tuning.parse("16x4x16x2x4")
+    assert segmented.segments == 4 and segmented.threads == 256
+    assert launch.Tuning.parse(str(segmented)) == segmented
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("tuning", ["4x32x32x4", "16x8x32x1", "16x2x32x3x8", "16x1x16x3x16", "4x8x16x2x4"])
+@pytest.mark.parametrize("dstate", [8, 16, 32])
+def test_shared_memory_formula_matches_the_compiler(tmp_path, tuning, dstate):
+    """launch.Tuning.shared_bytes decides which splits fit; it must agree with ptxas (which drops
+    the one-row array a variant leaves unused)."""
+    t = launch.Tuning.parse(tuning)
+    opts = launch.compile_options("float32", dstate, True, False, t)
+    cmd = ["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), *opts, str(launch.KERNEL_SOURCE)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    compiled = int(re.search(r"(\d+) bytes smem", result.stderr).group(1))
+    fitted = t.for_dstate(dstate)
+    row_bytes = 4 * (fitted.chunk + 4) + 4 * (dstate // fitted.lanes + 1)
+    assert compiled <= fitted.shared_bytes(dstate) <= compiled + row_bytes <= launch.MAX_SHARED_BYTES + row_bytes
+
+
+def test_launch_params_size_the_block_for_every_segment():
+    tuning = launch.Tuning(lanes=16, channels=4, chunk=16, min_blocks=2, segments=4)
+    params = launch.launch_params(1, 768, 197, 16, "float32", tuning)
+    assert params.grid == (1, 192, 1) and params.block == (256, 1, 1)
+    # d_state 8: half the lanes, twice the channels per block, same block size.
+    narrowed = tuning.for_dstate(8)
+    assert (narrowed.lanes, narrowed.channels, narrowed.threads) == (8, 8, 256)
+    assert launch.launch_params(1, 768, 197, 8, "float32", tuning).grid == (1, 96, 1)
+    # d_state 32: two states per lane; a split whose tiles would not fit keeps fewer segments.
+    big = launch.Tuning(lanes=16, channels=2, chunk=32, min_blocks=3, segments=8)
+    assert big.shared_bytes(32) > launch.MAX_SHARED_BYTES
+    assert big.for_dstate(32).segments == 4 and big.for_dstate(32).shared_bytes(32) <= launch.MAX_SHARED_BYTES
 
 
 def test_kernel_source_is_package_data():
@@ -173,7 +216,9 @@ def test_kernel_source_is_package_data():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize(
-    "tuning", [launch.DEFAULT_TUNING, launch.MEDIUM_BATCH_TUNING, launch.SMALL_BATCH_TUNING], ids=str
+    "tuning",
+    [launch.DEFAULT_TUNING, launch.MEDIUM_BATCH_TUNING, launch.SMALL_BATCH_TUNING, *launch.SEGMENTED_TUNINGS],
+    ids=str,
 )
 @pytest.mark.parametrize(
     "dtype,dstate,softplus,reverse",

@@ -36,6 +36,7 @@ SHAPES = [
     (1, 384, 1), (2, 768, 2), (1, 1536, 3), (3, 384, 31), (4, 768, 32), (2, 1536, 33),
     (1, 768, 97), (5, 384, 99), (2, 768, 197), (7, 1536, 101), (64, 768, 197), (16, 384, 256),
     (3, 768, 389), (2, 1536, 400), (33, 384, 7), (64, 1536, 61),
+    (1, 768, 197), (1, 384, 256),  # batch 1: the segmented splits
 ]
 _seed = itertools.count(1234)
 
@@ -143,13 +144,24 @@ def test_repeated_runs_are_identical():
         assert torch.equal(run_kernel(args, True, False), first)
 
 
-@pytest.mark.parametrize("tuning", ["4x32x32x4", "16x8x32x1", "8x16x32x2", "8x8x64x1", "16x4x32x1", "2x64x32x1"])
+TUNINGS = ["4x32x32x4", "16x8x32x1", "8x16x32x2", "8x8x64x1", "16x4x32x1", "2x64x32x1",
+           # time segments (one chunk each, or restaged when the sequence is longer than they
+           # cover); lengths shorter than, equal to and not a multiple of the segment count
+           "16x2x32x3x8", "16x2x32x4x4", "16x1x16x3x16", "16x2x16x3x8", "8x4x32x2x4", "4x8x16x2x4",
+           "16x8x16x1x2"]
+
+
+@pytest.mark.parametrize("tuning", TUNINGS)
 def test_other_tunings_compute_the_same_function(tuning):
     """The benchmark compares work splits; each must be correct before it is timed."""
     from mame_deploy.plugins.launch import Tuning
 
-    for dtype_name, reverse in (("float32", False), ("float16", True)):
-        check(make_inputs(3, 768, 197, dtype=DTYPES[dtype_name]), True, reverse, dtype_name, tuning=Tuning.parse(tuning))
+    for (batch, dim, length), dtype_name, reverse in (
+        ((3, 768, 197), "float32", False), ((3, 768, 197), "float16", True), ((1, 384, 3), "float32", True),
+        ((2, 384, 8), "bfloat16", False), ((1, 1536, 400), "float32", False),
+    ):
+        args = make_inputs(batch, dim, length, dtype=DTYPES[dtype_name])
+        check(args, True, reverse, dtype_name, tuning=Tuning.parse(tuning))
 
 
 def test_vim_forward_with_kernel_matches_reference():

@@ -197,7 +197,7 @@ def test_aot_kernel_is_the_same_for_ints_and_shape_expressions(no_compile, dims)
     assert tuple(evaluate(x, env) for x in symbolic.scalars) == dims  # int32 args: batch, dim, length
 
     static = aot_kernel("float16", *dims, 16, True, False)
-    tuning = launch.tuning_for(*dims[:2])
+    tuning = launch.tuning_for(*dims)
     assert static == replace(static, **vars(launch.launch_params(*dims, 16, "float16", tuning)))
     assert static.scalars == dims
 
@@ -210,10 +210,12 @@ def test_ptx_and_launch_come_from_the_same_work_split(monkeypatch):
     monkeypatch.setattr(launch, "compile_ptx", lambda *args: seen.append(args[-1]) or (b"ptx", "kernel"))
     real = launch.launch_params
     monkeypatch.setattr(launch, "launch_params", lambda *args: seen.append(args[-1]) or real(*args))
-    aot_kernel("float32", 1, 768, 197, 16, True, False)  # few channels, static: the small-batch split
+    aot_kernel("float32", 1, 768, 197, 16, True, False)  # few channels, static: a segmented split
     aot_kernel("float32", 64, 768, 197, 16, True, False)
     aot_kernel("float32", Sym.var("batch"), 768, 197, 16, True, False)
-    assert seen == [launch.SMALL_BATCH_TUNING] * 2 + [launch.DEFAULT_TUNING] * 4
+    batch_one = launch.tuning_for(1, 768, 197)
+    assert batch_one.segments > 1
+    assert seen == [batch_one] * 2 + [launch.DEFAULT_TUNING] * 4
 
 
 def test_kernel_arguments_follow_tensorrts_aot_order():
