@@ -148,7 +148,10 @@ def _minmax(s: Tensor) -> Tensor:
 
 
 def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    """Rows ``x[b, idx[b, i]]`` of (B, L, E) ``x`` as (B, k, E). Whole rows by flat index (a
+    row copy; ONNX Gather on axis 0), not an element-wise gather with an expanded index."""
+    B, L, E = x.shape
+    return x.reshape(B * L, E)[idx + L * torch.arange(B, device=idx.device)[:, None]]
 
 
 def choose(metric: Optional[Callable[[Tensor], Tensor]], s: Tensor, r: int, method: str,
