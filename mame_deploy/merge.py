@@ -151,7 +151,19 @@ def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     """Rows ``x[b, idx[b, i]]`` of (B, L, E) ``x`` as (B, k, E). Whole rows by flat index (a
     row copy; ONNX Gather on axis 0), not an element-wise gather with an expanded index."""
     B, L, E = x.shape
-    return x.reshape(B * L, E)[idx + L * torch.arange(B, device=idx.device)[:, None]]
+    return x.reshape(B * L, E)[_flat_rows(idx, L)]
+
+
+def _put_tokens_(x: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
+    """``x[b, idx[b, i]] = rows[b, i]`` in place (ONNX ScatterND on rows); repeated indices must
+    carry identical rows."""
+    B, L, E = x.shape
+    x.view(B * L, E).index_put_((_flat_rows(idx, L),), rows)
+    return x
+
+
+def _flat_rows(idx: Tensor, L: int) -> Tensor:
+    return idx + L * torch.arange(idx.shape[0], device=idx.device)[:, None]
 
 
 def choose(metric: Optional[Callable[[Tensor], Tensor]], s: Tensor, r: int, method: str,
@@ -182,8 +194,8 @@ def merge_step(hidden: Tensor, residual: Tensor, score: Tensor, state: TokenStat
     informativeness ``score`` (B, L); returns the two streams (B, L - r, E) and the new state.
 
     Full-width (B, L, E) passes are what a step costs on a GPU (it is memory-bound), so only
-    the merge metric's rows are gathered for matching, and each stream is then read once by a
-    gather and once by a fused multiply-add (``baddbmm``) that folds the sources in.
+    the merge metric's rows are gathered for matching, each stream is read once by the gather
+    of the survivors, and only the destinations' rows are then recomputed and written back.
     """
     B, L, _ = hidden.shape
     n, device = L - 1, hidden.device
@@ -217,30 +229,34 @@ def merge_step(hidden: Tensor, residual: Tensor, score: Tensor, state: TokenStat
     hidden_out, residual_out = _gather_tokens(hidden, seq_idx), _gather_tokens(residual, seq_idx)
     size_out, origin_out = state.size.gather(1, seq_idx), state.origin.gather(1, seq_idx)
     if dst is not None:
-        # Slot of each destination in the output; one-hot (B, r, L - r) scatters sources into it.
+        # Output slot of each source's destination (after the re-inserted class token).
         patch_slot = torch.zeros_like(k).scatter(1, keep, torch.arange(n - r, device=device).expand(B, -1))
         dst_slot = patch_slot.gather(1, dst)
         dst_slot = dst_slot + (dst_slot >= new_cls[:, None]).long()
-        onehot = (dst_slot[..., None] == slot[:, None, :]).float()
         src_seq = patch_pos.gather(1, src)                      # sources' sequence positions
         src_size = state.size.gather(1, src_seq)
-        w_src, w_out = src_size, size_out
+        w_src, w_dst = src_size, size_out.gather(1, dst_slot)
         if opts.weighting == "informativeness":
             w_src = w_src * s.gather(1, src)
-            w_out = w_out * score.float().gather(1, seq_idx)
-        total = w_out + (w_src[:, None, :] @ onehot).squeeze(1)
-        # merged = (w_out * x + sum of w_src * x_src) / total, as x * keep_w + fold @ x_src.
-        # A token that absorbed nothing has keep_w = w/w = 1 and an all-zero fold row, so it
-        # comes out bit-exact.
-        keep_w = (w_out / total)[..., None]
-        fold = onehot.transpose(1, 2) * (w_src[:, None, :] / total[..., None])  # (B, L - r, r)
+            w_dst = w_dst * score.float().gather(1, seq_idx.gather(1, dst_slot))
+        # Only destination rows change. For source i, its destination's row becomes
+        # (w_dst * x_dst + sum of w_src_j * x_src_j over the sources j of that destination) / total,
+        # i.e. x_dst * keep_w + fold @ x_src with fold (B, r, r). Sources sharing a destination
+        # all write the row computed for the first of them, so the repeated writes are identical.
+        same = (dst_slot[:, :, None] == dst_slot[:, None, :]).float()     # (B, r, r)
+        first = same.argmax(dim=-1)                                        # first source of each group
+        total = w_dst + (same @ w_src[..., None]).squeeze(-1)
+        keep_w = (w_dst / total)[..., None]
+        fold = same * (w_src[:, None, :] / total[..., None])
 
         def mean(x_out: Tensor, x: Tensor) -> Tensor:
-            x_src = _gather_tokens(x, src_seq).float()
-            return torch.baddbmm(x_out.float() * keep_w, fold, x_src).to(x_out.dtype)
+            x_dst = _gather_tokens(x_out, dst_slot).float()
+            merged = torch.baddbmm(x_dst * keep_w, fold, _gather_tokens(x, src_seq).float())
+            return _put_tokens_(x_out, dst_slot, _gather_tokens(merged, first).to(x_out.dtype))
 
         hidden_out, residual_out = mean(hidden_out, hidden), mean(residual_out, residual)
-        size_out = size_out + (src_size[:, None, :] @ onehot).squeeze(1)
+        size_dst = size_out.gather(1, dst_slot) + (same @ src_size[..., None]).squeeze(-1)
+        size_out = size_out.scatter(1, dst_slot, size_dst)
     return hidden_out, residual_out, TokenState(size_out, origin_out, new_cls)
 
 
