@@ -3,7 +3,8 @@
 A merge step runs right after block l. It removes a FIXED number r of patch tokens from every
 sample, so every tensor keeps a static shape and the same code exports to ONNX: sorting of
 fixed-size tensors (pairwise ranks where float keys may tie, TopK for distinct positions),
-Gather, Scatter (no reduction), MatMul with a one-hot matrix and Where. No NonZero, no boolean indexing, no ``.item()``.
+Gather, Scatter (no reduction), a small MatMul and Where. No NonZero, no boolean indexing,
+no ``.item()``.
 
 MaMe (see shared docs/mame.md), per sample, with s = the block's Delta informativeness:
   1. split the patches: the n // 2 lowest-s tokens are candidate sources, the rest destinations;
