@@ -9,18 +9,13 @@ the unmerged export, and PyTorch eager and as a CUDA graph, merged and unmerged)
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-import numpy as np
-from polygraphy.backend.base import BaseRunner
-
 from mame_deploy import manifest as manifests
 from mame_deploy.engine import read_engine_manifest
 from mame_deploy.errors import UserError
-from mame_deploy.onnx_export import INPUT_NAME, OUTPUT_NAME
 
 # Reduced-precision engines cannot meet the fp32 rule (max abs error <= 1e-4 * max |logit|);
 # they pass on the direction of the logits and the predicted class.
@@ -103,67 +98,6 @@ def validate_engine(
 # bench
 
 
-class TorchGraphRunner(BaseRunner):
-    """PyTorch on CUDA replaying one captured CUDA graph per input shape (launch overhead gone,
-    as in an engine). Times the replay with CUDA events."""
-
-    def __init__(self, model, name: Optional[str] = None):
-        super().__init__(name=name or f"torch-graph:{getattr(model, 'model_name', type(model).__name__)}",
-                         prefix="torch-graph-runner")
-        self.model = model
-        self.graphs = {}
-
-    def activate_impl(self):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("PyTorch sees no CUDA device here; CUDA graphs need one")
-        self.model = self.model.to("cuda").eval()
-
-    def _graph(self, shape):
-        import torch
-
-        if shape not in self.graphs:
-            static_in = torch.zeros(shape, device="cuda")
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.inference_mode(), torch.cuda.stream(side):
-                for _ in range(3):  # warm-up off the default stream, as capture requires
-                    self.model(static_in)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph):
-                static_out = self.model(static_in)
-            self.graphs[shape] = (graph, static_in, static_out)
-        return self.graphs[shape]
-
-    def get_input_metadata_impl(self):
-        from polygraphy.common import TensorMetadata
-
-        cfg = self.model.config
-        meta = TensorMetadata()
-        meta.add(INPUT_NAME, dtype=np.float32, shape=(None, cfg.in_chans, cfg.img_size, cfg.img_size))
-        return meta
-
-    def infer_impl(self, feed_dict):
-        import torch
-
-        images = np.ascontiguousarray(feed_dict[INPUT_NAME])
-        graph, static_in, static_out = self._graph(tuple(images.shape))
-        static_in.copy_(torch.from_numpy(images))
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        self.inference_time = start.elapsed_time(end) / 1e3
-        return OrderedDict([(OUTPUT_NAME, static_out.float().cpu().numpy())])
-
-    def deactivate_impl(self):
-        self.graphs.clear()
-        self.model = self.model.cpu()
-
-
 def engine_target(plan: Union[str, Path], baseline: bool = False):
     """The bench target of one .plan file."""
     from mame_deploy.bench import Target, is_merged
@@ -185,6 +119,7 @@ def engine_target(plan: Union[str, Path], baseline: bool = False):
 
 def _graph_target(source, fixed_batch: Optional[int], expected_schedule=None):
     from mame_deploy.bench import torch_target
+    from mame_deploy.runners import TorchGraphRunner
 
     eager = torch_target(source, "cuda", None, expected_schedule=expected_schedule, fixed_batch=fixed_batch)
     model = manifests.build_model(source, expected_schedule)

@@ -352,8 +352,7 @@ def test_cuda_graph_runner_replays_the_eager_model():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from mame_deploy import manifest
-    from mame_deploy.engine_checks import TorchGraphRunner
-    from mame_deploy.runners import TorchRunner
+    from mame_deploy.runners import TorchGraphRunner, TorchRunner
 
     model = manifest.build_model(manifest.Source(model="vim_t", overrides={"depth": 2}, ratio=0.5))
     rng = np.random.default_rng(0)
