@@ -195,6 +195,8 @@ def bench_cmd(
     iters: int = typer.Option(20, help="Timed calls per batch size."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for onnxruntime and PyTorch."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph",
+                                    help="With --torch --device cuda: replay a captured CUDA graph (no launch overhead)."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline",
                                   help="Also time the unmerged model (exported to a temporary folder for --onnx)."),
     compare_torch: bool = typer.Option(True, "--compare-torch/--no-compare-torch",
@@ -214,6 +216,8 @@ def bench_cmd(
         require_tensorrt("--engine")
         device = "cuda"  # engines, and the PyTorch they are compared with, run on the GPU
     check_device(device)
+    if cuda_graph and (torch_model is None or device != "cuda"):
+        raise UserError("--cuda-graph times PyTorch as a CUDA graph: pass it with --torch MODEL --device cuda")
     sizes = bench.parse_batch_sizes(batch_sizes)
     if json_path is not None:
         from mame_deploy import artifacts
@@ -232,7 +236,7 @@ def bench_cmd(
                                       status=lambda message: console.print(escape(message) + " ..."))
         if torch_model is not None:
             source = _source(torch_model, ratio, schedule, method, option, checkpoint, seed, override)
-            targets += bench.torch_targets(source, device, threads, baseline)
+            targets += bench.torch_targets(source, device, threads, baseline, cuda_graph=cuda_graph)
         targets = bench.unique(targets)
 
         with progress_bar(console) as bar:

@@ -23,7 +23,7 @@ from mame_deploy.errors import UserError
 from mame_deploy.flops import relative_gflops
 from mame_deploy.manifest import Source
 from mame_deploy.onnx_export import INPUT_NAME
-from mame_deploy.runners import TorchRunner, load_onnx_file, onnxruntime_runner
+from mame_deploy.runners import TorchGraphRunner, TorchRunner, load_onnx_file, onnxruntime_runner
 
 DEFAULT_BATCH_SIZES = (1, 8)
 DEFAULT_WARMUP = 3
@@ -35,7 +35,7 @@ class Target:
     """One thing to time: ``make_runner()`` builds its polygraphy runner."""
 
     label: str
-    backend: str                 # "onnxruntime", "torch" or "tensorrt"
+    backend: str                 # "onnxruntime", "torch", "torch-graph" or "tensorrt"
     model: str
     ratio: float
     merged: bool                 # False for the unmerged baseline
@@ -72,17 +72,22 @@ def unmerged(source: Source) -> Source:
 
 
 def torch_target(source: Source, device: str, threads: Optional[int],
-                 expected_schedule: Optional[list] = None, fixed_batch: Optional[int] = None) -> Target:
-    """PyTorch on ``source``; ``fixed_batch`` pins it to the batch of the file it is compared with."""
+                 expected_schedule: Optional[list] = None, fixed_batch: Optional[int] = None,
+                 cuda_graph: bool = False) -> Target:
+    """PyTorch on ``source``; ``fixed_batch`` pins it to the batch of the file it is compared with.
+    ``cuda_graph``: replay a captured CUDA graph (``device`` must be cuda), the fair comparison
+    with an engine at small batch, where eager PyTorch is bound by kernel launches."""
+    if cuda_graph and device != "cuda":
+        raise UserError("CUDA graphs need --device cuda")
     model = manifests.build_model(source, expected_schedule)
     tokens = manifests.tokens_per_layer(model)
     cfg = model.config
     return Target(
         label=source.model + _merge_label(source),
-        backend="torch", model=source.model, ratio=source.ratio, merged=is_merged(source),
-        tokens_per_layer=tokens, relative_gflops=relative_gflops(cfg, tokens), fixed_batch=fixed_batch,
-        input_shape=(cfg.in_chans, cfg.img_size, cfg.img_size),
-        make_runner=lambda: TorchRunner(model, device, threads),
+        backend="torch-graph" if cuda_graph else "torch", model=source.model, ratio=source.ratio,
+        merged=is_merged(source), tokens_per_layer=tokens, relative_gflops=relative_gflops(cfg, tokens),
+        fixed_batch=fixed_batch, input_shape=(cfg.in_chans, cfg.img_size, cfg.img_size),
+        make_runner=(lambda: TorchGraphRunner(model)) if cuda_graph else (lambda: TorchRunner(model, device, threads)),
     )
 
 
@@ -149,10 +154,11 @@ def _targets_of(path, record, unmerged_files, device, threads, scratch, baseline
     return targets
 
 
-def torch_targets(source: Source, device: str, threads: Optional[int], baseline: bool = True) -> list[Target]:
-    targets = [torch_target(source, device, threads)]
+def torch_targets(source: Source, device: str, threads: Optional[int], baseline: bool = True,
+                  cuda_graph: bool = False) -> list[Target]:
+    targets = [torch_target(source, device, threads, cuda_graph=cuda_graph)]
     if baseline and is_merged(source):
-        targets.append(torch_target(unmerged(source), device, threads))
+        targets.append(torch_target(unmerged(source), device, threads, cuda_graph=cuda_graph))
     return targets
 
 

@@ -9,7 +9,6 @@ the unmerged export, and PyTorch eager and as a CUDA graph, merged and unmerged)
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -117,13 +116,6 @@ def engine_target(plan: Union[str, Path], baseline: bool = False):
     )
 
 
-def _graph_target(source, fixed_batch: Optional[int], expected_schedule=None):
-    from mame_deploy.bench import torch_target
-    from mame_deploy.runners import TorchGraphRunner
-
-    eager = torch_target(source, "cuda", None, expected_schedule=expected_schedule, fixed_batch=fixed_batch)
-    model = manifests.build_model(source, expected_schedule)
-    return replace(eager, backend="torch-graph", make_runner=lambda: TorchGraphRunner(model))
 
 
 def engine_targets(
@@ -155,9 +147,9 @@ def engine_targets(
         targets.append(engine_target(base_plan, baseline=True))
     if compare_torch:
         schedule = record["schedule"]
-        targets.append(torch_target(source, "cuda", None, expected_schedule=schedule, fixed_batch=fixed))
-        targets.append(_graph_target(source, fixed, schedule))
+        for cuda_graph in (False, True):
+            targets.append(torch_target(source, "cuda", None, schedule, fixed, cuda_graph=cuda_graph))
         if baseline and target.merged:
-            targets.append(torch_target(unmerged(source), "cuda", None, fixed_batch=fixed))
-            targets.append(_graph_target(unmerged(source), fixed))
+            for cuda_graph in (False, True):
+                targets.append(torch_target(unmerged(source), "cuda", None, fixed_batch=fixed, cuda_graph=cuda_graph))
     return targets

@@ -13,6 +13,7 @@ import torch
 
 from mame_deploy.artifacts import file_sha256
 from mame_deploy.cli.main import main
+from mame_deploy.errors import UserError
 from mame_deploy.manifest import REQUIRED_KEYS
 from mame_deploy.models import create_model
 from mame_deploy.onnx_export import tensorrt_available
@@ -239,6 +240,24 @@ def test_bench_torch_rows(capsys, tmp_path):
         assert phrase in out
 
 
+def test_bench_torch_cuda_graph_targets_replay_graphs():
+    """`bench --torch M --device cuda --cuda-graph` times CUDA-graph runners, merged and unmerged."""
+    from mame_deploy import bench
+    from mame_deploy.manifest import Source
+    from mame_deploy.runners import TorchGraphRunner
+
+    source = Source(model="vim_t", overrides={"depth": 2}, ratio=0.5)
+    targets = bench.torch_targets(source, "cuda", None, cuda_graph=True)
+    assert [(t.backend, t.merged) for t in targets] == [("torch-graph", True), ("torch-graph", False)]
+    if torch.cuda.is_available():
+        assert isinstance(targets[0].make_runner(), TorchGraphRunner)
+    else:  # the runner is made when timing starts; without a GPU that is the one-line error
+        with pytest.raises(UserError, match="no CUDA device"):
+            targets[0].make_runner()
+    with pytest.raises(UserError, match="--device cuda"):
+        bench.torch_target(source, "cpu", None, cuda_graph=True)
+
+
 def test_bench_onnx_runs_its_static_batch_beside_torch(capsys, pair, tmp_path):
     report_path = tmp_path / "bench.json"
     code, out, err = run(capsys, "bench", "--onnx", pair[0], "--warmup", "0", "--iters", "2", "--json", report_path)
@@ -253,6 +272,7 @@ def test_bench_onnx_runs_its_static_batch_beside_torch(capsys, pair, tmp_path):
     (["--torch", "vim_t", "--batch-sizes", "1,x"], "--batch-sizes"),
     (["--torch", "vim_t", "--device", "tpu"], "--device"),
     (["--torch", "vim_t", *TINY, "--iters", "0"], "--iters"),
+    (["--torch", "vim_t", *TINY, "--cuda-graph"], "--cuda-graph"),  # CPU is the default device
 ])
 def test_bench_rejects_bad_options(capsys, args, phrase):
     code, out, err = run(capsys, "bench", *args)
