@@ -36,7 +36,7 @@ SHAPES = [
     (1, 384, 1), (2, 768, 2), (1, 1536, 3), (3, 384, 31), (4, 768, 32), (2, 1536, 33),
     (1, 768, 97), (5, 384, 99), (2, 768, 197), (7, 1536, 101), (64, 768, 197), (16, 384, 256),
     (3, 768, 389), (2, 1536, 400), (33, 384, 7), (64, 1536, 61),
-    (1, 768, 197), (1, 384, 256),  # batch 1: the segmented splits
+    (1, 768, 197), (1, 384, 256), (1, 100, 197),  # batch 1: the segmented splits (100: partial block)
 ]
 _seed = itertools.count(1234)
 
@@ -159,6 +159,7 @@ def test_other_tunings_compute_the_same_function(tuning):
     for (batch, dim, length), dtype_name, reverse in (
         ((3, 768, 197), "float32", False), ((3, 768, 197), "float16", True), ((1, 384, 3), "float32", True),
         ((2, 384, 8), "bfloat16", False), ((1, 1536, 400), "float32", False),
+        ((1, 37, 50), "float32", True),  # channels not a multiple of the block's
     ):
         args = make_inputs(batch, dim, length, dtype=DTYPES[dtype_name])
         check(args, True, reverse, dtype_name, tuning=Tuning.parse(tuning))
