@@ -10,7 +10,7 @@
 //   SCAN_DELTA_SOFTPLUS  1: dt = softplus(delta + delta_bias), 0: dt = delta + delta_bias
 //   SCAN_REVERSE         1: the recurrence runs from t = L-1 down to 0
 //   SCAN_LANES           threads that share one channel, each holding N / LANES states
-//   SCAN_CHANNELS        channels per block (block = CHANNELS * LANES threads)
+//   SCAN_CHANNELS        channels per block (block = SEGMENTS * CHANNELS * LANES threads)
 //   SCAN_CHUNK           time steps staged in shared memory at a time
 //   SCAN_MIN_BLOCKS      blocks per SM to fit in registers (__launch_bounds__)
 //   SCAN_SEGMENTS        time segments scanned in parallel per channel (1: one pass over time)
