@@ -150,7 +150,7 @@ def _minmax(s: Tensor) -> Tensor:
 
 def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     """Rows ``x[b, idx[b, i]]`` of (B, L, E) ``x`` as (B, k, E). Whole rows by flat index (a
-    row copy; ONNX Gather on axis 0), not an element-wise gather with an expanded index."""
+    row copy; ONNX GatherND on rows), not an element-wise gather with an expanded index."""
     B, L, E = x.shape
     return x.reshape(B * L, E)[_flat_rows(idx, L)]
 
@@ -236,7 +236,8 @@ def merge_step(hidden: Tensor, residual: Tensor, score: Tensor, state: TokenStat
         dst_slot = dst_slot + (dst_slot >= new_cls[:, None]).long()
         src_seq = patch_pos.gather(1, src)                      # sources' sequence positions
         src_size = state.size.gather(1, src_seq)
-        w_src, w_dst = src_size, size_out.gather(1, dst_slot)
+        dst_size = size_out.gather(1, dst_slot)
+        w_src, w_dst = src_size, dst_size
         if opts.weighting == "informativeness":
             w_src = w_src * s.gather(1, src)
             w_dst = w_dst * score.float().gather(1, seq_idx.gather(1, dst_slot))
@@ -256,8 +257,7 @@ def merge_step(hidden: Tensor, residual: Tensor, score: Tensor, state: TokenStat
             return _put_tokens_(x_out, dst_slot, _gather_tokens(merged, first).to(x_out.dtype))
 
         hidden_out, residual_out = mean(hidden_out, hidden), mean(residual_out, residual)
-        size_dst = size_out.gather(1, dst_slot) + (same @ src_size[..., None]).squeeze(-1)
-        size_out = size_out.scatter(1, dst_slot, size_dst)
+        size_out = size_out.scatter(1, dst_slot, dst_size + (same @ src_size[..., None]).squeeze(-1))
     return hidden_out, residual_out, TokenState(size_out, origin_out, new_cls)
 
 
