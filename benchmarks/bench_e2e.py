@@ -1,6 +1,6 @@
 """End-to-end throughput of a Vision Mamba forward on the GPU as a CUDA graph: the model with
 our kernel (scan_backend="op") next to the same model with mamba-ssm's kernel, unmerged and
-MaMe-merged (when ``mame_deploy.patch`` is installed).
+MaMe-merged.
 
     python benchmarks/bench_e2e.py --model vim_s --batch 256 --ratios 0 0.5
 
@@ -16,38 +16,19 @@ import json
 import os
 import statistics
 import sys
-import types
 
 import torch
 
+from mame_deploy import patch
 from mame_deploy.models import create_model
-
-
-def patch_function():
-    """mame_deploy.patch(model, ratio=...) if the merging subsystem is installed, else None."""
-    try:
-        import mame_deploy.patch as module
-    except ImportError:
-        return None
-    import mame_deploy
-
-    fn = getattr(mame_deploy, "patch", None)
-    return fn if callable(fn) and not isinstance(fn, types.ModuleType) else getattr(module, "patch", None)
+from mame_deploy.runners import capture_cuda_graph
 
 
 def graph_time_ms(fn, iters: int) -> float:
     """Median of ``iters`` CUDA-graph replays of ``fn()`` (CUDA events), after warm-up on a side
     stream and one capture."""
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph, _ = capture_cuda_graph(fn)
         graph.replay()
         torch.cuda.synchronize()
         times = []
@@ -77,15 +58,11 @@ def main(argv=None) -> int:
         print("error: this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
 
-    patch = patch_function()
     dtype = getattr(torch, opts.dtype)
     device = torch.cuda.get_device_name()
     images = torch.randn(opts.batch, 3, 224, 224, device="cuda", dtype=dtype)
     rows = []
     for ratio in opts.ratios:
-        if ratio and patch is None:
-            print(f"ratio {ratio}: skipped, mame_deploy.patch is not installed", file=sys.stderr)
-            continue
         for backend in opts.backends:
             try:
                 model = create_model(opts.model, scan_backend=backend).to("cuda", dtype)

@@ -24,6 +24,7 @@ import torch
 from mame_deploy.kernels import TORCH_DTYPES, relative_error, scan_inputs, selective_scan_cuda
 from mame_deploy.ops.selective_scan import selective_scan_ref
 from mame_deploy.plugins.launch import Tuning, tuning_for
+from mame_deploy.runners import capture_cuda_graph
 
 DTYPES = {name: dtype for dtype, name in TORCH_DTYPES.items()}
 
@@ -37,11 +38,7 @@ def do_bench(fn, rep_ms: float = 200) -> float:
 def do_bench_graph(fn, rep_ms: float = 200) -> float:
     """GPU time of ``fn`` alone: one call captured in a CUDA graph, the replay timed (no Python
     launch cost, which matters when the kernel takes a few microseconds)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_cuda_graph(fn)
     return do_bench(graph.replay, rep_ms)
 
 

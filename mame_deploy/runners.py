@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import onnx
@@ -133,6 +133,22 @@ class TorchRunner(BaseRunner):
         self.model = self.model.cpu()
 
 
+def capture_cuda_graph(fn: Callable[[], Any]) -> tuple["torch.cuda.CUDAGraph", Any]:
+    """One call of ``fn`` captured as a CUDA graph, after three warm-up calls on a side stream
+    (as capture requires); returns the graph and the captured call's output, which each replay
+    rewrites. The caller chooses the grad mode."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class TorchGraphRunner(TorchRunner):
     """PyTorch on CUDA replaying one captured CUDA graph per input shape (launch overhead gone,
     as in an engine); the replay is timed with CUDA events."""
@@ -144,15 +160,8 @@ class TorchGraphRunner(TorchRunner):
     def _graph(self, shape):
         if shape not in self.graphs:
             static_in = torch.zeros(shape, device=self.device)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.inference_mode(), torch.cuda.stream(side):
-                for _ in range(3):  # warm-up off the default stream, as capture requires
-                    self.model(static_in)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph):
-                static_out = self.model(static_in)
+            with torch.inference_mode():
+                graph, static_out = capture_cuda_graph(lambda: self.model(static_in))
             self.graphs[shape] = (graph, static_in, static_out)
         return self.graphs[shape]
 
