@@ -90,6 +90,10 @@ from mame_deploy.cli import evaluate  # noqa: E402
 
 evaluate.register(app)
 
+from mame_deploy.cli import tune  # noqa: E402
+
+tune.register(app)
+
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI; a UserError becomes one line on stderr and exit code 2."""
