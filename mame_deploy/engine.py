@@ -3,8 +3,8 @@
 Three steps, each its own function:
 
 1. :func:`prepare_onnx` -- the ONNX preparation TensorRT needs: every ``mame::SelectiveScan``
-   node is checked against what the plugin expects (inputs, attributes, dtypes, shapes) and the
-   model's ONNX function for it is removed, so the parser binds each node to the plugin
+   and ``mame::TokenMerge`` node is checked against what its plugin expects (inputs, attributes,
+   dtypes, shapes) and the model's ONNX function for it is removed, so the parser binds each node to the plugin
    instead of expanding the function body into standard layers. Each node is also tagged with
    the plugin's namespace (parsers before TensorRT 10.10 do not read the node's domain) and
    ``aot=1`` (the node must use the ahead-of-time kernel, never a Python callback).
@@ -16,8 +16,8 @@ Three steps, each its own function:
 Precision follows TensorRT's typing rules. A network is built strongly typed when the requested
 precision is the ONNX file's own float type (TensorRT then runs every tensor in the type the
 graph gives it, on every TensorRT version). An fp32 file built as fp16/bf16 uses the builder's
-precision flags ("weak typing"), which TensorRT 10 has and TensorRT 11 removed; there, export
-the model in the reduced precision instead.
+precision flags ("weak typing"), deprecated since TensorRT 10.12 and removed in TensorRT 11;
+there, export the model in the reduced precision instead (``export --dtype fp16|bf16``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from mame_deploy import artifacts
 from mame_deploy import manifest as manifests
 from mame_deploy.errors import UserError
 from mame_deploy.ops.selective_scan import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE
+from mame_deploy.ops.token_merge import contract as merge_contract
 
 TRT_INSTALL_HINT = "install it with pip install 'mame-deploy[trt]' on a machine with an NVIDIA GPU"
 # Precision names of the CLI -> the float type of the scan's activations.
@@ -214,6 +215,114 @@ def scan_nodes(model: onnx.ModelProto) -> list[ScanNode]:
     return found
 
 
+# ---------------------------------------------------------------------------------------------
+# TokenMerge nodes (mame::TokenMerge, mame_deploy/ops/token_merge/contract.py)
+
+
+@dataclass(frozen=True)
+class MergeNode:
+    """One ``mame::TokenMerge`` node as its plugin will see it."""
+
+    name: str
+    attrs: merge_contract.MergeAttributes
+    hidden: Optional[str]  # float type of hidden; None where the file does not say
+    residual: Optional[str]
+    batch: Dim
+    length: Dim
+    dim: Dim
+
+
+def is_merge_node(node: onnx.NodeProto) -> bool:
+    return node.domain == merge_contract.ONNX_DOMAIN and node.op_type == merge_contract.ONNX_OP_TYPE
+
+
+def _merge_attributes(node: onnx.NodeProto, label: str) -> merge_contract.MergeAttributes:
+    attrs = {a.name: a for a in node.attribute}
+    unknown = sorted(set(attrs) - set(merge_contract.ATTRIBUTES) - set(PARSER_ATTRIBUTES))
+    if unknown:
+        raise UserError(f"{label} has attributes the plugin does not know: {unknown}; re-export the model")
+    values = {}
+    for name in merge_contract.ATTRIBUTES:
+        attr = attrs.get(name)
+        if attr is None:
+            raise UserError(f"{label} lacks the attribute {name!r}; re-export the model with mame-deploy export")
+        want = onnx.AttributeProto.FLOAT if name in merge_contract.FLOAT_ATTRIBUTES else onnx.AttributeProto.INT
+        if attr.type != want:
+            kind = "a float" if want == onnx.AttributeProto.FLOAT else "an integer"
+            raise UserError(f"{label}: attribute {name!r} must be {kind}; re-export the model")
+        values[name] = attr.f if want == onnx.AttributeProto.FLOAT else attr.i
+    try:
+        return merge_contract.MergeAttributes(**values)
+    except ValueError as exc:
+        raise UserError(f"{label}: {exc}; re-export the model") from None
+
+
+def _check_merge_node(label: str, attrs, types: dict, shapes: dict) -> tuple:
+    from mame_deploy.plugins.trt_token_merge import KERNEL_DTYPES
+
+    hidden, residual = types["hidden"], types["residual"]
+    if hidden is not None and hidden not in KERNEL_DTYPES:
+        raise UserError(f"{label}: hidden is {hidden}; the kernel supports {', '.join(KERNEL_DTYPES)}")
+    if residual is not None and hidden is not None and residual not in ("float32", hidden):
+        raise UserError(f"{label}: residual is {residual}; the plugin takes float32 or hidden's type ({hidden})")
+    for name, want in merge_contract.FIXED_TYPES.items():
+        if types[name] is not None and types[name] != want:
+            raise UserError(f"{label}: input {name} is {types[name]}, the plugin expects {want}")
+    ranks = {"hidden": 3, "residual": 3, "score": 2, "size": 2, "origin": 2, "cls": 1}
+    for name, rank in ranks.items():
+        if shapes[name] is not None and len(shapes[name]) != rank:
+            raise UserError(f"{label}: input {name} has rank {len(shapes[name])}, the plugin expects {rank}")
+    batch, length, dim = shapes["hidden"] or (None, None, None)
+    expected = {"residual": (batch, length, dim), "score": (batch, length), "size": (batch, length),
+                "origin": (batch, length), "cls": (batch,)}
+    for name, want in expected.items():
+        got = shapes[name]
+        if got is not None and not all(_same(g, w) for g, w in zip(got, want)):
+            raise UserError(f"{label}: input {name} has shape {list(got)}, expected {list(want)} "
+                            "(hidden, residual: batch x length x dim; score, size, origin: batch x length; cls: batch)")
+    for what, value in (("length", length), ("dim", dim)):
+        if isinstance(value, str):
+            raise UserError(f"{label}: {what} is symbolic ({value!r}); only the batch axis may be dynamic")
+    if isinstance(length, int) and isinstance(dim, int):
+        from mame_deploy.plugins import merge_launch
+
+        try:
+            merge_contract.check_length(length, attrs.r)
+            merge_launch.check_shape(length, dim, attrs.r)
+        except (ValueError, UserError) as exc:
+            raise UserError(f"{label}: {exc}") from None
+    return batch, length, dim
+
+
+def merge_nodes(model: onnx.ModelProto) -> list[MergeNode]:
+    """Check every ``mame::TokenMerge`` node of the main graph against the plugin's contract
+    (an unmerged model has none). Raises UserError naming the node on the first mismatch."""
+    nodes = [n for n in model.graph.node if is_merge_node(n)]
+    if not nodes:
+        return []
+    imports = {op.domain: op.version for op in model.opset_import}
+    if imports.get(merge_contract.ONNX_DOMAIN) != merge_contract.FUNCTION_VERSION:
+        raise UserError(f"the model does not import the {merge_contract.ONNX_DOMAIN!r} domain at version "
+                        f"{merge_contract.FUNCTION_VERSION}; re-export it")
+    values = _value_types(model)
+    found = []
+    for index, node in enumerate(nodes):
+        label = f"TokenMerge node {node.name or index!r}"
+        names = merge_contract.INPUT_NAMES
+        if len(node.input) != len(names) or not all(node.input):
+            raise UserError(f"{label} has inputs {list(node.input)}; the plugin takes all of {', '.join(names)}")
+        outs = merge_contract.OUTPUT_NAMES
+        if len(node.output) != len(outs) or not all(node.output):
+            raise UserError(f"{label} must have the {len(outs)} outputs {', '.join(outs)}")
+        attrs = _merge_attributes(node, label)
+        named = dict(zip(names, node.input))
+        types = {k: values.get(v, (None, None))[0] for k, v in named.items()}
+        shapes = {k: values.get(v, (None, None))[1] for k, v in named.items()}
+        dims = _check_merge_node(label, attrs, types, shapes)
+        found.append(MergeNode(node.name, attrs, types["hidden"], types["residual"], *dims))
+    return found
+
+
 def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:
     kept = [a for a in node.attribute if a.name != name]
     del node.attribute[:]
@@ -227,16 +336,19 @@ def prepare_onnx(model: onnx.ModelProto, jit: bool = False) -> onnx.ModelProto:
     ``jit=True`` tags the nodes for the plugin's Python implementation (debugging only).
     The input model is not modified; preparing a prepared model again gives the same result.
     """
-    scan_nodes(model)  # raises on anything the plugin would not accept
+    scan_nodes(model)  # raises on anything the plugins would not accept
+    merge_nodes(model)
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
-    kept = [f for f in prepared.functions if not (f.domain == ONNX_DOMAIN and f.name == ONNX_OP_TYPE)]
+    plugin_ops = {(ONNX_DOMAIN, ONNX_OP_TYPE), (merge_contract.ONNX_DOMAIN, merge_contract.ONNX_OP_TYPE)}
+    kept = [f for f in prepared.functions if (f.domain, f.name) not in plugin_ops]
     del prepared.functions[:]
     prepared.functions.extend(kept)
     for node in prepared.graph.node:
-        if is_scan_node(node):
-            _set_attribute(node, "plugin_namespace", ONNX_DOMAIN)
-            _set_attribute(node, "plugin_version", PLUGIN_VERSION)
+        if is_scan_node(node) or is_merge_node(node):
+            version = PLUGIN_VERSION if is_scan_node(node) else merge_contract.PLUGIN_VERSION
+            _set_attribute(node, "plugin_namespace", node.domain)
+            _set_attribute(node, "plugin_version", version)
             _set_attribute(node, "aot", 0 if jit else 1)
     return prepared
 
@@ -369,6 +481,7 @@ class BuildPlan:
     batch: BatchProfile
     nodes: tuple[ScanNode, ...]
     jit: bool
+    merge_nodes: tuple[MergeNode, ...] = ()
 
 
 def plan_build(
@@ -396,11 +509,17 @@ def plan_build(
     model = load_onnx(onnx_path) if model is None else model
     read_source_manifest(onnx_path)
     nodes = tuple(scan_nodes(model))
+    merges = tuple(merge_nodes(model))
     file_dtype = next((n.dtype for n in nodes if n.dtype is not None), "float32")
     precision, strongly_typed = resolve_precision(precision, file_dtype)
+    if jit and "bfloat16" in (file_dtype, PRECISIONS[precision]):
+        raise UserError(
+            "build --jit cannot run bf16: TensorRT hands Python plugins their buffers through "
+            "__cuda_array_interface__, which has no bfloat16; build bf16 engines without --jit"
+        )
     batch = batch_profile(model, max_batch, opt_batch)
     return BuildPlan(
-        onnx_path, output, manifest_in, manifest_out, precision, strongly_typed, size, batch, nodes, jit
+        onnx_path, output, manifest_in, manifest_out, precision, strongly_typed, size, batch, nodes, jit, merges
     )
 
 
@@ -454,6 +573,8 @@ def engine_record(plan: BuildPlan, engine: bytes, trt_version: str, gpu: dict) -
             "implementation": "jit" if plan.jit else "aot",
             "nodes": len(plan.nodes),
         },
+        **({"merge_plugin": {"id": merge_contract.PLUGIN_ID, "implementation": "jit" if plan.jit else "aot",
+                             "nodes": len(plan.merge_nodes)}} if plan.merge_nodes else {}),
         **gpu,
     }
 
@@ -463,6 +584,7 @@ def _build_bytes(trt, plan: BuildPlan, prepared: onnx.ModelProto) -> bytes:
 
     config = {}
     if not plan.strongly_typed:
+        # Weak typing: deprecated since TensorRT 10.12, gone in 11 (no BuilderFlag.FP16/BF16).
         flag = plan.precision.upper()
         if not hasattr(trt.BuilderFlag, flag):
             raise UserError(
@@ -482,7 +604,7 @@ def _build_bytes(trt, plan: BuildPlan, prepared: onnx.ModelProto) -> bytes:
         config["profiles"] = [profile]
     try:
         parsed = NetworkFromOnnxBytes(prepared.SerializeToString(), strongly_typed=plan.strongly_typed)()
-        check_plugin_layers(trt, parsed[1], len(plan.nodes))
+        check_plugin_layers(trt, parsed[1], len(plan.nodes) + len(plan.merge_nodes))
         engine = engine_bytes_from_network(parsed, config=CreateConfig(**config))
     except UserError:
         raise

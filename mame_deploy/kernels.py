@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import threading
 import warnings
 from typing import Optional
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mame_deploy.errors import UserError
+from mame_deploy.ops import cuda_driver
 from mame_deploy.ops.selective_scan import selective_scan_ref
 from mame_deploy.plugins import launch
 
@@ -28,73 +28,26 @@ TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 _MAX_GRID_Y = 65535
 
 
-def _driver():
-    try:
-        from cuda.bindings import driver
-    except ImportError as exc:
-        raise UserError(
-            "the CUDA selective-scan kernel needs cuda-python; install it with pip install 'mame-deploy[gpu]'"
-        ) from exc
-    return driver
-
-
-def _check(result, what: str):
-    """cuda-python returns (CUresult, *values): raise on an error, else return the values."""
-    driver = _driver()
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != driver.CUresult.CUDA_SUCCESS:
-        _, name = driver.cuGetErrorName(err)
-        raise RuntimeError(f"{what} failed: {name.decode() if isinstance(name, bytes) else err}")
-    return values[0] if len(values) == 1 else values
-
-
-class _Loaded:
-    """One compiled variant on one device: its module (kept alive), function and context."""
-
-    def __init__(self, device_index: int, ptx: bytes, name: str):
-        driver = _driver()
-        _check(driver.cuInit(0), "cuInit")
-        dev = _check(driver.cuDeviceGet(device_index), "cuDeviceGet")
-        # PyTorch runs in the device's primary context; the module must live there too.
-        self.context = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-        _check(driver.cuCtxPushCurrent(self.context), "cuCtxPushCurrent")
-        try:
-            self.module = _check(driver.cuModuleLoadData(ptx + b"\0"), "loading the kernel's PTX")
-            self.function = _check(driver.cuModuleGetFunction(self.module, name.encode()), "cuModuleGetFunction")
-        finally:
-            _check(driver.cuCtxPopCurrent(), "cuCtxPopCurrent")
-
-
-_lock = threading.Lock()
-_loaded: dict = {}
+# The driver helpers live in mame_deploy.ops.cuda_driver (shared with the token-merge kernel);
+# these names stay for the scan's callers and tests.
+_driver = cuda_driver.driver
+_check = cuda_driver.check
+_Loaded = cuda_driver.Loaded
 
 
 def _kernel(device: torch.device, dtype: str, dstate: int, softplus: bool, reverse: bool, tuning) -> _Loaded:
-    key = (device.index, dtype, dstate, softplus, reverse, tuning)
-    found = _loaded.get(key)
-    if found is None:
-        with _lock:
-            found = _loaded.get(key)
-            if found is None:
-                major, minor = torch.cuda.get_device_capability(device)
-                ptx, name = launch.compile_ptx(dtype, dstate, softplus, reverse, f"sm_{major}{minor}", tuning)
-                found = _loaded[key] = _Loaded(device.index, ptx, name)
-    return found
+    def compile_variant():
+        major, minor = torch.cuda.get_device_capability(device)
+        return launch.compile_ptx(dtype, dstate, softplus, reverse, f"sm_{major}{minor}", tuning)
+
+    key = ("selective_scan", device.index, dtype, dstate, softplus, reverse, tuning)
+    return cuda_driver.load(key, device.index, compile_variant)
 
 
 def pack_args(values: dict) -> tuple[list, ctypes.Array]:
-    """cuLaunchKernel's ``kernelParams``: an array of pointers to each argument's value, in
-    ``launch.KERNEL_ARGS`` order (tensors as device addresses, scalars as int32). Returns the
-    value holders too: they must outlive the launch call."""
-    missing = [name for name in launch.KERNEL_ARGS if name not in values]
-    if missing:
-        raise ValueError(f"kernel arguments missing: {missing}")
-    holders = [
-        ctypes.c_int32(values[name]) if launch.KERNEL_ARG_TYPES[name] == "int32" else ctypes.c_void_p(values[name])
-        for name in launch.KERNEL_ARGS
-    ]
-    array = (ctypes.c_void_p * len(holders))(*(ctypes.addressof(h) for h in holders))
-    return holders, array
+    """cuLaunchKernel's ``kernelParams`` in ``launch.KERNEL_ARGS`` order (tensors as device
+    addresses, scalars as int32); the holders must outlive the launch call."""
+    return cuda_driver.pack_args(values, launch.KERNEL_ARGS, launch.KERNEL_ARG_TYPES)
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int, int, int]:
@@ -163,20 +116,13 @@ def selective_scan_cuda(
         return out
 
     kernel = _kernel(u.device, dtype, dstate, bool(delta_softplus), bool(reverse), tuning)
-    driver = _driver()
-    if _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent") != kernel.context:
-        _check(driver.cuCtxSetCurrent(kernel.context), "cuCtxSetCurrent")
     tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias, "out": out}
     values = {name: (0 if t is None else t.data_ptr()) for name, t in tensors.items()}
     values.update(batch=batch, dim=dim, length=length)
     holders, array = pack_args(values)
     stream = torch.cuda.current_stream(u.device).cuda_stream
-    _check(
-        driver.cuLaunchKernel(
-            kernel.function, *params.grid, *params.block, params.shared_mem, stream, ctypes.addressof(array), 0
-        ),
-        "launching the selective-scan kernel",
-    )
+    cuda_driver.launch(kernel, params.grid, params.block, params.shared_mem, stream, array,
+                       "launching the selective-scan kernel")
     return out
 
 

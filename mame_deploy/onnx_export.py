@@ -21,7 +21,7 @@ from typing import Optional, Union
 import onnx
 import torch
 
-from mame_deploy import artifacts, manifest as manifests, scan_onnx
+from mame_deploy import artifacts, manifest as manifests, onnx_functions
 from mame_deploy.errors import UserError
 from mame_deploy.flops import gflops, relative_gflops
 from mame_deploy.manifest import Source
@@ -32,7 +32,7 @@ BATCH_DIM = "batch"
 SCAN_MODES = ("plugin", "inline")
 DEFAULT_OPSET = 20
 # The scan function needs opset 18; torch's exporter and onnxruntime 1.2x/1.3x go up to 23.
-OPSETS = range(scan_onnx.MIN_OPSET, 24)
+OPSETS = range(onnx_functions.MIN_OPSET, 24)
 
 
 @dataclass(frozen=True)
@@ -123,9 +123,9 @@ def to_onnx(model: torch.nn.Module, batch: Optional[int] = 1, opset: int = DEFAU
     _tidy(program.model)
     proto = program.model_proto
     _strip_metadata(proto)
-    scan_onnx.attach_scan_function(proto)
+    onnx_functions.attach_functions(proto)
     if scan == "inline":
-        proto = scan_onnx.inline_scan_functions(proto)
+        proto = onnx_functions.inline_functions(proto)
     onnx.checker.check_model(proto, full_check=True)
     return proto
 

@@ -28,9 +28,10 @@ def plugin_implementation(plan: Path) -> str:
 class TrtRunner(_PolygraphyTrtRunner):
     """A polygraphy runner (``with runner: runner.infer({name: array})``) for one .plan file.
 
-    An AOT engine carries the kernel's PTX and needs no Python at run time; the plugin is
-    registered anyway (and with its JIT implementation for ``--jit`` engines) because
-    TensorRT looks the plugin up by name while deserialising.
+    An AOT engine carries the kernels' PTX and deserialises without the plugins being
+    registered (it needs no Python at run time); an engine built with ``--jit`` calls back
+    into Python, so its plugins must be registered with their JIT implementations first.
+    Registering for an AOT engine too is harmless and keeps one code path.
     """
 
     def __new__(cls, plan: Union[str, Path], name: Optional[str] = None):

@@ -1,9 +1,12 @@
-"""Native code around the selective scan: the CUDA kernel source (``selective_scan.cu``), its
-NVRTC compile and launch parameters (``launch``), and the TensorRT plugin (``trt_plugin``)."""
+"""Native code: the CUDA kernels (``selective_scan.cu``, ``token_merge.cu``), their NVRTC compile
+(``nvrtc``) and launch contracts (``launch``, ``merge_launch``), and the TensorRT plugins
+(``trt_plugin`` for mame::SelectiveScan, ``trt_token_merge`` for mame::TokenMerge)."""
 
 
 def register(jit: bool = False) -> None:
-    """Load the ``mame::SelectiveScan`` TensorRT plugin; call before parsing or deserialising.
+    """Register the ``mame::SelectiveScan`` and ``mame::TokenMerge`` TensorRT plugins; call before
+    parsing. An AOT engine embeds the kernels' PTX and deserialises without them; an engine built
+    with ``jit=True`` (Python implementations) needs them registered, with ``jit=True``, first.
 
     Raises UserError, saying how to install TensorRT, where TensorRT is missing or too old for
     ahead-of-time Python plugins. ``jit=True`` also binds the debugging Python implementation.
@@ -18,6 +21,7 @@ def register(jit: bool = False) -> None:
             f"TensorRT {trt.__version__} has no ahead-of-time Python plugins; install TensorRT "
             "10.9 or newer with pip install -U 'mame-deploy[trt]'"
         )
-    from mame_deploy.plugins.trt_plugin import register_plugin
+    from mame_deploy.plugins import trt_plugin, trt_token_merge
 
-    register_plugin(jit=jit)
+    trt_plugin.register_plugin(jit=jit)
+    trt_token_merge.register_plugin(jit=jit)

@@ -21,13 +21,12 @@ A (dim, dstate) float32; D, delta_bias (dim,) float32. D, z and delta_bias may b
 from __future__ import annotations
 
 import dataclasses
-import functools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
 from mame_deploy.errors import UserError
+from mame_deploy.plugins import nvrtc
 
 KERNEL_SOURCE = Path(__file__).with_name("selective_scan.cu")
 
@@ -226,58 +225,11 @@ def compile_options(
 
 
 def _nvrtc():
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError as exc:
-        raise UserError(
-            "compiling the selective-scan kernel needs cuda-python and NVRTC; "
-            "install them with pip install 'mame-deploy[gpu]'"
-        ) from exc
-    return nvrtc
+    return nvrtc.nvrtc_module()
 
 
-def _check_nvrtc(nvrtc, result, what: str, prog=None) -> None:
-    err = result[0] if isinstance(result, tuple) else result
-    if err == nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        return
-    log = ""
-    if prog is not None:
-        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        buf = b" " * size
-        nvrtc.nvrtcGetProgramLog(prog, buf)
-        log = buf.decode(errors="replace").strip()
-    raise RuntimeError(f"NVRTC {what} failed ({err}){': ' + log if log else ''}")
-
-
-def current_arch() -> str:
-    """``compute_XY`` of the current CUDA device (device 0 if none is current)."""
-    try:
-        from cuda.bindings import driver
-    except ImportError as exc:
-        raise UserError("finding the GPU's architecture needs cuda-python: pip install 'mame-deploy[gpu]'") from exc
-    try:
-        (err,) = driver.cuInit(0)
-    except RuntimeError:  # cuda-python without libcuda: a machine with no NVIDIA driver
-        err = None
-    if err != driver.CUresult.CUDA_SUCCESS:
-        raise UserError(f"no usable CUDA driver or GPU ({err}); pass arch='sm_90' to compile without one")
-    err, dev = driver.cuCtxGetDevice()
-    if err != driver.CUresult.CUDA_SUCCESS:
-        err, dev = driver.cuDeviceGet(0)
-    attr = driver.CUdevice_attribute
-    _, major = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
-    _, minor = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
-    return f"compute_{major}{minor}"
-
-
-def _ptx_arch(arch: Optional[str]) -> str:
-    """Accepts ``sm_90``, ``compute_90``, ``sm_90a`` or None (the current device)."""
-    if arch is None:
-        return current_arch()
-    match = re.fullmatch(r"(?:sm_|compute_)?(\d{2,3}a?)", arch)
-    if not match:
-        raise UserError(f"unrecognised GPU architecture {arch!r}; write it like 'sm_90'")
-    return f"compute_{match.group(1)}"
+current_arch = nvrtc.current_arch
+_ptx_arch = nvrtc.ptx_arch
 
 
 def compile_ptx(
@@ -289,23 +241,6 @@ def compile_ptx(
     return _compile_ptx(dtype, int(dstate), bool(delta_softplus), bool(reverse), _ptx_arch(arch), tuning)
 
 
-@functools.lru_cache(maxsize=None)
 def _compile_ptx(dtype, dstate, delta_softplus, reverse, arch, tuning) -> tuple[bytes, str]:
-    options = compile_options(dtype, dstate, delta_softplus, reverse, tuning)
-    nvrtc = _nvrtc()
-    source = KERNEL_SOURCE.read_bytes()
-    err, prog = nvrtc.nvrtcCreateProgram(source, KERNEL_SOURCE.name.encode(), 0, [], [])
-    _check_nvrtc(nvrtc, err, "program creation")
-    try:
-        # -default-device: NVRTC treats the kernel's generic lambdas as host code without it (nvcc
-        # derives their execution space from the enclosing kernel).
-        opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-default-device"]
-        opts += [o.encode() for o in options]
-        _check_nvrtc(nvrtc, nvrtc.nvrtcCompileProgram(prog, len(opts), opts), "compilation", prog)
-        err, size = nvrtc.nvrtcGetPTXSize(prog)
-        _check_nvrtc(nvrtc, err, "PTX size")
-        ptx = b" " * size
-        _check_nvrtc(nvrtc, nvrtc.nvrtcGetPTX(prog, ptx), "PTX retrieval")
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
-    return ptx.rstrip(b"\0"), kernel_name(dtype, dstate, delta_softplus, reverse)
+    options = tuple(compile_options(dtype, dstate, delta_softplus, reverse, tuning))
+    return nvrtc.compile_ptx(KERNEL_SOURCE, options, arch), kernel_name(dtype, dstate, delta_softplus, reverse)

@@ -107,6 +107,7 @@ def aot_kernel(
     delta_softplus: bool,
     reverse: bool,
     arch: Optional[str] = None,
+    tactic: int = 0,
 ) -> AotKernel:
     """PTX, kernel name, launch configuration and scalar arguments for one scan node.
 
@@ -114,12 +115,13 @@ def aot_kernel(
     and // are applied to them); ``dstate`` must be an int because it selects the compiled
     variant. The kernel's work split (``launch.tuning_for``) depends on the channel count when
     it is known: a static engine gets the split for its batch and length, a dynamic-batch engine the
-    default one; PTX and launch parameters always come from the same split.
+    default one; PTX and launch parameters always come from the same split. ``tactic`` k >= 1
+    picks ``SCAN_TACTICS[k - 1]`` instead (the splits TensorRT times, see ``_formats``).
     """
     if dtype not in KERNEL_DTYPES:
         raise UserError(f"the selective-scan kernel has no {dtype} variant; use one of {KERNEL_DTYPES}")
     launch = _launch()
-    tuning = launch.tuning_for(batch, dim, length)
+    tuning = launch.tuning_for(batch, dim, length) if tactic == 0 else scan_tactics()[tactic - 1]
     ptx, name = launch.compile_ptx(dtype, int(dstate), bool(delta_softplus), bool(reverse), arch, tuning)
     params = launch.launch_params(batch, dim, length, int(dstate), dtype, tuning)
     return AotKernel(
@@ -130,6 +132,14 @@ def aot_kernel(
         shared_mem=params.shared_mem,
         scalars=kernel_scalars(batch, dim, length, int(dstate)),
     )
+
+
+def scan_tactics():
+    """The work splits offered to TensorRT as tactics 1, 2, ... (any batch; the segmented ones
+    need a known small batch, which tactic 0 gives a static engine): TensorRT times them at the
+    profile's optimum batch and bakes the fastest into the engine."""
+    launch = _launch()
+    return (launch.DEFAULT_TUNING, launch.MEDIUM_BATCH_TUNING, launch.SMALL_BATCH_TUNING)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +222,8 @@ def _bind_aot() -> None:
         # delta_bias are always float32. Linear (contiguous) layouts only.
         shared = "FP32|FP16|BF16"
         types = ", ".join("FP32" if n in FLOAT32_INPUTS else shared for n in INPUT_NAMES + (OUTPUT_NAME,))
-        return [trtp.AutoTuneCombination(types, "LINEAR")]
+        # Each work split is a tactic, so a dynamic-batch engine gets the fastest at its optimum.
+        return [trtp.AutoTuneCombination(types, "LINEAR", list(range(1, len(scan_tactics()) + 1)))]
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(
@@ -223,7 +234,8 @@ def _bind_aot() -> None:
         batch, dim, length = (_static(u.shape_expr[i]) for i in range(3))
         dstate = _constant(A.shape_expr[1], "d_state (A's second axis)")
         kernel = aot_kernel(
-            dtype_names[u.dtype], batch, dim, length, dstate, _flag(delta_softplus), _flag(reverse)
+            dtype_names[u.dtype], batch, dim, length, dstate, _flag(delta_softplus), _flag(reverse),
+            tactic=int(tactic),
         )
         params = trtp.KernelLaunchParams()
         params.grid_x, params.grid_y, params.grid_z = kernel.grid
@@ -250,7 +262,9 @@ def _bind_jit() -> None:
 
         from mame_deploy.ops.selective_scan import selective_scan_ref
 
-        args = [torch.as_tensor(t, device="cuda") for t in (u, delta, A, B, C, D, z, delta_bias)]
+        # TensorRT's buffers through __cuda_array_interface__ (it has no bfloat16: build --jit
+        # refuses bf16), made and used on TensorRT's stream, as NVIDIA's sample does.
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            args = [torch.as_tensor(t, device="cuda") for t in (u, delta, A, B, C, D, z, delta_bias)]
             out = torch.as_tensor(outputs[0], device="cuda")
             out.copy_(selective_scan_ref(*args, _flag(delta_softplus), _flag(reverse)))

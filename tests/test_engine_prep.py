@@ -331,3 +331,109 @@ def test_engine_manifest_must_record_this_very_plan(exported):
     plan.write_bytes(b"another engine")
     with pytest.raises(UserError, match="not the engine its manifest records"):
         engine.read_engine_manifest(plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# mame::TokenMerge nodes
+
+
+def merge_model(batch=2, length=9, dim=8, r=2, hidden=TensorProto.FLOAT, residual=None, attrs=None, shapes=None,
+                types=None, inputs=None, outputs=None, with_function=True, opset_mame=1):
+    """One scan node (every model has them) plus one mame::TokenMerge node with its function."""
+    from mame_deploy.ops.token_merge import contract
+
+    model = scan_model(opset_mame=opset_mame)
+    residual = hidden if residual is None else residual
+    shapes = {"hidden": [batch, length, dim], "residual": [batch, length, dim], "score": [batch, length],
+              "size": [batch, length], "origin": [batch, length], "cls": [batch], **(shapes or {})}
+    elem = {"hidden": hidden, "residual": residual, "score": TensorProto.FLOAT, "size": TensorProto.FLOAT,
+            "origin": TensorProto.INT64, "cls": TensorProto.INT64, **(types or {})}
+    names = list(contract.INPUT_NAMES if inputs is None else inputs)
+    for name in contract.INPUT_NAMES:
+        model.graph.input.append(helper.make_tensor_value_info(name, elem[name], shapes[name]))
+    attrs = {"r": r, "prune": 0, "split": 0, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1.0} \
+        if attrs is None else attrs
+    outs = list(contract.OUTPUT_NAMES if outputs is None else outputs)
+    model.graph.node.append(helper.make_node(contract.ONNX_OP_TYPE, names, outs, domain=contract.ONNX_DOMAIN,
+                                             name="merge0", **attrs))
+    out_len = length - r if isinstance(length, int) else length
+    out_types = [elem["hidden"], elem["residual"], TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT64]
+    out_shapes = [[batch, out_len, dim], [batch, out_len, dim], [batch, out_len], [batch, out_len], [batch]]
+    for name, t, s in zip(outs, out_types, out_shapes):
+        if name:
+            model.graph.output.append(helper.make_tensor_value_info(name, t, s))
+    if with_function:
+        body = [helper.make_node("Identity", [i], [o]) for i, o in zip(
+            ["hidden", "residual", "size", "origin", "cls"], list(contract.OUTPUT_NAMES))]
+        model.functions.append(helper.make_function(
+            contract.ONNX_DOMAIN, contract.ONNX_OP_TYPE, list(contract.INPUT_NAMES), list(contract.OUTPUT_NAMES),
+            body, [helper.make_opsetid("", 20)], attributes=list(contract.ATTRIBUTES)))
+    return model
+
+
+def test_prepare_strips_the_merge_function_and_tags_merge_nodes():
+    model = merge_model()
+    prepared = engine.prepare_onnx(model)
+    assert prepared.functions == [] or all(f.name not in ("TokenMerge", ONNX_OP_TYPE) for f in prepared.functions)
+    merge = next(n for n in prepared.graph.node if n.op_type == "TokenMerge")
+    got = attributes(merge)
+    assert got["plugin_namespace"] == b"mame" and got["plugin_version"] == b"1" and got["aot"] == 1
+    assert got["r"] == 2 and got["lam"] == pytest.approx(1.0)
+    assert engine.prepare_onnx(prepared).SerializeToString() == prepared.SerializeToString()
+    assert attributes(next(n for n in engine.prepare_onnx(model, jit=True).graph.node
+                           if n.op_type == "TokenMerge"))["aot"] == 0
+
+
+def test_merge_nodes_reads_attributes_dtypes_and_shapes():
+    from mame_deploy.ops.token_merge.contract import MergeAttributes
+
+    (node,) = engine.merge_nodes(merge_model(batch="N", length=197, dim=384, r=6, hidden=TensorProto.BFLOAT16,
+                                             residual=TensorProto.FLOAT))
+    assert node == engine.MergeNode("merge0", MergeAttributes(6, lam=1.0), "bfloat16", "float32", "N", 197, 384)
+    assert engine.merge_nodes(scan_model()) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(attrs={"r": 2, "prune": 0, "split": 0, "arrangement": 0, "weighting": 0, "metric": 0}),
+         "lacks the attribute 'lam'"),
+        (dict(attrs={"r": 2, "prune": 0, "split": 0, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1}),
+         "attribute 'lam' must be a float"),
+        (dict(attrs={"r": 2, "prune": 0, "split": 3, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1.0}),
+         "attribute split must be in 0..1"),
+        (dict(attrs={"r": 2, "prune": 0, "split": 0, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1.0,
+                     "tile": 4}), "does not know: ['tile']"),
+        (dict(r=5), "r=5 exceeds half of the 8 patches"),
+        (dict(inputs=["hidden", "residual", "score", "size", "origin", ""]), "takes all of hidden, residual"),
+        (dict(outputs=["hidden_out", "residual_out", "size_out", "origin_out"]), "must have the 5 outputs"),
+        (dict(types={"score": TensorProto.FLOAT16}), "input score is float16, the plugin expects float32"),
+        (dict(types={"cls": TensorProto.INT32}), "input cls is int32, the plugin expects int64"),
+        (dict(hidden=TensorProto.DOUBLE), "hidden is double; the kernel supports float32, float16, bfloat16"),
+        (dict(hidden=TensorProto.FLOAT, residual=TensorProto.FLOAT16), "residual is float16; the plugin takes float32"),
+        (dict(shapes={"score": [2, 8]}), "input score has shape [2, 8], expected [2, 9]"),
+        (dict(shapes={"cls": [2, 1]}), "input cls has rank 2, the plugin expects 1"),
+        (dict(length="L"), "length is symbolic ('L'); only the batch axis may be dynamic"),
+        (dict(dim=6), "multiple of 4"),
+        (dict(length=600, r=6), "at most 513 tokens"),
+    ],
+)
+def test_merge_nodes_reject_what_the_plugin_cannot_run(kwargs, message):
+    with pytest.raises(UserError) as err:
+        engine.prepare_onnx(merge_model(**kwargs))
+    assert message in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_build_plan_counts_merge_nodes_and_refuses_jit_bf16(tmp_path):
+    path = write_export(tmp_path / "m.onnx", merge_model())
+    plan = engine.plan_build(path)
+    assert len(plan.nodes) == 1 and len(plan.merge_nodes) == 1
+    record = engine.engine_record(plan, b"e", "10.13.0", {})
+    assert record["merge_plugin"] == {"id": "mame::TokenMerge", "implementation": "aot", "nodes": 1}
+    bf16 = write_export(tmp_path / "b.onnx", scan_model(dtype=TensorProto.BFLOAT16))
+    with pytest.raises(UserError, match="build --jit cannot run bf16") as err:
+        engine.plan_build(bf16, jit=True)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="build --jit cannot run bf16"):
+        engine.plan_build(path, precision="bf16", jit=True, force=True)

@@ -1,0 +1,188 @@
+"""The token-merge CUDA kernel on PyTorch tensors, and its registration as the CUDA
+implementation of ``torch.ops.mame.token_merge``.
+
+The kernel is ``plugins/token_merge.cu``, compiled by NVRTC through
+``mame_deploy.plugins.merge_launch`` (the functions the TensorRT plugin calls too), loaded with
+cuda-python (``mame_deploy.ops.cuda_driver``) and launched on PyTorch's current stream, so CUDA
+graphs capture it. Importing this module touches neither CUDA nor cuda-python; nothing is
+registered until :func:`register_cuda` is called.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mame_deploy.errors import UserError
+from mame_deploy.ops import cuda_driver
+from mame_deploy.plugins import merge_launch
+
+from .contract import TORCH_NAME, MergeAttributes, check_length, output_length
+from .reference import token_merge_ref
+
+TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _kernel(device: torch.device, variant: merge_launch.Variant, tuning: merge_launch.Tuning):
+    def compile_variant():
+        major, minor = torch.cuda.get_device_capability(device)
+        return merge_launch.compile_ptx(variant, tuning, f"sm_{major}{minor}")
+
+    return cuda_driver.load(("token_merge", device.index, variant, tuning), device.index, compile_variant)
+
+
+def unsupported(hidden: Tensor, residual: Tensor, attrs: MergeAttributes) -> Optional[str]:
+    """Why the kernel cannot run these inputs (the op then runs the reference), or None."""
+    if hidden.dtype not in TORCH_DTYPES:
+        return f"no kernel for hidden in {hidden.dtype}"
+    if residual.dtype not in (torch.float32, hidden.dtype):
+        return f"no kernel for a {residual.dtype} residual with {hidden.dtype} hidden"
+    if hidden.dim() != 3:
+        return "hidden must be (batch, length, dim)"
+    _, length, dim = hidden.shape
+    try:
+        merge_launch.check_shape(length, dim, attrs.r)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def _check_inputs(hidden, residual, score, size, origin, cls) -> tuple[int, int, int]:
+    if hidden.dim() != 3:
+        raise UserError(f"token merge: hidden must be (batch, length, dim), got shape {tuple(hidden.shape)}")
+    B, L, E = hidden.shape
+    expected = {"residual": (residual, (B, L, E)), "score": (score, (B, L)), "size": (size, (B, L)),
+                "origin": (origin, (B, L)), "cls": (cls, (B,))}
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise UserError(f"token merge: {name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != hidden.device:
+            raise UserError(f"token merge: {name} is on {t.device}, hidden on {hidden.device}; move them to one GPU")
+    return B, L, E
+
+
+def token_merge_cuda(hidden: Tensor, residual: Tensor, score: Tensor, size: Tensor, origin: Tensor, cls: Tensor,
+                     attrs: MergeAttributes, tuning: Optional[merge_launch.Tuning] = None,
+                     out: Optional[tuple] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One merge step on the GPU; same arguments and results as ``token_merge_ref``.
+
+    hidden in float32/float16/bfloat16, residual in float32 or hidden's type; score and size are
+    used as float32, origin and cls as int64; non-contiguous inputs are copied. ``tuning`` (the
+    work split) defaults to ``merge_launch.tuning_for(batch)``; every split gives the same bits.
+    ``out``: the five output tensors to write (contiguous, the results' shapes and dtypes).
+    """
+    B, L, E = _check_inputs(hidden, residual, score, size, origin, cls)
+    if not hidden.is_cuda:
+        raise UserError("token_merge_cuda needs CUDA tensors; the CPU runs token_merge_ref")
+    check_length(L, attrs.r)
+    reason = unsupported(hidden, residual, attrs)
+    if reason:
+        raise UserError(f"the token-merge kernel cannot run this step: {reason}")
+    variant = merge_launch.Variant.of(TORCH_DTYPES[hidden.dtype], TORCH_DTYPES[residual.dtype], L)
+    tuning = tuning or merge_launch.tuning_for(B)
+    Q = output_length(L, attrs.r)
+    hidden, residual = hidden.contiguous(), residual.contiguous()
+    score, size = score.float().contiguous(), size.float().contiguous()
+    origin, cls = origin.long().contiguous(), cls.long().contiguous()
+    outs = {
+        "hidden_out": hidden.new_empty(B, Q, E), "residual_out": residual.new_empty(B, Q, E),
+        "size_out": size.new_empty(B, Q), "origin_out": origin.new_empty(B, Q), "cls_out": cls.new_empty(B),
+    }
+    if out is not None:
+        given = dict(zip(outs, out))
+        for name, want in outs.items():
+            got = given.get(name)
+            if (got is None or got.shape != want.shape or got.dtype != want.dtype or got.device != want.device
+                    or not got.is_contiguous()):
+                raise UserError(f"out: {name} must be a contiguous {want.dtype} tensor of shape "
+                                f"{tuple(want.shape)} on {want.device}")
+        outs = given
+    if B == 0:
+        return tuple(outs.values())
+    kernel = _kernel(hidden.device, variant, tuning)
+    params = merge_launch.launch_params(B, tuning)
+    tensors = {"hidden": hidden, "residual": residual, "score": score, "size": size, "origin": origin, "cls": cls}
+    values = {name: t.data_ptr() for name, t in {**tensors, **outs}.items()}
+    values.update(batch=B, length=L, dim=E, **merge_launch.attribute_scalars(attrs))
+    holders, array = cuda_driver.pack_args(values, merge_launch.KERNEL_ARGS, merge_launch.KERNEL_ARG_TYPES)
+    stream = torch.cuda.current_stream(hidden.device).cuda_stream
+    cuda_driver.launch(kernel, params.grid, params.block, params.shared_mem, stream, array,
+                       "launching the token-merge kernel")
+    return tuple(outs.values())
+
+
+_warned: set = set()
+
+
+def _fallback(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"mame::token_merge runs the PyTorch reference on the GPU: {reason}", stacklevel=3)
+
+
+def _reference(hidden, residual, score, size, origin, cls, attrs):
+    outs = token_merge_ref(hidden, residual, score, size, origin, cls, attrs)
+    # A custom op's outputs must not alias its inputs.
+    return tuple(t.clone() if t is x else t for t, x in zip(outs, (hidden, residual, size, origin, cls)))
+
+
+def _token_merge_cuda_op(hidden, residual, score, size, origin, cls, r, prune, split, arrangement, weighting,
+                         metric, lam):
+    attrs = MergeAttributes(r, prune, split, arrangement, weighting, metric, lam)
+    reason = unsupported(hidden, residual, attrs)
+    if reason is None:
+        try:
+            cuda_driver.driver()
+        except UserError as exc:
+            reason = str(exc)
+    if reason is not None:
+        _fallback(reason)
+        return _reference(hidden, residual, score, size, origin, cls, attrs)
+    return token_merge_cuda(hidden, residual, score, size, origin, cls, attrs)
+
+
+_lock = threading.Lock()
+_registered = False
+
+
+def register_cuda() -> None:
+    """Make the kernel the CUDA implementation of ``torch.ops.mame.token_merge`` (idempotent).
+    The op itself (``op.py``) must be defined first; inputs the kernel cannot run fall back to
+    the reference with a one-time warning."""
+    global _registered
+    with _lock:
+        if not _registered:
+            from . import op  # noqa: F401  (defines the op the kernel registers for)
+
+            torch.library.register_kernel(TORCH_NAME, "cuda")(_token_merge_cuda_op)
+            _registered = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs shared by the GPU tests and the benchmarks.
+
+def merge_inputs(batch: int, length: int = 197, dim: int = 384, hidden_dtype: torch.dtype = torch.float32,
+                 residual_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cuda",
+                 merged_before: bool = True) -> dict:
+    """Random arguments of ``token_merge_ref`` with vim_s-like magnitudes (keyword names): unit
+    hidden, a residual stream ten times larger, scores like a mean step size (softplus range
+    0.001..0.1), and with ``merged_before`` the state of an earlier merge: sizes 1..4, origins a
+    permutation, the class token anywhere."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    residual_dtype = residual_dtype or hidden_dtype
+    hidden = torch.randn(batch, length, dim, generator=g, device=device).to(hidden_dtype)
+    residual = (10 * torch.randn(batch, length, dim, generator=g, device=device)).to(residual_dtype)
+    score = torch.exp(torch.rand(batch, length, generator=g, device=device) * 4.6 - 6.9)
+    if merged_before:
+        size = torch.randint(1, 5, (batch, length), generator=g, device=device).float()
+        origin = torch.argsort(torch.rand(batch, length, generator=g, device=device), dim=1)
+        cls = torch.randint(0, length, (batch,), generator=g, device=device)
+    else:
+        size = torch.ones(batch, length, device=device)
+        origin = torch.arange(length, device=device).expand(batch, length).contiguous()
+        cls = torch.full((batch,), length // 2, device=device, dtype=torch.long)
+    return dict(hidden=hidden, residual=residual, score=score, size=size, origin=origin, cls=cls)

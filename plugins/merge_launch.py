@@ -1,0 +1,213 @@
+"""How the token-merge kernel (``token_merge.cu`` beside this file) is built and launched.
+
+The one launch contract of ``mame::TokenMerge``, shared unchanged by the PyTorch launcher
+(``mame_deploy.ops.token_merge.cuda``) and the TensorRT plugin (``trt_token_merge``):
+
+* :class:`Variant` -- what selects a compiled kernel: the two streams' dtypes and the decision
+  arrays' capacity (:func:`n_cap`, from the sequence length). The node's attributes are int32
+  arguments (:func:`attribute_scalars`; lam as its float32 bits), so one variant serves every
+  method and option.
+* :class:`Tuning` -- the work split: blocks per sample (a thread-block cluster) and the matching
+  tile. :func:`tuning_for` picks one by batch; :data:`TUNINGS` are all of them (the TensorRT
+  plugin offers them as tactics).
+* :func:`compile_ptx` -- NVRTC (``plugins/nvrtc.py``) PTX of one (variant, tuning).
+* :func:`launch_params` -- grid ``(cluster * batch, 1, 1)``, block 256, no dynamic shared memory,
+  computed with ``*`` alone on ``batch`` so TensorRT's symbolic batch works.
+* :data:`KERNEL_ARGS` -- the kernel's parameters in TensorRT's AOT order: the six inputs, the
+  int32 scalars, the five outputs; :data:`KERNEL_ARG_TYPES` gives each one's C type.
+
+Layouts (contiguous): hidden, residual (batch, length, dim); score, size (batch, length) float32;
+origin (batch, length) int64; cls (batch,) int64; the outputs likewise with length - r tokens.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+from mame_deploy.errors import UserError
+from mame_deploy.ops.token_merge.contract import INPUT_NAMES, OUTPUT_NAMES, MergeAttributes
+from mame_deploy.plugins import nvrtc
+
+KERNEL_SOURCE = Path(__file__).with_name("token_merge.cu")
+ATTRIBUTE_ARGS = ("r", "prune", "split", "arrangement", "weighting", "metric", "lam_bits")
+SCALAR_ARGS = ("batch", "length", "dim") + ATTRIBUTE_ARGS
+KERNEL_ARGS = INPUT_NAMES + SCALAR_ARGS + OUTPUT_NAMES
+KERNEL_ARG_TYPES = {
+    "hidden": "const hidden_t*", "residual": "const residual_t*", "score": "const float*",
+    "size": "const float*", "origin": "const int64*", "cls": "const int64*",
+    **{name: "int32" for name in SCALAR_ARGS},
+    "hidden_out": "hidden_t*", "residual_out": "residual_t*", "size_out": "float*",
+    "origin_out": "int64*", "cls_out": "int64*",
+}
+DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+THREADS = 256
+N_CAPS = (64, 128, 256, 512)  # decision-array capacities (patches), one compiled variant each
+MAX_LENGTH = N_CAPS[-1] + 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What the compiled kernel depends on besides the work split."""
+
+    hidden: str  # dtype of hidden and hidden_out
+    residual: str  # dtype of residual and residual_out: float32 or the hidden's
+    n_cap: int = 256
+
+    def __post_init__(self):
+        for what, dtype in (("hidden", self.hidden), ("residual", self.residual)):
+            if dtype not in DTYPES:
+                raise UserError(f"the token-merge kernel has no {dtype!r} {what}; use one of {', '.join(DTYPES)}")
+        if self.residual not in ("float32", self.hidden):
+            raise UserError(f"the token-merge kernel takes a float32 residual or one in hidden's type "
+                            f"({self.hidden}), got {self.residual}")
+        if self.n_cap not in N_CAPS:
+            raise UserError(f"n_cap must be one of {N_CAPS}, got {self.n_cap}")
+
+    @classmethod
+    def of(cls, hidden: str, residual: str, length: int) -> "Variant":
+        return cls(hidden, residual, n_cap(length))
+
+
+def attribute_scalars(attrs: MergeAttributes) -> dict:
+    """The node's attributes as the kernel's int32 arguments (lam: its float32 bits, signed)."""
+    (bits,) = struct.unpack("<i", struct.pack("<f", attrs.lam))
+    return dict(r=attrs.r, prune=attrs.prune, split=attrs.split, arrangement=attrs.arrangement,
+                weighting=attrs.weighting, metric=attrs.metric, lam_bits=bits)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Work split: ``cluster`` blocks per sample share the matching (sources) and the output
+    rows; each block's matching pass covers ``ty * my`` sources x ``(256 // ty) * mx``
+    destinations, ``kt`` channels staged at a time; ``min_blocks`` per SM for the registers."""
+
+    cluster: int = 1
+    ty: int = 16
+    my: int = 7
+    mx: int = 7
+    kt: int = 8
+    min_blocks: int = 2
+
+    def __post_init__(self):
+        problems = [
+            self.cluster not in (1, 2, 4, 8) and "cluster must be 1, 2, 4 or 8",
+            (self.ty < 1 or THREADS % self.ty) and "ty must divide 256",
+            (self.my < 1 or self.mx < 1) and "my and mx must be positive",
+            self.ty * self.my + (THREADS // max(self.ty, 1)) * self.mx > THREADS
+            and "ty * my + (256 / ty) * mx must be at most 256",
+            (self.kt % 4 or self.kt < 4 or (self.kt // 4 + 1) % 2 != 1) and "kt must be a multiple of 8",
+            self.min_blocks < 1 and "min_blocks must be at least 1",
+        ]
+        problems = [p for p in problems if p]
+        if problems:
+            raise UserError(f"bad token-merge tuning {self}: {'; '.join(problems)}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Tuning":
+        """``CLUSTERxTYxMYxMXxKTxMIN_BLOCKS``, e.g. ``1x16x7x7x8x2`` (benchmark option syntax)."""
+        try:
+            values = [int(v) for v in text.lower().split("x")]
+        except ValueError:
+            values = []
+        if len(values) != 6:
+            raise UserError(f"bad token-merge tuning {text!r}; write CLUSTERxTYxMYxMXxKTxMIN_BLOCKS, e.g. 1x16x7x7x8x2")
+        return cls(*values)
+
+    def __str__(self) -> str:
+        return f"{self.cluster}x{self.ty}x{self.my}x{self.mx}x{self.kt}x{self.min_blocks}"
+
+
+# Many samples: one block per sample, 112 x 112 matching tile (Vim's 98 x 98 in one pass), two
+# blocks per SM. Few samples: a cluster of blocks per sample shares the matching, so batch 1
+# spreads over 8 SMs instead of one. Chosen on the H200 by benchmarks/bench_merge.py.
+DEFAULT_TUNING = Tuning()
+SMALL_BATCH_TUNING = Tuning(cluster=8, ty=4, my=4, mx=2, kt=32, min_blocks=1)  # 16 x 128 per block
+MEDIUM_BATCH_TUNING = Tuning(cluster=2, ty=8, my=7, mx=4, kt=16, min_blocks=1)  # 56 x 128 per block
+TUNINGS = (DEFAULT_TUNING, MEDIUM_BATCH_TUNING, SMALL_BATCH_TUNING)
+SMALL_BATCH = 16  # batch sizes up to which SMALL_BATCH_TUNING is used
+MEDIUM_BATCH = 64  # ... then MEDIUM_BATCH_TUNING
+
+
+def tuning_for(batch) -> Tuning:
+    """The split for ``batch`` samples; a symbolic (TensorRT) batch gets DEFAULT_TUNING.
+    Every split computes the same bits (see the source's header), so this is speed only."""
+    if not isinstance(batch, int):
+        return DEFAULT_TUNING
+    if batch <= SMALL_BATCH:
+        return SMALL_BATCH_TUNING
+    if batch <= MEDIUM_BATCH:
+        return MEDIUM_BATCH_TUNING
+    return DEFAULT_TUNING
+
+
+def n_cap(length: int) -> int:
+    """The smallest decision-array capacity that holds ``length - 1`` patches."""
+    if not isinstance(length, int):
+        raise UserError("the token-merge kernel needs a static sequence length; only the batch may be dynamic")
+    for cap in N_CAPS:
+        if length - 1 <= cap:
+            return cap
+    raise UserError(f"the token-merge kernel handles at most {MAX_LENGTH} tokens, got {length}; "
+                    "the PyTorch reference (token_merge_ref) runs longer sequences")
+
+
+def check_shape(length: int, dim: int, r: int) -> None:
+    """What the kernel needs of a node beyond the contract: UserError otherwise."""
+    n_cap(length)
+    if not isinstance(dim, int) or dim % 4 or dim <= 0:
+        raise UserError(f"the token-merge kernel needs a static channel count that is a multiple of 4, got {dim}")
+    if not isinstance(r, int) or not 0 <= r <= (length - 1) // 2:
+        raise UserError(f"r={r} must lie in 0..{(length - 1) // 2} for {length} tokens")
+
+
+@dataclass(frozen=True)
+class LaunchParams:
+    """cuLaunchKernel's geometry: grid and block as (x, y, z), dynamic shared memory in bytes."""
+
+    grid: Tuple[Any, Any, Any]
+    block: Tuple[int, int, int]
+    shared_mem: int
+
+
+def launch_params(batch, tuning: Tuning = DEFAULT_TUNING) -> LaunchParams:
+    """Grid (cluster * batch, 1, 1) of 256-thread blocks; ``batch`` may be a TensorRT shape
+    expression (only ``*`` with an int is applied to it). Shared memory is static: 0 here."""
+    return LaunchParams(grid=(batch * tuning.cluster, 1, 1), block=(THREADS, 1, 1), shared_mem=0)
+
+
+def kernel_name(variant: Variant, tuning: Tuning) -> str:
+    """The extern "C" name, e.g. ``mame_token_merge_bf16_f32_n256_c1``."""
+    short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+    v = variant
+    return f"mame_token_merge_{short[v.hidden]}_{short[v.residual]}_n{v.n_cap}_c{tuning.cluster}"
+
+
+def compile_options(variant: Variant, tuning: Tuning = DEFAULT_TUNING) -> list[str]:
+    """The -D options that select one variant and split: the same for NVRTC and for nvcc."""
+    v = variant
+    defines = {
+        "TM_KERNEL_NAME": kernel_name(v, tuning),
+        "TM_HIDDEN_DTYPE": DTYPES[v.hidden],
+        "TM_RESIDUAL_DTYPE": DTYPES[v.residual],
+        "TM_CLUSTER": tuning.cluster,
+        "TM_TY": tuning.ty,
+        "TM_MY": tuning.my,
+        "TM_MX": tuning.mx,
+        "TM_KT": tuning.kt,
+        "TM_N_CAP": v.n_cap,
+        "TM_MIN_BLOCKS": tuning.min_blocks,
+    }
+    return [f"-D{key}={value}" for key, value in defines.items()]
+
+
+def compile_ptx(variant: Variant, tuning: Tuning = DEFAULT_TUNING, arch: Optional[str] = None) -> tuple[bytes, str]:
+    """(PTX, kernel name) of one variant and split, compiled by NVRTC for ``arch`` (default:
+    the current GPU; clusters need sm_90 or newer). Cached per process."""
+    target = nvrtc.ptx_arch(arch)
+    if int("".join(c for c in target.split("_")[1] if c.isdigit())) < 90 and tuning.cluster > 1:
+        raise UserError(f"the token-merge split {tuning} uses thread-block clusters, which need sm_90 or newer")
+    ptx = nvrtc.compile_ptx(KERNEL_SOURCE, tuple(compile_options(variant, tuning)), target)
+    return ptx, kernel_name(variant, tuning)

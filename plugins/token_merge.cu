@@ -1,0 +1,647 @@
+// One MaMe / ToMe / pruning step (mame::TokenMerge), one kernel for PyTorch and TensorRT.
+//
+// Plain CUDA C++ with no headers, so NVRTC compiles it as it is; nvcc -arch=sm_90 too. The
+// definition it follows is mame_deploy/ops/token_merge/reference.py; every variant and work
+// split is a -D define supplied by mame_deploy/plugins/merge_launch.py (compile_options), which
+// also gives the grid, block and argument order. The node's attributes are int32 arguments
+// (lam as the bits of a float32), so one compiled variant serves every method:
+//
+//   r            patches removed                 prune        1: drop the r least informative
+//   split        0: the n // 2 least informative patches are sources; 1: even positions
+//   arrangement  0: survivors in scan order; 1: [unmerged sources; destinations]
+//   weighting    0: merge weights size x score; 1: size alone
+//   metric       0: similarity on hidden; 1: on residual + hidden
+//   lam_bits     lam's float32 bits (0: rank by similarity alone)
+//
+// The defines:
+//
+//   TM_KERNEL_NAME        extern "C" name of the kernel
+//   TM_HIDDEN_DTYPE       0 float32, 1 float16, 2 bfloat16 (hidden, hidden_out)
+//   TM_RESIDUAL_DTYPE     same codes (residual, residual_out): float32 or the hidden's type
+//   TM_CLUSTER            thread blocks per sample (a thread-block cluster when > 1)
+//   TM_TY, TM_MY, TM_MX   matching tile: TY x (256 / TY) threads, MY sources x MX destinations each
+//   TM_KT                 channels staged in shared memory at a time for the matching
+//   TM_N_CAP              most patches (length - 1) the decision arrays hold
+//   TM_MIN_BLOCKS         blocks per SM the register allocation must allow (__launch_bounds__)
+//
+// One launch does the whole step. Grid (CLUSTER * batch): the CLUSTER blocks of a sample form a
+// cluster (compile-time __cluster_dims__, so a plain cuLaunchKernel launches it, as TensorRT
+// does). Per sample:
+//   1. every block reads the sample's scores, rounds them to float16 (decision keys) and ranks
+//      them pairwise (equal keys by position): the split into sources and destinations, or the
+//      pruned patches;
+//   2. the blocks share the sources; each computes the cosine similarity of its sources to all
+//      destinations as a register-tiled float32 product over channels staged in shared memory
+//      (each dot product is one fused multiply-add chain in channel order, the norms likewise,
+//      so every work split gives the same bits), rounds it to float16 and keeps the first
+//      maximum per source; the blocks then write their sources' best matches into every block
+//      of the cluster (distributed shared memory) and meet at one cluster barrier;
+//   3. every block ranks the sources by the lam-adjusted key (IEEE operations in the
+//      reference's order, no contraction), picks the top r, and lays out the output: survivor
+//      order, class-token slot, each destination's merge weights;
+//   4. the blocks share the output rows: each warp copies whole rows of both streams (16- or
+//      8-byte accesses), and for a destination row folds in its sources with float32 weights.
+// No atomics, no inter-block ordering beyond the one barrier: results are deterministic and a
+// sample's result does not depend on its batch or on the work split. Static shared memory only
+// (under 48 KB): TensorRT's AOT launch cannot opt a kernel in to more.
+
+#if !defined(TM_KERNEL_NAME) || !defined(TM_HIDDEN_DTYPE) || !defined(TM_RESIDUAL_DTYPE) ||     \
+    !defined(TM_CLUSTER) || !defined(TM_TY) || !defined(TM_MY) || !defined(TM_MX) ||          \
+    !defined(TM_KT) || !defined(TM_N_CAP) || !defined(TM_MIN_BLOCKS)
+#error "compile with the -D options of mame_deploy.plugins.merge_launch.compile_options()"
+#endif
+
+namespace mame_merge {
+
+constexpr int THREADS = 256;
+constexpr int WARPS = THREADS / 32;
+constexpr int CLUSTER = TM_CLUSTER;
+constexpr int TY = TM_TY;
+constexpr int TX = THREADS / TY;
+constexpr int MY = TM_MY;
+constexpr int MX = TM_MX;
+constexpr int TILE_S = TY * MY;  // sources per matching pass
+constexpr int TILE_D = TX * MX;  // destinations per matching pass
+constexpr int KT = TM_KT;
+constexpr int U = KT / 4;  // 4-channel units per staged row
+// Row stride of the staged tiles: KT plus 4 floats, an odd number of 16-byte units, so that the
+// 16-byte reads of 8 consecutive rows fall in different banks.
+constexpr int ROW = KT + 4;
+constexpr int N_CAP = TM_N_CAP;
+constexpr int S_CAP = (N_CAP + 1) / 2;  // most sources (and destinations)
+
+static_assert(THREADS % TY == 0, "TM_TY must divide 256");
+static_assert(TILE_S + TILE_D <= THREADS, "one thread per staged row keeps its norm: TILE_S + TILE_D <= 256");
+static_assert(KT % 4 == 0 && KT >= 4, "TM_KT must be a multiple of 4");
+static_assert(ROW / 4 % 2 == 1, "row stride must be an odd number of 16-byte units");
+static_assert(N_CAP % 32 == 0 && N_CAP <= 1024, "TM_N_CAP must be a multiple of 32, at most 1024");
+static_assert(CLUSTER == 1 || CLUSTER == 2 || CLUSTER == 4 || CLUSTER == 8, "TM_CLUSTER must be 1, 2, 4 or 8");
+
+// ---------------------------------------------------------------------------------------------
+// Element types: raw 16-bit patterns for the half types, so no cuda_fp16.h / cuda_bf16.h.
+
+__device__ __forceinline__ float half_to_float(unsigned short v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+__device__ __forceinline__ unsigned short float_to_half(float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));  // round to nearest even, as __float2half_rn
+    return h;
+}
+__device__ __forceinline__ float bf16_to_float(unsigned short v) {
+    return __int_as_float(static_cast<int>(v) << 16);  // bfloat16 is float32's top half
+}
+__device__ __forceinline__ unsigned short float_to_bf16(float v) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+
+// The decision key: x rounded to float16 (nearest even) and back (reference.decision_key).
+__device__ __forceinline__ float decision_key(float x) { return half_to_float(float_to_half(x)); }
+
+template <int DT>
+struct Elem;
+
+template <>
+struct Elem<0> {
+    typedef float T;
+    typedef float4 Raw4;  // four elements, one 16-byte access
+    static __device__ __forceinline__ float4 widen(float4 v) { return v; }
+    static __device__ __forceinline__ float4 narrow(float4 v) { return v; }
+};
+
+template <int DT>
+struct Half16 {
+    typedef unsigned short T;
+    typedef uint2 Raw4;  // four elements, one 8-byte access
+    static __device__ __forceinline__ float one(unsigned v) {
+        return DT == 1 ? half_to_float(static_cast<unsigned short>(v)) : bf16_to_float(static_cast<unsigned short>(v));
+    }
+    static __device__ __forceinline__ unsigned back(float v) {
+        return DT == 1 ? float_to_half(v) : float_to_bf16(v);
+    }
+    static __device__ __forceinline__ float4 widen(uint2 v) {
+        return make_float4(one(v.x & 0xffffu), one(v.x >> 16), one(v.y & 0xffffu), one(v.y >> 16));
+    }
+    static __device__ __forceinline__ uint2 narrow(float4 v) {
+        return make_uint2(back(v.x) | (back(v.y) << 16), back(v.z) | (back(v.w) << 16));
+    }
+};
+
+template <>
+struct Elem<1> : Half16<1> {};
+template <>
+struct Elem<2> : Half16<2> {};
+
+typedef Elem<TM_HIDDEN_DTYPE> HE;
+typedef Elem<TM_RESIDUAL_DTYPE> RE;
+typedef HE::T hid_t;
+typedef RE::T res_t;
+
+template <class E>
+__device__ __forceinline__ float4 load4(const typename E::T* p) {
+    return E::widen(*reinterpret_cast<const typename E::Raw4*>(p));
+}
+template <class E>
+__device__ __forceinline__ void store4(typename E::T* p, float4 v) {
+    *reinterpret_cast<typename E::Raw4*>(p) = E::narrow(v);
+}
+
+__device__ __forceinline__ float4 add4(float4 a, float4 b) {
+    return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thread-block clusters (sm_90): rank, distributed shared memory stores, the barrier.
+
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r = 0;
+    if constexpr (CLUSTER > 1) asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 g; cvta.to.shared.u64 g, %1; cvt.u32.u64 %0, g; }" : "=r"(a) : "l"(p));
+    return a;
+}
+// Store v at the same shared-memory location of cluster block `rank`.
+__device__ __forceinline__ void store_remote(const void* local, unsigned rank, unsigned v) {
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(shared_address(local)), "r"(rank));
+    asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(remote), "r"(v) : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared memory.
+
+struct Tiles {
+    float a[TILE_S][ROW];  // sources' metric, KT channels
+    float b[TILE_D][ROW];  // destinations' metric
+};
+struct Partials {  // per-thread best matches, reduced over the TX threads of a source row
+    float key[TX][TILE_S];
+    int dst[TX][TILE_S];
+};
+
+struct Shared {
+    union {
+        Tiles tiles;
+        Partials part;
+    } u;
+    float den_a[TILE_S];     // max(||metric||, 1e-12) of the staged sources
+    float den_b[TILE_D];     // ... and destinations
+    int row_a[TILE_S];       // sequence positions of the staged rows
+    int row_b[TILE_D];
+    float key[N_CAP];        // decision key of each patch's score
+    int rank[N_CAP];         // stable ascending rank of key (informativeness split, pruning)
+    int slot[N_CAP];         // output slot of each patch (-1: removed)
+    int pos[N_CAP];          // position of each survivor among the survivors (output order)
+    int out_seq[N_CAP + 1];  // sequence position read by each output slot
+    int first[N_CAP + 1];    // merge group (its first chosen source) writing each slot, -1: none
+    short src[S_CAP];        // source candidates (patch indices, ascending)
+    short dst[S_CAP];        // destination candidates
+    float best_key[S_CAP];   // each source's best similarity key
+    int best_dst[S_CAP];     // ... and that destination (index into dst)
+    float rank_key[S_CAP];   // the key sources are ranked by (similarity, lam-adjusted)
+    int chosen[S_CAP];       // sources by descending rank_key (the first r merge / are pruned)
+    int m_seq[S_CAP];        // per chosen source c: its sequence position
+    int m_slot[S_CAP];       // output slot of its destination
+    float m_w[S_CAP];        // its merge weight
+    float m_size[S_CAP];     // its size
+    float m_fold[S_CAP];     // its share of its destination's total weight
+    float m_keep[S_CAP];     // for a group's first source: the destination's share
+    float m_new_size[S_CAP]; // ... the destination's new size
+    int warp_total[WARPS];
+    float lo, hi;
+};
+static_assert(sizeof(Shared) <= 48 * 1024, "shared memory exceeds 48 KB: use a smaller tile or TM_N_CAP");
+
+// Exclusive prefix count of flag(i) over i in [0, n): calls out(i, position) for each flagged i
+// and returns the count. Every thread of the block must call it.
+template <class Flag, class Out>
+__device__ int block_prefix(Shared& sh, int n, Flag flag, Out out) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int base = 0;
+    for (int start = 0; start < n; start += THREADS) {
+        const int i = start + threadIdx.x;
+        const bool f = i < n && flag(i);
+        const unsigned mask = __ballot_sync(0xffffffffu, f);
+        if (lane == 0) sh.warp_total[warp] = __popc(mask);
+        __syncthreads();
+        int before = base, total = base;
+        for (int w = 0; w < WARPS; ++w) {
+            before += w < warp ? sh.warp_total[w] : 0;
+            total += sh.warp_total[w];
+        }
+        if (f) out(i, before + __popc(mask & ((1u << lane) - 1u)));
+        __syncthreads();
+        base = total;
+    }
+    return base;
+}
+
+// Stable ascending ranks of keys k[0, n) in shared memory: equal keys by position.
+template <class Key>
+__device__ __forceinline__ int stable_rank(int i, int n, Key k) {
+    const float ki = k(i);
+    int c = 0;
+    for (int j = 0; j < n; ++j) {
+        const float kj = k(j);
+        c += (kj < ki) | ((kj == ki) & (j < i));
+    }
+    return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matching: for sources [s_begin, s_end) of the candidate list, the first destination of maximal
+// similarity key, into sh.best_key / sh.best_dst.
+
+template <int PER>
+struct Staged {
+    float4 v[PER];
+    float4 w[PER];  // the residual, for the stream metric
+};
+
+__device__ __forceinline__ void load_chunk(const Shared& sh, const hid_t* __restrict__ hidden,
+                                           const res_t* __restrict__ residual, bool stream_metric,
+                                           long long sample_row, int E, int k0,
+                                           Staged<((TILE_S + TILE_D) * U + THREADS - 1) / THREADS>& st) {
+    constexpr int UNITS = (TILE_S + TILE_D) * U;
+    constexpr int PER = (UNITS + THREADS - 1) / THREADS;
+#pragma unroll
+    for (int p = 0; p < PER; ++p) {
+        const int unit = threadIdx.x + p * THREADS;
+        const int row = unit / U, k = k0 + 4 * (unit % U);
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f), w = v;
+        if (unit < UNITS && k < E) {
+            const int seq = row < TILE_S ? sh.row_a[row] : sh.row_b[row - TILE_S];
+            const long long off = (sample_row + seq) * E + k;
+            v = load4<HE>(hidden + off);
+            if (stream_metric) w = load4<RE>(residual + off);
+        }
+        st.v[p] = v;
+        st.w[p] = w;
+    }
+}
+
+__device__ __forceinline__ void store_chunk(Shared& sh, bool stream_metric,
+                                            const Staged<((TILE_S + TILE_D) * U + THREADS - 1) / THREADS>& st) {
+    constexpr int UNITS = (TILE_S + TILE_D) * U;
+    constexpr int PER = (UNITS + THREADS - 1) / THREADS;
+#pragma unroll
+    for (int p = 0; p < PER; ++p) {
+        const int unit = threadIdx.x + p * THREADS;
+        if (unit < UNITS) {
+            const int row = unit / U, c = 4 * (unit % U);
+            // The metric of the reference: residual.float() + hidden.float() (one rounding).
+            const float4 v = stream_metric ? add4(st.w[p], st.v[p]) : st.v[p];
+            float* dst = row < TILE_S ? &sh.u.tiles.a[row][c] : &sh.u.tiles.b[row - TILE_S][c];
+            *reinterpret_cast<float4*>(dst) = v;
+        }
+    }
+}
+
+__device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, const res_t* __restrict__ residual,
+                              bool stream_metric, long long sample_row, int E, int cls_pos, int s_begin, int s_end, int D) {
+    constexpr int PER = ((TILE_S + TILE_D) * U + THREADS - 1) / THREADS;
+    const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+    for (int ts = s_begin; ts < s_end; ts += TILE_S) {
+        const int ns = min(TILE_S, s_end - ts);
+        for (int td = 0; td < D; td += TILE_D) {
+            const int nd = min(TILE_D, D - td);
+            // Rows past the tile's end repeat its last row; their results are ignored.
+            if (tid < TILE_S) {
+                const int p = sh.src[ts + min(tid, ns - 1)];
+                sh.row_a[tid] = p + (p >= cls_pos);
+            } else if (tid < TILE_S + TILE_D) {
+                const int p = sh.dst[td + min(tid - TILE_S, nd - 1)];
+                sh.row_b[tid - TILE_S] = p + (p >= cls_pos);
+            }
+            __syncthreads();
+
+            float acc[MY][MX];
+#pragma unroll
+            for (int i = 0; i < MY; ++i)
+#pragma unroll
+                for (int j = 0; j < MX; ++j) acc[i][j] = 0.f;
+            float sumsq = 0.f;  // thread t < TILE_S + TILE_D: of its staged row
+            Staged<PER> st;
+            load_chunk(sh, hidden, residual, stream_metric, sample_row, E, 0, st);
+            for (int k0 = 0; k0 < E; k0 += KT) {
+                store_chunk(sh, stream_metric, st);
+                __syncthreads();
+                if (k0 + KT < E) load_chunk(sh, hidden, residual, stream_metric, sample_row, E, k0 + KT, st);  // in flight meanwhile
+                if (tid < TILE_S + TILE_D) {
+                    const float* row = tid < TILE_S ? sh.u.tiles.a[tid] : sh.u.tiles.b[tid - TILE_S];
+#pragma unroll
+                    for (int c = 0; c < U; ++c) {
+                        const float4 v = *reinterpret_cast<const float4*>(row + 4 * c);
+                        sumsq = fmaf(v.x, v.x, sumsq);
+                        sumsq = fmaf(v.y, v.y, sumsq);
+                        sumsq = fmaf(v.z, v.z, sumsq);
+                        sumsq = fmaf(v.w, v.w, sumsq);
+                    }
+                }
+#pragma unroll 1
+                for (int c = 0; c < U; ++c) {
+                    float4 av[MY];
+#pragma unroll
+                    for (int i = 0; i < MY; ++i) av[i] = *reinterpret_cast<const float4*>(&sh.u.tiles.a[ty + TY * i][4 * c]);
+#pragma unroll
+                    for (int j = 0; j < MX; ++j) {
+                        const float4 bv = *reinterpret_cast<const float4*>(&sh.u.tiles.b[tx + TX * j][4 * c]);
+#pragma unroll
+                        for (int i = 0; i < MY; ++i) {
+                            acc[i][j] = fmaf(av[i].x, bv.x, acc[i][j]);
+                            acc[i][j] = fmaf(av[i].y, bv.y, acc[i][j]);
+                            acc[i][j] = fmaf(av[i].z, bv.z, acc[i][j]);
+                            acc[i][j] = fmaf(av[i].w, bv.w, acc[i][j]);
+                        }
+                    }
+                }
+                __syncthreads();
+            }
+            // F.normalize divides by max(||x||, 1e-12).
+            if (tid < TILE_S) {
+                sh.den_a[tid] = fmaxf(sqrtf(sumsq), 1e-12f);
+            } else if (tid < TILE_S + TILE_D) {
+                sh.den_b[tid - TILE_S] = fmaxf(sqrtf(sumsq), 1e-12f);
+            }
+            __syncthreads();
+            // Each thread's first maximum over its destinations (ascending), then over the row's threads.
+#pragma unroll
+            for (int i = 0; i < MY; ++i) {
+                const int m = ty + TY * i;
+                float bk = -__int_as_float(0x7f800000);
+                int bd = 0x7fffffff;
+#pragma unroll
+                for (int j = 0; j < MX; ++j) {
+                    const int d = tx + TX * j;
+                    if (m < ns && d < nd) {
+                        const float k = decision_key(__fdiv_rn(__fdiv_rn(acc[i][j], sh.den_a[m]), sh.den_b[d]));
+                        if (k > bk) {
+                            bk = k;
+                            bd = td + d;
+                        }
+                    }
+                }
+                sh.u.part.key[tx][m] = bk;
+                sh.u.part.dst[tx][m] = bd;
+            }
+            __syncthreads();
+            if (tid < ns) {
+                float bk = td > 0 ? sh.best_key[ts + tid] : -__int_as_float(0x7f800000);
+                int bd = td > 0 ? sh.best_dst[ts + tid] : 0x7fffffff;
+                for (int x = 0; x < TX; ++x) {
+                    const float k = sh.u.part.key[x][tid];
+                    const int d = sh.u.part.dst[x][tid];
+                    if (k > bk || (k == bk && d < bd)) {
+                        bk = k;
+                        bd = d;
+                    }
+                }
+                sh.best_key[ts + tid] = bk;
+                sh.best_dst[ts + tid] = bd;
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output rows: a copy of the row the slot reads, or, for a destination, the weighted mean of it
+// and its sources in float32.
+
+template <class E>
+__device__ __forceinline__ void write_row(const Shared& sh, const typename E::T* __restrict__ x,
+                                          typename E::T* __restrict__ out, long long sample_row, int seq,
+                                          int group, int r, int q, int E_dim, int lane) {
+    const typename E::T* in = x + (sample_row + seq) * E_dim;
+    if (group < 0) {
+        for (int k = 4 * lane; k < E_dim; k += 128)
+            *reinterpret_cast<typename E::Raw4*>(out + k) = *reinterpret_cast<const typename E::Raw4*>(in + k);
+        return;
+    }
+    const float keep = sh.m_keep[group];
+    for (int k = 4 * lane; k < E_dim; k += 128) {
+        const float4 d = load4<E>(in + k);
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int c = group; c < r; ++c) {
+            if (sh.m_slot[c] != q) continue;
+            const float f = sh.m_fold[c];
+            const float4 s = load4<E>(x + (sample_row + sh.m_seq[c]) * E_dim + k);
+            acc.x = fmaf(f, s.x, acc.x);
+            acc.y = fmaf(f, s.y, acc.y);
+            acc.z = fmaf(f, s.z, acc.z);
+            acc.w = fmaf(f, s.w, acc.w);
+        }
+        store4<E>(out + k, make_float4(__fadd_rn(__fmul_rn(d.x, keep), acc.x), __fadd_rn(__fmul_rn(d.y, keep), acc.y),
+                                       __fadd_rn(__fmul_rn(d.z, keep), acc.z), __fadd_rn(__fmul_rn(d.w, keep), acc.w)));
+    }
+}
+
+}  // namespace mame_merge
+
+using namespace mame_merge;
+
+#if TM_CLUSTER > 1
+#define TM_CLUSTER_ATTR __cluster_dims__(TM_CLUSTER, 1, 1)
+#else
+#define TM_CLUSTER_ATTR
+#endif
+
+// Arguments (TensorRT's AOT order: the inputs, int32 scalars, the outputs). Layouts, contiguous:
+// hidden, residual (batch, length, dim); score, size, origin (batch, length); cls (batch,);
+// outputs the same with length - r tokens. dim must be a multiple of 4.
+extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_ATTR TM_KERNEL_NAME(
+    const hid_t* __restrict__ hidden, const res_t* __restrict__ residual, const float* __restrict__ score,
+    const float* __restrict__ size, const long long* __restrict__ origin, const long long* __restrict__ cls,
+    int batch, int length, int dim, int r, int prune_flag, int split, int arrangement, int weighting, int metric,
+    int lam_bits, hid_t* __restrict__ hidden_out, res_t* __restrict__ residual_out,
+    float* __restrict__ size_out, long long* __restrict__ origin_out, long long* __restrict__ cls_out) {
+    __shared__ __align__(16) Shared sh;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int b = blockIdx.x / CLUSTER;
+    const unsigned crank = cluster_rank();
+    const int L = length, n = L - 1, E = dim, Q = L - r;
+    const bool PRUNE = prune_flag != 0, ALTERNATE = split == 1, CONCAT = arrangement == 1 && !PRUNE;
+    const bool SIZE_WEIGHTS = weighting == 1, STREAM_METRIC = metric == 1;
+    const bool LAM_ON = (lam_bits & 0x7fffffff) != 0;
+    const long long row0 = static_cast<long long>(b) * L;  // first row of the sample
+    const long long cls_in = cls[b];
+    const int cls_pos = static_cast<int>(cls_in < 0 ? 0 : (cls_in > n ? n : cls_in));
+    // Sequence position of patch k (scan order, class token skipped).
+    auto seq_of = [&](int k) { return k + (k >= cls_pos); };
+
+    // 1. Decision keys, and the stable ascending ranks the split and pruning use.
+    for (int i = tid; i < n; i += THREADS) sh.key[i] = decision_key(score[row0 + seq_of(i)]);
+    __syncthreads();
+    if (PRUNE || !ALTERNATE) {
+        for (int i = tid; i < n; i += THREADS) sh.rank[i] = stable_rank(i, n, [&](int j) { return sh.key[j]; });
+        __syncthreads();
+    }
+    const int half = n / 2;
+    auto is_source = [&](int i) { return ALTERNATE ? (i % 2 == 0) : (sh.rank[i] < half); };
+    int S = 0, D = 0;
+    if (!PRUNE) {
+        S = block_prefix(sh, n, is_source, [&](int i, int p) { sh.src[p] = static_cast<short>(i); });
+        D = block_prefix(sh, n, [&](int i) { return !is_source(i); }, [&](int i, int p) { sh.dst[p] = static_cast<short>(i); });
+    }
+
+    // 2. Matching, the sources shared among the cluster's blocks.
+    const bool matching = !PRUNE && r > 0 && S > 0 && D > 0;
+    if (matching) {
+        const int per = (S + CLUSTER - 1) / CLUSTER;
+        const int s_begin = min(S, static_cast<int>(crank) * per), s_end = min(S, s_begin + per);
+        match_sources(sh, hidden, residual, STREAM_METRIC, row0, E, cls_pos, s_begin, s_end, D);
+        if constexpr (CLUSTER > 1) {
+            for (int i = s_begin + tid; i < s_end; i += THREADS)
+                for (unsigned q = 0; q < CLUSTER; ++q) {
+                    if (q == crank) continue;
+                    store_remote(&sh.best_key[i], q, __float_as_uint(sh.best_key[i]));
+                    store_remote(&sh.best_dst[i], q, static_cast<unsigned>(sh.best_dst[i]));
+                }
+        }
+    }
+    if constexpr (CLUSTER > 1) cluster_sync();  // every block of the cluster, whatever its path
+
+    // 3. Which sources go (the top r by rank key), then the output layout.
+    if (LAM_ON) {
+        if (matching) {  // min and max are exact: any reduction order gives the same values
+            if (warp == 0) {
+                float lo = sh.key[0], hi = sh.key[0];
+                for (int i = lane; i < n; i += 32) {
+                    lo = fminf(lo, sh.key[i]);
+                    hi = fmaxf(hi, sh.key[i]);
+                }
+                for (int o = 16; o > 0; o >>= 1) {
+                    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+                    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+                }
+                if (lane == 0) {
+                    sh.lo = lo;
+                    sh.hi = hi;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (matching) {
+        const float lam = __int_as_float(lam_bits);
+        for (int m = tid; m < S; m += THREADS) {
+            float k = sh.best_key[m];
+            if (LAM_ON) {
+                // decision_key(best - lam * (s_key - lo) / clamp_min(hi - lo, 1e-12)), op by op.
+                const float t = __fdiv_rn(__fsub_rn(sh.key[sh.src[m]], sh.lo), fmaxf(__fsub_rn(sh.hi, sh.lo), 1e-12f));
+                k = decision_key(__fsub_rn(k, __fmul_rn(lam, t)));
+            }
+            sh.rank_key[m] = k;
+        }
+        __syncthreads();
+        for (int m = tid; m < S; m += THREADS) {
+            const float km = sh.rank_key[m];
+            int c = 0;
+            for (int j = 0; j < S; ++j) {
+                const float kj = sh.rank_key[j];
+                c += (kj > km) | ((kj == km) & (j < m));
+            }
+            if (c < r) sh.chosen[c] = m;
+        }
+    }
+    for (int i = tid; i < n; i += THREADS) sh.slot[i] = 0;  // 0: survives, -1: removed
+    __syncthreads();
+    if (PRUNE) {
+        for (int i = tid; i < n; i += THREADS)
+            if (sh.rank[i] < r) sh.slot[i] = -1;
+    } else {
+        if (matching)
+            for (int c = tid; c < r; c += THREADS) sh.slot[sh.src[sh.chosen[c]]] = -1;
+    }
+    __syncthreads();
+    // Output positions among the survivors: scan order, or ToMe's [unmerged sources; destinations].
+    auto group_of = [&](int i) { return sh.slot[i] < 0 ? 2 : (CONCAT && !is_source(i) ? 1 : 0); };
+    int new_cls;
+    {
+        const int first_count = block_prefix(sh, n, [&](int i) { return group_of(i) == 0; },
+                                             [&](int i, int p) { sh.pos[i] = p; });
+        if (CONCAT) {
+            block_prefix(sh, n, [&](int i) { return group_of(i) == 1; },
+                         [&](int i, int p) { sh.pos[i] = first_count + p; });
+            new_cls = (n - r) / 2;  // Vim's convention: the middle
+        } else {
+            int before = 0;
+            for (int start = 0; start < n; start += THREADS) {
+                const int i = start + tid;
+                before += __syncthreads_count(i < n && i < cls_pos && sh.slot[i] == 0);
+            }
+            new_cls = before;
+        }
+    }
+    for (int i = tid; i < n; i += THREADS)
+        if (sh.slot[i] == 0) {
+            const int p = sh.pos[i];
+            const int q = p + (p >= new_cls);
+            sh.slot[i] = q;
+            sh.out_seq[q] = seq_of(i);
+        }
+    for (int q = tid; q < Q; q += THREADS) sh.first[q] = -1;
+    if (tid == 0) sh.out_seq[new_cls] = cls_pos;
+    __syncthreads();
+    if (matching) {
+        for (int c = tid; c < r; c += THREADS) {
+            const int m = sh.chosen[c];
+            const int sseq = seq_of(sh.src[m]);
+            const int q = sh.slot[sh.dst[sh.best_dst[m]]];
+            const float sz = size[row0 + sseq];
+            sh.m_seq[c] = sseq;
+            sh.m_slot[c] = q;
+            sh.m_size[c] = sz;
+            sh.m_w[c] = SIZE_WEIGHTS ? sz : __fmul_rn(sz, score[row0 + sseq]);
+        }
+        __syncthreads();
+        for (int c = tid; c < r; c += THREADS) {
+            const int q = sh.m_slot[c];
+            bool first = true;
+            for (int j = 0; j < c; ++j) first = first && sh.m_slot[j] != q;
+            if (!first) continue;
+            const int dseq = sh.out_seq[q];
+            const float dsize = size[row0 + dseq];
+            const float wd = SIZE_WEIGHTS ? dsize : __fmul_rn(dsize, score[row0 + dseq]);
+            float wsum = 0.f, ssum = 0.f;
+            for (int j = c; j < r; ++j)
+                if (sh.m_slot[j] == q) {
+                    wsum = __fadd_rn(wsum, sh.m_w[j]);
+                    ssum = __fadd_rn(ssum, sh.m_size[j]);
+                }
+            const float total = __fadd_rn(wd, wsum);
+            sh.m_keep[c] = __fdiv_rn(wd, total);
+            for (int j = c; j < r; ++j)
+                if (sh.m_slot[j] == q) sh.m_fold[j] = __fdiv_rn(sh.m_w[j], total);
+            sh.m_new_size[c] = __fadd_rn(dsize, ssum);
+            sh.first[q] = c;
+        }
+        __syncthreads();
+    }
+
+    // 4. Output rows, shared among the cluster's blocks; then the per-token state.
+    const int per_q = (Q + CLUSTER - 1) / CLUSTER;
+    const int q_begin = min(Q, static_cast<int>(crank) * per_q), q_end = min(Q, q_begin + per_q);
+    const long long out0 = static_cast<long long>(b) * Q;
+    for (int q = q_begin + warp; q < q_end; q += WARPS) {
+        const int seq = sh.out_seq[q], group = sh.first[q];
+        write_row<HE>(sh, hidden, hidden_out + (out0 + q) * E, row0, seq, group, r, q, E, lane);
+        write_row<RE>(sh, residual, residual_out + (out0 + q) * E, row0, seq, group, r, q, E, lane);
+    }
+    for (int q = q_begin + tid; q < q_end; q += THREADS) {
+        const int seq = sh.out_seq[q], group = sh.first[q];
+        size_out[out0 + q] = group < 0 ? size[row0 + seq] : sh.m_new_size[group];
+        origin_out[out0 + q] = origin[row0 + seq];
+    }
+    if (crank == 0 && tid == 0) cls_out[b] = new_cls;
+}
