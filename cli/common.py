@@ -1,10 +1,18 @@
-"""Parsing and formatting shared by the CLI's command modules."""
+"""Parsing, help texts and progress output shared by the CLI's command modules."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from typing import Callable, Iterator, Optional
 
 from mame_deploy.errors import UserError
+from mame_deploy.schedule import MAX_RATIO
+
+# One wording, and the one bound (schedule.MAX_RATIO), for every command that merges.
+RATIO_HELP = f"Fraction of patch tokens removed by merging, in [0, {MAX_RATIO}]."
+SCHEDULE_HELP = "Explicit merges LAYER:COUNT,... instead of --ratio (the two exclude each other)."
+LAYERS_HELP = "Blocks after which --ratio merges, e.g. 2,5,8 (default: every block but the last)."
 
 
 def key_values(pairs: list[str], flag: str) -> dict:
@@ -21,6 +29,20 @@ def key_values(pairs: list[str], flag: str) -> dict:
     return out
 
 
+def merge_options(pairs: list[str]) -> dict:
+    """--option KEY=VALUE pairs for mame_deploy.patch; merge layers have their own flag."""
+    options = key_values(pairs, "--option")
+    if "layers" in options:
+        raise UserError("give merge layers with --layers, e.g. --layers 2,5, not --option layers=...")
+    return options
+
+
+def merge_layers(text: Optional[str]) -> Optional[list[int]]:
+    from mame_deploy.schedule import parse_layers
+
+    return parse_layers(text) if text is not None else None
+
+
 def compact_runs(values: list[int]) -> str:
     """[197, 197, 165] -> '197 x2, 165'."""
     parts, i = [], 0
@@ -33,12 +55,33 @@ def compact_runs(values: list[int]) -> str:
     return ", ".join(parts)
 
 
-def progress_bar(console):
-    """The transient progress bar of long CLI runs (counts done, time elapsed)."""
+def progress_bar(console, *columns):
+    """The transient progress bar of long CLI runs (counts done, time elapsed, ``columns``).
+    Where the output is not a terminal the bar cannot draw: each task then prints one line
+    as it starts, so a log shows what is running."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+    class LineProgress(Progress):
+        def add_task(self, description, *args, **kwargs):
+            if not self.console.is_terminal:
+                self.console.print(f"{description} ...", highlight=False, soft_wrap=True)
+            return super().add_task(description, *args, **kwargs)
+
+    return LineProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        *columns, console=console, transient=True)
+
+
+@contextlib.contextmanager
+def stages(console) -> Iterator[Callable[[str], None]]:
+    """Report the stages of a long command: a spinner naming the current one on a terminal,
+    else one line per stage (a spinner prints nothing into a pipe or log)."""
+    from rich.markup import escape
+
+    if console.is_terminal:
+        with console.status("") as status:
+            yield lambda message: status.update(escape(message) + " ...")
+    else:
+        yield lambda message: console.print(escape(message) + " ...", highlight=False, soft_wrap=True)
 
 
 def add_parity_rows(table, report: dict, runtime: str, rel_note: str) -> None:

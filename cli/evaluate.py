@@ -11,33 +11,19 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mame_deploy.cli.common import compact_runs, key_values
+from mame_deploy.cli.common import LAYERS_HELP, SCHEDULE_HELP, compact_runs, merge_layers, merge_options, progress_bar
+from mame_deploy.schedule import MAX_RATIO
 from mame_deploy.errors import UserError
 
 console = Console()
 
 _DATA_HELP = "ImageFolder root (ROOT/CLASS/IMAGE); default: the model's bundled data (vim_digits: its test split)."
 _SUBSET_HELP = "Part of the bundled digits data: test (default) or val (for choosing options)."
-_LAYERS_HELP = "Blocks after which --ratio merges, e.g. 2,5,8 (default: every block but the last)."
 _OPTION_HELP = "Merge option KEY=VALUE for mame (repeatable): split, arrangement, weighting, lam, metric."
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
-
-
-def _options(pairs: list[str]) -> dict:
-    options = key_values(pairs, "--option")
-    if "layers" in options:
-        raise UserError("give merge layers with --layers, not --option layers=...")
-    return options
-
-
-def _layers(text: Optional[str]) -> Optional[list[int]]:
-    from mame_deploy.schedule import parse_layers
-
-    return parse_layers(text) if text is not None else None
+    return progress_bar(console, TimeRemainingColumn())
 
 
 def _check_outputs(paths: list[Optional[Path]], force: bool) -> None:
@@ -68,10 +54,10 @@ def _schedule_table(net) -> Table:
 
 def eval_cmd(
     model: str = typer.Argument(..., help="Model name (see `mame-deploy models`)."),
-    ratio: float = typer.Option(0.0, help="Fraction of patch tokens removed in total, in [0, 0.95]."),
+    ratio: float = typer.Option(0.0, help=f"Fraction of patch tokens removed in total, in [0, {MAX_RATIO}]."),
     method: str = typer.Option("mame", help="Merge method: mame, tome or prune."),
-    schedule: Optional[str] = typer.Option(None, help="Explicit schedule layer:count,... (instead of --ratio)."),
-    layers: Optional[str] = typer.Option(None, help=_LAYERS_HELP),
+    schedule: Optional[str] = typer.Option(None, help=SCHEDULE_HELP),
+    layers: Optional[str] = typer.Option(None, help=LAYERS_HELP),
     option: list[str] = typer.Option([], "--option", help=_OPTION_HELP),
     data: Optional[Path] = typer.Option(None, help=_DATA_HELP),
     subset: Optional[str] = typer.Option(None, help=_SUBSET_HELP),
@@ -83,10 +69,11 @@ def eval_cmd(
 ):
     """Top-1 accuracy of MODEL merged at one setting, with its schedule and relative GFLOPs."""
     from mame_deploy import artifacts
-    from mame_deploy.evaluate import Setting, evaluate_setting
+    from mame_deploy.evaluate import Setting, check_limit, evaluate_setting
 
+    check_limit(limit)
     _check_outputs([json_path], force)
-    setting = Setting(method, ratio, schedule, _layers(layers), _options(option))
+    setting = Setting(method, ratio, schedule, merge_layers(layers), merge_options(option))
     net, dataset = _load(model, checkpoint, data, subset)
     total = min(len(dataset), limit) if limit is not None else len(dataset)
     with _progress() as bar:
@@ -96,16 +83,17 @@ def eval_cmd(
     console.print(f"{escape(model)} on {escape(record['data'])}: top-1 [bold]{100 * record['accuracy']:.2f}%[/] "
                   f"({record['correct']}/{record['images']}), {record['relative_gflops']:.3f}x GFLOPs, "
                   f"tokens per block {compact_runs(record['tokens_per_layer'])}", highlight=False)
+    _random_weights_note(record)
     if json_path is not None:
-        artifacts.write_json(json_path, record)
+        artifacts.write_json(json_path, record, force=force)
         console.print(f"wrote {escape(str(json_path))}")
 
 
 def sweep_cmd(
     model: str = typer.Argument(..., help="Model name (see `mame-deploy models`)."),
-    ratios: str = typer.Option("0,0.3,0.5,0.7", help="Comma-separated ratios in [0, 0.95]."),
+    ratios: str = typer.Option("0,0.3,0.5,0.7", help=f"Comma-separated ratios in [0, {MAX_RATIO}]."),
     methods: str = typer.Option("mame,tome,prune", help="Comma-separated methods."),
-    layers: Optional[str] = typer.Option(None, help=_LAYERS_HELP),
+    layers: Optional[str] = typer.Option(None, help=LAYERS_HELP),
     option: list[str] = typer.Option([], "--option", help=_OPTION_HELP + " Baselines keep their own."),
     data: Optional[Path] = typer.Option(None, help=_DATA_HELP),
     subset: Optional[str] = typer.Option(None, help=_SUBSET_HELP),
@@ -118,13 +106,14 @@ def sweep_cmd(
 ):
     """Accuracy of every (method, ratio) pair in one run: a table, and optionally JSON and a plot."""
     from mame_deploy import artifacts
-    from mame_deploy.evaluate import parse_methods, parse_ratios, plot_sweep, sweep
+    from mame_deploy.evaluate import check_limit, parse_methods, parse_ratios, plot_sweep, sweep
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise UserError(f"--plot {plot} must end in .png")
+    check_limit(limit)
     _check_outputs([json_path, plot], force)
     ratio_list, method_list = parse_ratios(ratios), parse_methods(methods)
-    layer_list, options = _layers(layers), _options(option)
+    layer_list, options = merge_layers(layers), merge_options(option)
     net, dataset = _load(model, checkpoint, data, subset)
     per_run = min(len(dataset), limit) if limit is not None else len(dataset)
     with _progress() as bar:
@@ -132,12 +121,21 @@ def sweep_cmd(
         records = sweep(net, dataset, method_list, ratio_list, layer_list, options, batch_size, limit,
                         lambda k: bar.advance(task, k))
     console.print(sweep_table(records, f"{model} on {records[0]['data']} ({records[0]['images']} images)"))
+    _random_weights_note(records[0])
     if json_path is not None:
-        artifacts.write_json(json_path, records)
+        artifacts.write_json(json_path, records, force=force)
         console.print(f"wrote {escape(str(json_path))}")
     if plot is not None:
         plot_sweep(records, plot, title=f"{model}: top-1 vs tokens removed")
         console.print(f"wrote {escape(str(plot))}")
+
+
+def _random_weights_note(record: dict) -> None:
+    """Accuracy of seeded random weights measures nothing about the model: say so beside it."""
+    if record.get("random_weights"):
+        console.print(f"[yellow]note:[/] {escape(record['model'] or 'the model')} has seeded random weights (no "
+                      "checkpoint given, none bundled), so this accuracy is chance level and says nothing about "
+                      "the model; pass --checkpoint", soft_wrap=True, highlight=False)
 
 
 def sweep_table(records: list[dict], title: str) -> Table:

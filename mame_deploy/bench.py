@@ -10,6 +10,7 @@ speed-up of the p50 over the unmerged model of the same backend at the same batc
 from __future__ import annotations
 
 import json
+import os
 import platform
 import tempfile
 from dataclasses import dataclass, replace
@@ -18,12 +19,12 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from mame_deploy import artifacts, manifest as manifests
+from mame_deploy import artifacts, manifest as manifests, memory
 from mame_deploy.errors import UserError
 from mame_deploy.flops import relative_gflops
 from mame_deploy.manifest import Source
 from mame_deploy.onnx_export import INPUT_NAME
-from mame_deploy.runners import TorchGraphRunner, TorchRunner, load_onnx_file, onnxruntime_runner
+from mame_deploy.runners import TorchGraphRunner, TorchRunner, check_threads, load_onnx_file, onnxruntime_runner
 
 DEFAULT_BATCH_SIZES = (1, 8)
 DEFAULT_WARMUP = 3
@@ -44,6 +45,9 @@ class Target:
     fixed_batch: Optional[int]   # a static-batch file runs only this batch size
     input_shape: tuple           # (channels, height, width)
     make_runner: Callable
+    config: object = None        # the model's config: what the memory check reads (None: unchecked)
+    device: str = "cpu"
+    threads: Optional[int] = None  # CPU threads asked for (None: the runtime's default)
 
     def batch_sizes(self, requested: Sequence[int]) -> list[int]:
         return [self.fixed_batch] if self.fixed_batch is not None else list(requested)
@@ -79,6 +83,7 @@ def torch_target(source: Source, device: str, threads: Optional[int],
     with an engine at small batch, where eager PyTorch is bound by kernel launches."""
     if cuda_graph and device != "cuda":
         raise UserError("CUDA graphs need --device cuda")
+    check_threads(threads)
     model = manifests.build_model(source, expected_schedule)
     tokens = manifests.tokens_per_layer(model)
     cfg = model.config
@@ -88,13 +93,16 @@ def torch_target(source: Source, device: str, threads: Optional[int],
         merged=is_merged(source), tokens_per_layer=tokens, relative_gflops=relative_gflops(cfg, tokens),
         fixed_batch=fixed_batch, input_shape=(cfg.in_chans, cfg.img_size, cfg.img_size),
         make_runner=(lambda: TorchGraphRunner(model)) if cuda_graph else (lambda: TorchRunner(model, device, threads)),
+        config=cfg, device=device, threads=threads,
     )
 
 
 def onnx_target(path: Union[str, Path], device: str, threads: Optional[int]) -> Target:
     path = Path(path)
-    load_onnx_file(path)
+    check_threads(threads)
+    proto = load_onnx_file(path)
     record = manifests.read_manifest(path, artifacts.file_sha256(path))
+    manifests.check_onnx_input(proto, record, path)
     source = manifests.source_from_manifest(record)
     channels, height, width = record["input_shape"][1:]
     return Target(
@@ -103,6 +111,7 @@ def onnx_target(path: Union[str, Path], device: str, threads: Optional[int]) -> 
         tokens_per_layer=record["tokens_per_layer"], relative_gflops=float(record["relative_gflops"]),
         fixed_batch=record["batch"], input_shape=(channels, height, width),
         make_runner=lambda: onnxruntime_runner(path, device, threads),
+        config=manifests.model_config(source), device=device, threads=threads,
     )
 
 
@@ -121,22 +130,27 @@ def _baseline_key(record: dict) -> tuple:
 
 def onnx_targets(paths: Sequence[Union[str, Path]], device: str, threads: Optional[int], scratch: Union[str, Path],
                  baseline: bool = True, compare_torch: bool = True,
-                 status: Callable[[str], object] = lambda message: None) -> list[Target]:
+                 status: Callable[[str], object] = lambda message: None,
+                 batch_sizes: Optional[Sequence[int]] = None) -> list[Target]:
     """onnxruntime on each file; with ``baseline`` the unmerged counterpart of merged ones (one of
     ``paths`` if it is that, else exported into ``scratch``); with ``compare_torch`` the PyTorch
-    source(s) the manifests describe."""
+    source(s) the manifests describe. With ``batch_sizes`` each file's memory need is checked
+    before any baseline is exported."""
     records = {Path(p): manifests.read_manifest(p) for p in paths}
     unmerged_files = {_baseline_key(r): p for p, r in records.items()
                       if not is_merged(manifests.source_from_manifest(r))}
     targets = []
     for path in records:
         targets += _targets_of(path, records[path], unmerged_files, device, threads, scratch, baseline,
-                               compare_torch, status)
+                               compare_torch, status, batch_sizes)
     return unique(targets)
 
 
-def _targets_of(path, record, unmerged_files, device, threads, scratch, baseline, compare_torch, status):
+def _targets_of(path, record, unmerged_files, device, threads, scratch, baseline, compare_torch, status,
+                batch_sizes=None):
     target = onnx_target(path, device, threads)
+    if batch_sizes is not None:
+        check_memory([target], batch_sizes)
     source = manifests.source_from_manifest(record)
     targets = [target]
     if baseline and target.merged:
@@ -221,10 +235,13 @@ def bench(
     """Time every target at every batch size it accepts; one row per (target, batch)."""
     if warmup < 0 or iters < 1:
         raise UserError(f"need --warmup >= 0 and --iters >= 1, got {warmup} and {iters}")
+    targets = list(targets)
+    check_memory(targets, batch_sizes)
     rows = []
     rng = np.random.default_rng(seed)
     for target in targets:
         with target.make_runner() as runner:  # one session or model per target, reused over batches
+            threads = threads_used(target)
             for batch in target.batch_sizes(batch_sizes):
                 images = rng.standard_normal((batch, *target.input_shape), dtype=np.float32)
                 tick = progress(f"{target.label} batch {batch}", iters) if progress else None
@@ -233,11 +250,86 @@ def bench(
                     "target": target.label, "backend": target.backend, "model": target.model,
                     "ratio": target.ratio, "merged": target.merged, "batch": batch,
                     "relative_gflops": round(target.relative_gflops, 4),
-                    "tokens_last_layer": target.tokens_per_layer[-1],
+                    "tokens_last_layer": target.tokens_per_layer[-1], "threads": threads,
                     **summarize(times, batch),
                 })
     _add_speedups(rows)
     return rows
+
+
+def check_memory(targets: Iterable[Target], batch_sizes: Sequence[int]) -> None:
+    """Refuse, before anything is timed, a batch size some target cannot hold in memory."""
+    for target in targets:
+        if target.config is None:
+            continue
+        for batch in target.batch_sizes(batch_sizes):
+            if target.fixed_batch is None:
+                memory.check_forward(target.config, batch, target.device, "--batch-sizes", target.model)
+            else:
+                memory.check_forward(target.config, batch, target.device, "--batch", target.model,
+                                     advice=f"{target.label} was exported for batch {batch}: re-export it "
+                                            "with a smaller --batch or --dynamic-batch")
+
+
+def threads_used(target: Target) -> Optional[int]:
+    """CPU threads the target's runtime computes with (None off the CPU); call it while the
+    runner is active, after it applied its thread count."""
+    if target.device != "cpu":
+        return None
+    if target.backend == "torch":
+        import torch
+
+        return torch.get_num_threads()
+    if target.backend == "onnxruntime":
+        return target.threads or physical_cores()  # onnxruntime's default: one per physical core
+    return target.threads
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads counted once), from /proc/cpuinfo where it says."""
+    cores = set()
+    try:
+        physical = core = None
+        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "physical id":
+                physical = value.strip()
+            elif key == "core id":
+                core = value.strip()
+            elif not line.strip():
+                if core is not None:
+                    cores.add((physical, core))
+                physical = core = None
+    except OSError:
+        pass
+    return len(cores) or (os.cpu_count() or 1)
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average (None where the system does not tell)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+def load_warning(threads: Optional[int], load: Optional[float], cpus: int) -> Optional[str]:
+    """A warning when other work (``load``, sampled before timing) competes for the cores the
+    timed runtime uses: threads spinning against a busy core can make latency many times worse."""
+    if threads is None or load is None or load + threads <= cpus + 0.5:
+        return None
+    suggestion = max(1, int(cpus - load))
+    return (f"the machine is busy (1-minute load average {load:.2f} on {cpus} CPUs) while timing uses {threads} "
+            f"thread(s): latencies may be inflated and noisy; time on an idle machine"
+            + (f" or pass --threads {suggestion}" if suggestion < threads else ""))
 
 
 def _add_speedups(rows: list[dict]) -> None:
@@ -248,10 +340,10 @@ def _add_speedups(rows: list[dict]) -> None:
         row["speedup"] = round(base / row["p50_ms"], 3) if base else None
 
 
-def environment(device: str, threads: Optional[int]) -> dict:
-    import os
-
-    info = {"device": device, "threads": threads, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+def environment(device: str, threads: Optional[int], load: Optional[float] = None) -> dict:
+    """Where the rows were measured; ``load``: the 1-minute load average before timing."""
+    info = {"device": device, "threads": threads, "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(),
+            "physical_cores": physical_cores(), "load_average_1min": load, "machine": platform.machine(),
             "processor": _cpu_name(), "versions": manifests.tool_versions()}
     if device == "cuda":
         import torch

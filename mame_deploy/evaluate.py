@@ -35,6 +35,7 @@ def evaluate(model, dataset, batch_size: int = 128, limit: Optional[int] = None,
     """(correct, total) top-1 over ``dataset`` (the first ``limit`` images if given)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    check_limit(limit)
     model.eval()
     correct = total = 0
     for images, labels in dataset.batches(batch_size):
@@ -46,7 +47,19 @@ def evaluate(model, dataset, batch_size: int = 128, limit: Optional[int] = None,
         total += len(labels)
         if progress is not None:
             progress(len(labels))
+    if total == 0:
+        raise UserError(f"{getattr(dataset, 'name', 'the data set')} holds no images to evaluate")
     return correct, total
+
+
+def check_limit(limit: Optional[int]) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"--limit must be at least 1 (the number of images to evaluate), got {limit}")
+
+
+def random_weights(model) -> bool:
+    """True for a model of ``create_model`` that loaded no checkpoint (seeded random weights)."""
+    return hasattr(model, "checkpoint_path") and model.checkpoint_path is None
 
 
 def evaluate_setting(model, dataset, setting: Setting, batch_size: int = 128, limit: Optional[int] = None,
@@ -60,6 +73,8 @@ def evaluate_setting(model, dataset, setting: Setting, batch_size: int = 128, li
     removed = sum(model.mame_schedule)
     return {
         "model": getattr(model, "model_name", None),
+        "weights": getattr(model, "checkpoint_path", None),
+        "random_weights": random_weights(model),
         "data": dataset.name,
         "method": setting.method,
         "ratio": setting.ratio if setting.schedule is None else round(removed / cfg.num_patches, 6),

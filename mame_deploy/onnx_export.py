@@ -16,12 +16,13 @@ import logging
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import onnx
 import torch
 
 from mame_deploy import artifacts, manifest as manifests, onnx_functions
+from mame_deploy import memory
 from mame_deploy.errors import UserError
 from mame_deploy.flops import gflops, relative_gflops
 from mame_deploy.manifest import Source
@@ -149,20 +150,31 @@ def export(
     opset: int = DEFAULT_OPSET,
     scan: str = "plugin",
     force: bool = False,
+    status: Callable[[str], object] = lambda message: None,
 ) -> ExportResult:
-    """Export ``source`` to ``output`` (default ./MODEL.onnx) and write the manifest beside it."""
+    """Export ``source`` to ``output`` (default ./MODEL.onnx) and write the manifest beside it.
+
+    Everything that can be refused (options, existing or unwritable outputs, the checkpoint, a
+    batch whose example input does not fit in memory) is checked before the export starts;
+    ``status`` hears each stage. The pair is published together (``artifacts.write_files``):
+    without ``force`` an output that appeared meanwhile is an error, never replaced.
+    """
     check_options(batch, opset, scan)
     onnx_path = Path(output) if output is not None else default_output(source.model)
     if onnx_path.suffix != ".onnx":
         raise UserError(f"--output {onnx_path} must end in .onnx (the manifest is written beside it as .json)")
     json_path = manifests.manifest_path(onnx_path)
     artifacts.check_writable([onnx_path, json_path], force)
+    memory.check_export(manifests.model_config(source), batch, source.model)
 
     source = resolve_checkpoint(source)
+    status(f"building the PyTorch model ({source.model}, "
+           f"{'seeded random weights' if source.checkpoint is None else Path(source.checkpoint).name})")
     model = manifests.build_model(source)
     # Record the merge switches as resolved (defaults included), so a later default change
     # cannot alter what validate/bench rebuild.
     source = replace(source, options=dict(getattr(model, "mame_options", None) or source.options))
+    status(f"exporting {source.model} to ONNX (torch.onnx.export with dynamo, then folding and checking the graph)")
     data = serialize(to_onnx(model, batch, opset, scan))
     schedule = manifests.model_schedule(model)
     tokens = manifests.tokens_per_layer(model)
@@ -187,8 +199,8 @@ def export(
         "onnx_sha256": artifacts.sha256_bytes(data),
         "versions": manifests.tool_versions(),
     }
-    artifacts.write_bytes(onnx_path, data)
-    artifacts.write_json(json_path, record)
+    status(f"writing {onnx_path} and {json_path}")
+    artifacts.write_files([(onnx_path, data), (json_path, artifacts.json_bytes(record))], force)
     return ExportResult(onnx_path, json_path, record, len(data))
 
 
@@ -196,13 +208,12 @@ def resolve_checkpoint(source: Source) -> Source:
     """Pin the checkpoint: the file actually loaded (the model's bundled weights when none is
     given), by absolute path and sha256, so later commands load the same bytes."""
     from mame_deploy.models import get_spec
+    from mame_deploy.models.checkpoint import check_checkpoint_path
 
     checkpoint = source.checkpoint or get_spec(source.model).bundled_checkpoint
     if checkpoint is None:
         return replace(source, checkpoint=None, checkpoint_sha256=None)
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass the path of a .pth/.pt file")
+    path = check_checkpoint_path(checkpoint)
     return replace(source, checkpoint=str(path.resolve()), checkpoint_sha256=artifacts.file_sha256(path))
 
 

@@ -33,6 +33,13 @@ def check_device(device: str) -> str:
     return device
 
 
+def check_threads(threads: Optional[int]) -> Optional[int]:
+    """CPU thread counts are positive; None leaves the runtime's default."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UserError(f"--threads must be at least 1 (or left out for the runtime's default), got {threads}")
+    return threads
+
+
 def load_onnx_file(path: Union[str, Path]) -> onnx.ModelProto:
     """The model in ``path``, or a UserError saying why the file is not a usable ONNX model."""
     path = Path(path)
@@ -60,6 +67,7 @@ def onnxruntime_session(model: Union[str, Path, bytes], device: str = "cpu", thr
     import onnxruntime as ort
 
     check_device(device)
+    check_threads(threads)
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -98,7 +106,7 @@ class TorchRunner(BaseRunner):
                          prefix="torch-runner")
         self.model = model
         self.device = torch.device(check_device(device))
-        self.threads = threads
+        self.threads = check_threads(threads)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("PyTorch sees no CUDA device here; use --device cpu")
 

@@ -9,6 +9,7 @@ constant, which is what gives the exported graph static shapes.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Mapping, Optional, Sequence, Union
 
@@ -58,7 +59,18 @@ def default_merge_layers(depth: int) -> list[int]:
     return list(mergeable_layers(depth))
 
 
+def _as_layers(layers) -> list[int]:
+    """Block numbers as a list; text or other types are refused here, not read character by
+    character (``"2,5"`` would otherwise name blocks "2", "," and "5")."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not all(
+            isinstance(layer, numbers.Integral) and not isinstance(layer, bool) for layer in layers):
+        raise UserError(f"merge layers must be a list of block numbers such as [2, 5, 8], got {layers!r} "
+                        "(on the command line: --layers 2,5,8)")
+    return [int(layer) for layer in layers]
+
+
 def _check_layers(depth: int, layers: Sequence[int]) -> list[int]:
+    layers = _as_layers(layers)
     allowed = mergeable_layers(depth)
     if not layers:
         raise UserError("no merge layers given; name at least one block, e.g. --layers 2,5,8")
@@ -114,7 +126,7 @@ def schedule_from_ratio(config, ratio: float, layers: Optional[Sequence[int]] = 
     schedule = [0] * config.depth
     if total == 0:
         return schedule
-    layers = _check_layers(config.depth, list(layers) if layers is not None else default_merge_layers(config.depth))
+    layers = _check_layers(config.depth, layers if layers is not None else default_merge_layers(config.depth))
     keep, current = n - total, n
     for j, layer in enumerate(layers, start=1):
         target = keep if j == len(layers) else round(n * (keep / n) ** (j / len(layers)))

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional, Union
 import numpy as np
 
 from mame_deploy import artifacts, manifest as manifests
+from mame_deploy import memory
 from mame_deploy.errors import UserError
 from mame_deploy.onnx_export import INPUT_NAME, OUTPUT_NAME
 from mame_deploy.runners import TorchRunner, load_onnx_file, onnxruntime_runner
@@ -136,8 +137,9 @@ def validate(
 ) -> dict:
     """Run ``onnx_path`` in onnxruntime and its rebuilt PyTorch source on the same inputs."""
     onnx_path = Path(onnx_path)
-    load_onnx_file(onnx_path)
+    proto = load_onnx_file(onnx_path)
     record = manifests.read_manifest(onnx_path, artifacts.file_sha256(onnx_path))
+    manifests.check_onnx_input(proto, record, onnx_path)
     source = manifests.source_from_manifest(record)
     model = manifests.build_model(source, record["schedule"])
     cfg = model.config
@@ -146,6 +148,7 @@ def validate(
     else:
         batches = random_images(cfg, samples or DEFAULT_SAMPLES, seed)
     batch = _batch_size(record, batch, len(batches))
+    memory.check_forward(cfg, batch, device, "--batch", source.model)
 
     onnx_logits = run(onnxruntime_runner(onnx_path, device, threads), batches, batch, progress)
     torch_logits = run(TorchRunner(model, device, threads), batches, batch, progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,35 @@ for _name, _dim, _file in (
 from . import digits  # noqa: E402,F401  (registers vim_digits)
 
 
+def _check_override(name: str, key: str, value, default) -> None:
+    """Config fields are positive numbers of their default's kind (ints stay ints)."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return
+    integral = isinstance(default, int)
+    kind = "a whole number" if integral else "a number"
+    number = isinstance(value, int if integral else (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{name} config field {key} must be {kind} greater than 0, got {value!r} "
+                        f"(e.g. --override {key}={default})")
+
+
+def model_config(name: str, **overrides):
+    """The config of model ``name`` with ``overrides`` applied, each checked: unknown fields,
+    values of the wrong kind and sizes that make no model are one-line UserErrors."""
+    spec = get_spec(name)
+    fields = {f.name for f in dataclasses.fields(spec.config)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise UserError(f"unknown option(s) {', '.join(bad)} for {name}; valid: {', '.join(sorted(fields))}")
+    for key, value in overrides.items():
+        _check_override(name, key, value, getattr(spec.config, key))
+    config = dataclasses.replace(spec.config, **overrides)
+    if config.patch_size > config.img_size:
+        raise UserError(f"{name}: patch_size {config.patch_size} is larger than img_size {config.img_size}, "
+                        "so the image has no patches; lower patch_size or raise img_size")
+    return config
+
+
 def create_model(
     name: str,
     checkpoint: Optional[str | Path] = None,
@@ -36,11 +66,7 @@ def create_model(
     """Build model ``name`` in eval mode: random weights from ``seed``, then ``checkpoint``
     (or the model's bundled weights) loaded strictly. ``overrides`` change config fields."""
     spec = get_spec(name)
-    fields = {f.name for f in dataclasses.fields(spec.config)}
-    bad = sorted(set(overrides) - fields)
-    if bad:
-        raise UserError(f"unknown option(s) {', '.join(bad)} for {name}; valid: {', '.join(sorted(fields))}")
-    config = dataclasses.replace(spec.config, **overrides)
+    config = model_config(name, **overrides)
     model = init_weights(spec.build(config), seed)
     checkpoint = checkpoint if checkpoint is not None else spec.bundled_checkpoint
     if checkpoint is not None:
@@ -53,5 +79,5 @@ def create_model(
 
 __all__ = [
     "ModelSpec", "VimConfig", "VisionMamba", "create_model", "file_sha256", "get_spec",
-    "init_weights", "list_models", "load_checkpoint", "read_state_dict", "register",
+    "init_weights", "list_models", "load_checkpoint", "model_config", "read_state_dict", "register",
 ]
