@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from typing import Optional
 
@@ -99,8 +101,44 @@ from mame_deploy.cli import tune  # noqa: E402
 tune.register(app)
 
 
+@contextlib.contextmanager
+def _interrupts_recorded(seen: list):
+    """SIGTERM raises KeyboardInterrupt like Ctrl-C does, so every cleanup (temporaries, scratch
+    folders) runs for both; ``seen`` records which signal came."""
+    def handler(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """Run the CLI; a UserError becomes one line on stderr and exit code 2."""
+    """Run the CLI; a UserError becomes one line on stderr and exit code 2. Ctrl-C and SIGTERM
+    stop it the same way, temporary files removed, with exit codes 130 and 143."""
+    seen: list = []
+    try:
+        with _interrupts_recorded(seen):
+            code = _run(argv)
+    except KeyboardInterrupt:  # raised outside typer's own handling
+        code = 130
+    if code == 130:  # typer turns KeyboardInterrupt into exit code 130
+        terminated = signal.SIGTERM in seen
+        Console(stderr=True).print(f"aborted ({'SIGTERM' if terminated else 'interrupted'}); "
+                                   "no partial output was left", highlight=False)
+        return 143 if terminated else 130
+    return code
+
+
+def _run(argv: Optional[list[str]]) -> int:
     try:
         code = app(args=argv, standalone_mode=False)  # typer.Exit(n) inside a command returns n
         if isinstance(code, int):
@@ -111,7 +149,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
-        Console(stderr=True).print("aborted")
         return 130
     except Exception as exc:
         # Usage errors (click's ClickException, vendored by newer typer): print and exit.
