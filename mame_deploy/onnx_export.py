@@ -149,6 +149,7 @@ def export(
     batch: Optional[int] = 1,
     opset: int = DEFAULT_OPSET,
     scan: str = "plugin",
+    tuned: Optional[dict] = None,  # mame_deploy.tune.apply_tuned's record, kept as "tuned"
     force: bool = False,
     status: Callable[[str], object] = lambda message: None,
 ) -> ExportResult:
@@ -198,6 +199,7 @@ def export(
         "onnx_file": onnx_path.name,
         "onnx_sha256": artifacts.sha256_bytes(data),
         "versions": manifests.tool_versions(),
+        **({"tuned": tuned} if tuned else {}),
     }
     status(f"writing {onnx_path} and {json_path}")
     artifacts.write_files([(onnx_path, data), (json_path, artifacts.json_bytes(record))], force)
