@@ -60,6 +60,8 @@ def tune_cmd(
     json_path: Optional[Path] = typer.Option(None, "--json", help="State file: written after every candidate, "
                                                                   "resumed from when it exists."),
     plot: Optional[Path] = typer.Option(None, help="Write calibration top-1 vs latency here (PNG)."),
+    scores_from: Optional[Path] = typer.Option(None, help="Reuse the calibration accuracies of another --json "
+                                                          "(same model and data; other runtime or batch)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --plot; replace a --json of a different search."),
 ):
     """Search merge schedules for the fastest one within an accuracy budget (or the most accurate
@@ -94,7 +96,8 @@ def tune_cmd(
     with _bars() as bars:
         try:
             state = tune.search(setup, space, budget, json_path, restart=force, max_measure=max_measure,
-                                confirm=confirm, margin=margin, batch_size=batch_size, progress=bars)
+                                confirm=confirm, margin=margin, batch_size=batch_size, progress=bars,
+                                scores_from=scores_from)
         except KeyboardInterrupt:
             bars.stop()
             where = f"; rerun the same command to resume from {escape(str(json_path))}" if json_path else ""

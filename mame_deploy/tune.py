@@ -545,6 +545,35 @@ def load_state(path: Optional[Union[str, Path]], setup: Setup, restart: bool = F
     return state, True
 
 
+SCORE_KEYS = ("model", "checkpoint_sha256", "seed", "overrides", "data", "subset", "calib_images")
+
+
+def import_scores(state: dict, path: Union[str, Path], setup: Setup) -> int:
+    """Copy the calibration accuracies of ``path`` (a state file scored on the same model and
+    images) into ``state`` for the candidates it lacks them for; returns how many."""
+    try:
+        other = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"--scores-from {path} is not readable JSON ({exc}); pass a --json of "
+                        "`mame-deploy tune`") from None
+    if not isinstance(other, dict) or other.get("format") != FORMAT:
+        raise UserError(f"--scores-from {path} is not a tune result; pass a --json of `mame-deploy tune`")
+    theirs, ours = other.get("setup", {}), setup.as_dict()
+    diff = [k for k in SCORE_KEYS if theirs.get(k) != ours[k]]
+    if diff:
+        raise UserError(f"--scores-from {path} was scored with another {', '.join(diff)}; its accuracies do not "
+                        "apply to this search")
+    copied = 0
+    for key, record in state["candidates"].items():
+        source = other.get("candidates", {}).get(key, {})
+        if record.get("accuracy") is None and source.get("accuracy") is not None:
+            record.update({k: source[k] for k in ("accuracy", "correct", "images")})
+            copied += 1
+    if copied:
+        state["calibration"] = other.get("calibration", {})
+    return copied
+
+
 def _save(path: Optional[Union[str, Path]], state: dict) -> None:
     if path is not None:
         artifacts.write_json(path, state)
@@ -565,9 +594,12 @@ def search(
     margin: float = DEFAULT_MARGIN,
     batch_size: int = 128,
     progress: Optional[Progress] = None,
+    scores_from: Optional[Union[str, Path]] = None,
 ) -> dict:
     """Run (or resume) the search; returns the state with ``front``, ``best`` and ``best_uniform``.
-    The state is saved to ``state_path`` after every candidate."""
+    The state is saved to ``state_path`` after every candidate. ``scores_from``: another state
+    file whose calibration accuracies to reuse (same model and calibration data; e.g. the same
+    search at another batch size or on another runtime)."""
     import torch
 
     from mame_deploy.models import create_model
@@ -587,6 +619,8 @@ def search(
         records.setdefault(key, describe(net.config, cand))
         records[key]["uniform"] = key in uniform
     state.update(space=asdict(space), budget=asdict(budget), resumed=resumed)
+    if scores_from is not None:
+        import_scores(state, scores_from, setup)
     save = lambda: _save(state_path, state)  # noqa: E731
 
     scored = _score(state, families, net, calibration_data(setup, net.config), setup.device, budget, batch_size,

@@ -346,3 +346,19 @@ def test_families_stop_once_past_the_budget(monkeypatch):
     removed = sorted(r["removed"] for r in scored)
     assert removed == [0, 3, 6]  # 6 tokens lose 6 > 1 + 2 points: 13 and 26 are never scored
     assert len(scored) == len(pool) - 2
+
+
+def test_scores_from_another_search_are_reused(searched, monkeypatch):
+    """The same search on another runtime and batch scores nothing again."""
+    import mame_deploy.evaluate as evaluate
+
+    folder, _, state, _ = searched
+    monkeypatch.setattr(evaluate, "evaluate_setting", lambda *a, **k: pytest.fail("scored again"))
+    setup = tune.Setup(**{**state["setup"], "runtime": "torch", "batch": 2, "iters": 1, "warmup": 0})
+    space = tune.Space(ratios=(0.1,), placements=("spread1", "spread2"), profiles=("constant",), methods=("mame",))
+    again = tune.search(setup, space, tune.Budget(latency_ms=1e-9), confirm=0, scores_from=folder / "t.json")
+    assert {k: r["correct"] for k, r in again["candidates"].items()} == \
+           {k: r["correct"] for k, r in state["candidates"].items()}
+    other = tune.Setup(**{**setup.as_dict(), "calib_images": 40})
+    with pytest.raises(UserError, match="scored with another calib_images"):
+        tune.search(other, space, tune.Budget(max_drop=1), scores_from=folder / "t.json")
