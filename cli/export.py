@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mame_deploy.cli.common import add_parity_rows, compact_runs, key_values, progress_bar
+from mame_deploy.cli.common import (LAYERS_HELP, RATIO_HELP, SCHEDULE_HELP, add_parity_rows, compact_runs, key_values,
+                                    merge_layers, merge_options, progress_bar, stages)
 from mame_deploy.errors import UserError
 
 console = Console()
@@ -21,17 +22,24 @@ _OPTION_HELP = "Merge option KEY=VALUE passed to mame_deploy.patch (repeatable).
 _OVERRIDE_HELP = "Change a model config field, KEY=VALUE (repeatable; e.g. depth=2 for a quick check)."
 
 
-def _source(model, ratio, schedule, method, options, checkpoint, seed, overrides):
-    from mame_deploy.manifest import Source
+def _source(model, ratio, schedule, method, options, checkpoint, seed, overrides, layers=None):
+    """The Source the flags describe, checked as far as it can be without building the model."""
+    from mame_deploy.manifest import Source, model_config
     from mame_deploy.onnx_export import resolve_checkpoint
+    from mame_deploy.schedule import check_ratio, resolve_schedule
 
-    if not 0 <= ratio < 1:
-        raise UserError(f"--ratio must be in [0, 1), got {ratio}")
-    return resolve_checkpoint(Source(
+    check_ratio(ratio)
+    options = merge_options(options)
+    layer_list = merge_layers(layers)
+    if layer_list is not None:
+        options["layers"] = layer_list
+    source = Source(
         model=model, checkpoint=str(checkpoint) if checkpoint else None, seed=seed,
         overrides=key_values(overrides, "--override"), method=method, ratio=ratio,
-        schedule_spec=schedule, options=key_values(options, "--option"),
-    ))
+        schedule_spec=schedule, options=options,
+    )
+    resolve_schedule(model_config(source), ratio, schedule, layer_list)  # bad layers/schedule: fail now
+    return resolve_checkpoint(source)
 
 
 def _size(n: int) -> str:
@@ -44,7 +52,9 @@ def _size(n: int) -> str:
 def _merge_settings(record: dict) -> str:
     """'mame, ratio 0.5' or 'tome, schedule 4:20,8:20' (an explicit schedule overrides the ratio)."""
     spec = record.get("schedule_spec")
-    return f"{record['method']}, " + (f"schedule {spec}" if spec else f"ratio {record['ratio']:g}")
+    layers = (record.get("options") or {}).get("layers")
+    where = f" after blocks {','.join(map(str, layers))}" if layers and not spec else ""
+    return f"{record['method']}, " + (f"schedule {spec}" if spec else f"ratio {record['ratio']:g}{where}")
 
 
 def _write_report(path: Optional[Path], report, force: bool) -> None:
@@ -63,8 +73,9 @@ def _write_report(path: Optional[Path], report, force: bool) -> None:
 
 def export_cmd(
     model: str = typer.Argument(..., help="Model name (see `mame-deploy models`)."),
-    ratio: float = typer.Option(0.0, help="Fraction of patch tokens removed by merging, in [0, 1)."),
-    schedule: Optional[str] = typer.Option(None, help="Explicit merges LAYER:COUNT,... (overrides --ratio)."),
+    ratio: float = typer.Option(0.0, help=RATIO_HELP),
+    schedule: Optional[str] = typer.Option(None, help=SCHEDULE_HELP),
+    layers: Optional[str] = typer.Option(None, help=LAYERS_HELP),
     method: str = typer.Option("mame", help=_MERGE_HELP),
     option: list[str] = typer.Option([], "--option", help=_OPTION_HELP),
     checkpoint: Optional[Path] = typer.Option(None, help="Weights to load (default: bundled, else random)."),
@@ -95,7 +106,7 @@ def export_cmd(
     target = output if output is not None else onnx_export.default_output(model)
     if want_engine:
         artifacts.check_writable([Path(target).with_suffix(".plan")], force)
-    source = _source(model, ratio, schedule, method, option, checkpoint, seed, override)
+    source = _source(model, ratio, schedule, method, option, checkpoint, seed, override, layers)
     tuned_record = None
     if tuned is not None:
         from mame_deploy.tune import apply_tuned
@@ -105,13 +116,14 @@ def export_cmd(
 
     serve_cli.check_triton_repo(triton_repo, source, force)
 
-    with console.status(f"exporting {model} (torch.onnx.export, dynamo) ..."):
+    with stages(console) as stage:
         result = onnx_export.export(source, target, batch=batch, opset=opset, scan=scan, tuned=tuned_record,
-                                    force=force)
+                                    force=force, status=stage)
     _print_export_summary(result)
 
     if want_engine:
-        with console.status("building the TensorRT engine ..."):
+        with stages(console) as stage:
+            stage(f"building the TensorRT engine from {result.onnx_path}")
             plan = onnx_export.build_engine_for(result, force=force)
         console.print(f"wrote {escape(str(plan))}")
     elif engine is False:
@@ -167,8 +179,11 @@ def validate_cmd(
     """Compare the ONNX file in onnxruntime with the PyTorch source its manifest describes."""
     from mame_deploy.validate import REL_TOLERANCE, validate
 
+    from mame_deploy.runners import check_threads
+
     if (onnx is None) == (engine is None):
         raise UserError("pass one of --onnx PATH.onnx or --engine PATH.plan")
+    check_threads(threads)
     if engine is not None:
         from mame_deploy.cli.build import validate_engine_report
 
@@ -201,8 +216,9 @@ def bench_cmd(
     onnx: list[Path] = typer.Option([], "--onnx", help="ONNX file(s) to time in onnxruntime (repeatable)."),
     engine: list[Path] = typer.Option([], "--engine", help="TensorRT engine(s) to time (repeatable; implies --device cuda)."),
     torch_model: Optional[str] = typer.Option(None, "--torch", help="Model name to time in PyTorch."),
-    ratio: float = typer.Option(0.0, help="With --torch: merge ratio."),
-    schedule: Optional[str] = typer.Option(None, help="With --torch: explicit merges LAYER:COUNT,..."),
+    ratio: float = typer.Option(0.0, help="With --torch: " + RATIO_HELP),
+    schedule: Optional[str] = typer.Option(None, help="With --torch: " + SCHEDULE_HELP),
+    layers: Optional[str] = typer.Option(None, help="With --torch: " + LAYERS_HELP),
     method: str = typer.Option("mame", help="With --torch: " + _MERGE_HELP),
     option: list[str] = typer.Option([], "--option", help="With --torch: " + _OPTION_HELP),
     checkpoint: Optional[Path] = typer.Option(None, help="With --torch: weights to load."),
@@ -224,8 +240,10 @@ def bench_cmd(
 ):
     """Latency (p50/p90/p99) and throughput per batch size, side by side with the unmerged model."""
     from mame_deploy import bench
-    from mame_deploy.runners import check_device
+    from mame_deploy.runners import check_device, check_threads
 
+    load = bench.load_average()  # before this command loads the CPU itself
+    check_threads(threads)
     if not onnx and not engine and torch_model is None:
         raise UserError("nothing to time: pass --onnx PATH.onnx, --engine PATH.plan and/or --torch MODEL")
     if engine:
@@ -246,14 +264,15 @@ def bench_cmd(
         targets = []
         if onnx:
             targets += bench.onnx_targets(onnx, device, threads, scratch, baseline, compare_torch,
-                                          status=lambda message: console.print(escape(message) + " ..."))
+                                          status=lambda message: console.print(escape(message) + " ..."),
+                                          batch_sizes=sizes)
         for path in engine:
             from mame_deploy.engine_checks import engine_targets
 
             targets += engine_targets(path, scratch, baseline, compare_torch,
                                       status=lambda message: console.print(escape(message) + " ..."))
         if torch_model is not None:
-            source = _source(torch_model, ratio, schedule, method, option, checkpoint, seed, override)
+            source = _source(torch_model, ratio, schedule, method, option, checkpoint, seed, override, layers)
             targets += bench.torch_targets(source, device, threads, baseline, cuda_graph=cuda_graph)
         targets = bench.unique(targets)
 
@@ -264,19 +283,37 @@ def bench_cmd(
 
             rows = bench.bench(targets, sizes, warmup, iters, progress=progress)
 
-    env = bench.environment(device, threads)
-    table = Table(title=f"latency in ms on {device} ({escape(env['processor'])}, threads {threads or 'default'}; "
+    env = bench.environment(device, threads, load)
+    used = sorted({r["threads"] for r in rows if r.get("threads")})
+    asked = f"--threads {threads}" if threads else "default threads"
+    ran = f"{used[0]} thread{'s' if used[0] > 1 else ''}" if len(used) == 1 else asked
+    table = Table(title=f"latency in ms on {device} ({escape(env['processor'])}, {env['usable_cpus']} CPUs, {ran}; "
                         f"{warmup} warm-up + {iters} timed calls)")
-    for col in ("what", "batch", "GFLOPs", "p50", "p90", "p99", "img/s", "speedup"):
-        table.add_column(col, justify="left" if col == "what" else "right", overflow="fold")
+    columns = ("what", "batch", *(("threads",) if len(used) > 1 else ()), "GFLOPs", "p50", "p90", "p99", "img/s",
+               "speedup")
+    for col in columns:
+        if col == "what":
+            table.add_column(col, justify="left", overflow="fold")
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         what = f"{_RUNTIME_NAMES.get(r['backend'], r['backend'])} {r['target']}"
-        table.add_row(escape(what), str(r["batch"]), f"{r['relative_gflops']:.3f}", f"{r['p50_ms']:.2f}",
-                      f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['throughput']:.1f}",
-                      f"{r['speedup']:.2f}x" if r["speedup"] else "-")
-    table.caption = "GFLOPs relative to the unmerged model; speed-up = unmerged p50 / p50, same backend and batch"
+        table.add_row(escape(what), str(r["batch"]), *((str(r["threads"] or "-"),) if len(used) > 1 else ()),
+                      f"{r['relative_gflops']:.3f}", f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                      f"{r['throughput']:.1f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-")
+    warning = bench.load_warning(max(used) if used else None, load, env["usable_cpus"])
+    table.caption = ("GFLOPs relative to the unmerged model; speed-up = unmerged p50 / p50, same backend and batch; "
+                     f"threads: CPU threads the runtime computed with; 1-minute load average before timing "
+                     f"{_load_text(load)}")
     console.print(table)
+    if warning:
+        env["warning"] = warning
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     _write_report(json_path, {"environment": env, "warmup": warmup, "iters": iters, "rows": rows}, force=True)
+
+
+def _load_text(load) -> str:
+    return f"{load:.2f}" if load is not None else "unknown"
 
 
 _RUNTIME_NAMES = {"onnxruntime": "ORT", "torch": "torch", "tensorrt": "TRT", "torch-graph": "torch (CUDA graph)"}
