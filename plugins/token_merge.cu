@@ -173,6 +173,12 @@ __device__ __forceinline__ void store_remote(const void* local, unsigned rank, u
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(shared_address(local)), "r"(rank));
     asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(remote), "r"(v) : "memory");
 }
+// Split barrier: arrive early (relaxed: orders nothing), wait before the first remote access, so
+// that every block of the cluster has started before its shared memory is written.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
@@ -478,6 +484,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     const int cls_pos = static_cast<int>(cls_in < 0 ? 0 : (cls_in > n ? n : cls_in));
     // Sequence position of patch k (scan order, class token skipped).
     auto seq_of = [&](int k) { return k + (k >= cls_pos); };
+    if constexpr (CLUSTER > 1) cluster_arrive_relaxed();  // waited on before the first remote store
 
     // 1. Decision keys, and the stable ascending ranks the split and pruning use.
     for (int i = tid; i < n; i += THREADS) sh.key[i] = decision_key(score[row0 + seq_of(i)]);
@@ -500,6 +507,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
         const int per = (S + CLUSTER - 1) / CLUSTER;
         const int s_begin = min(S, static_cast<int>(crank) * per), s_end = min(S, s_begin + per);
         match_sources(sh, hidden, residual, STREAM_METRIC, row0, E, cls_pos, s_begin, s_end, D);
+    }
+    if constexpr (CLUSTER > 1) cluster_wait();  // every block of the cluster has started
+    if (matching) {
+        const int per = (S + CLUSTER - 1) / CLUSTER;
+        const int s_begin = min(S, static_cast<int>(crank) * per), s_end = min(S, s_begin + per);
         if constexpr (CLUSTER > 1) {
             for (int i = s_begin + tid; i < s_end; i += THREADS)
                 for (unsigned q = 0; q < CLUSTER; ++q) {
