@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mame_deploy.cli.common import add_parity_rows, progress_bar
+from mame_deploy.cli.common import add_parity_rows, progress_bar, stages
 
 console = Console()
 
@@ -35,7 +35,8 @@ def build_cmd(
     from mame_deploy.engine import build_engine, read_engine_manifest
     from mame_deploy.manifest import manifest_path
 
-    with console.status("building the TensorRT engine ..."):
+    with stages(console) as stage:
+        stage(f"building the TensorRT engine from {onnx_path}")
         path = build_engine(
             onnx_path, output, precision, workspace, force, max_batch=max_batch, opt_batch=opt_batch, jit=jit
         )

@@ -143,6 +143,14 @@ def default_output(model_name: str) -> Path:
     return Path(f"{model_name}.onnx")
 
 
+def output_paths(model_name: str, output: Union[str, Path, None] = None) -> tuple[Path, Path]:
+    """The ONNX file (``output``, default ./MODEL.onnx) and its manifest beside it."""
+    onnx_path = Path(output) if output is not None else default_output(model_name)
+    if onnx_path.suffix != ".onnx":
+        raise UserError(f"--output {onnx_path} must end in .onnx (the manifest is written beside it as .json)")
+    return onnx_path, manifests.manifest_path(onnx_path)
+
+
 def export(
     source: Source,
     output: Union[str, Path, None] = None,
@@ -161,10 +169,7 @@ def export(
     without ``force`` an output that appeared meanwhile is an error, never replaced.
     """
     check_options(batch, opset, scan)
-    onnx_path = Path(output) if output is not None else default_output(source.model)
-    if onnx_path.suffix != ".onnx":
-        raise UserError(f"--output {onnx_path} must end in .onnx (the manifest is written beside it as .json)")
-    json_path = manifests.manifest_path(onnx_path)
+    onnx_path, json_path = output_paths(source.model, output)
     artifacts.check_writable([onnx_path, json_path], force)
     memory.check_export(manifests.model_config(source), batch, source.model)
 
