@@ -26,7 +26,7 @@ from rich.table import Table
 
 from mame_deploy.ops import selective_scan_ref
 from mame_deploy.ops.selective_scan import INPUT_NAMES
-from mame_deploy.scan_onnx import attach_scan_function
+from mame_deploy.onnx_functions import attach_functions
 
 F = TensorProto.FLOAT
 
@@ -182,7 +182,7 @@ def shipped(shapes) -> onnx.ModelProto:
     node = helper.make_node("SelectiveScan", list(INPUT_NAMES), ["out"], domain="mame", delta_softplus=1, reverse=0)
     graph = helper.make_graph([node], "scan", [helper.make_tensor_value_info(n, F, shapes[n]) for n in INPUT_NAMES],
                               [helper.make_tensor_value_info("out", F, shapes["u"])])
-    return attach_scan_function(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10))
+    return attach_functions(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10))
 
 
 VARIANTS = {

@@ -93,3 +93,29 @@ def add_parity_rows(table, report: dict, runtime: str, rel_note: str) -> None:
     if "top1_accuracy" in report:
         table.add_row("top-1 accuracy", f"{runtime} {report['top1_accuracy']:.2%}, "
                                         f"torch {report['top1_accuracy_reference']:.2%}")
+
+
+def add_decision_rows(table, report: dict, tolerance: float) -> None:
+    """The merge-decision part of a `validate` report (see mame_deploy.decisions)."""
+    decisions = report.get("decisions") or {}
+    layers = decisions.get("layers") or []
+    if not report.get("decisions_traced"):
+        if report.get("tokens_per_layer") and len(set(report["tokens_per_layer"])) > 1:
+            table.add_row("merge decisions", "not traced (the file has no mame::TokenMerge nodes, e.g. --scan inline): "
+                                             "every sample is held to the parity rule")
+        return
+    flipped, samples = report["flipped_samples"], report["samples"]
+    if not flipped:
+        table.add_row("merge decisions", f"identical in all {samples} samples at all {len(layers)} merge steps")
+    else:
+        firsts = [f"block {layer}: {n}" for layer, n in zip(layers, decisions["first_flips"]) if n]
+        table.add_row("merge decisions", f"{flipped} of {samples} samples decided differently at some step "
+                                         f"(first at {', '.join(firsts)}); {flipped - report['unexplained_flips']} "
+                                         f"of them near-ties, {report['unexplained_flips']} unexplained")
+        per_step = [f"{layer}:{n}" for layer, n in zip(layers, decisions["differing"]) if n]
+        table.add_row("differing per block", ", ".join(per_step))
+        table.add_row("effect of the flips", f"top-1 changed on {report['top1_changed_by_flips']} of the "
+                                             f"{flipped} samples")
+    table.add_row("same-decision samples", f"{report['agreeing_samples']}: max rel error "
+                                           f"{report['max_rel_err_agreeing']:.3e} (tolerance {tolerance:g}), top-1 "
+                                           f"agreement {report['top1_agreement_agreeing']:.2%}")

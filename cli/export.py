@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mame_deploy.cli.common import (LAYERS_HELP, RATIO_HELP, SCHEDULE_HELP, add_parity_rows, compact_runs, key_values,
-                                    merge_layers, merge_options, progress_bar, stages)
+from mame_deploy.cli.common import (LAYERS_HELP, RATIO_HELP, SCHEDULE_HELP, add_decision_rows, add_parity_rows,
+                                    compact_runs, key_values, merge_layers, merge_options, progress_bar, stages)
 from mame_deploy.errors import UserError
 
 console = Console()
@@ -103,9 +103,9 @@ def export_cmd(
     batch = None if dynamic_batch else (batch if batch is not None else 1)
     onnx_export.check_options(batch, opset, scan)
     want_engine = onnx_export.check_engine_request(engine, scan)
-    target, manifest = onnx_export.output_paths(model, output)
-    # Every output is checked (exists? folder writable?) before anything is hashed or built.
-    artifacts.check_writable([target, manifest] + ([target.with_suffix(".plan")] if want_engine else []), force)
+    target = output if output is not None else onnx_export.default_output(model)
+    if want_engine:
+        artifacts.check_writable([Path(target).with_suffix(".plan")], force)
     source = _source(model, ratio, schedule, method, option, checkpoint, seed, override, layers)
     tuned_record = None
     if tuned is not None:
@@ -200,7 +200,8 @@ def validate_cmd(
     table = Table(title=f"validate {escape(str(onnx))}", show_header=False)
     table.add_row("PyTorch source", f"{report['model']}, {_merge_settings(report)}")
     table.add_row("inputs", f"{report['samples']} x {escape(report['data'])}, batch {report['batch']}, {device}")
-    add_parity_rows(table, report, "onnxruntime", f"of max |logit|; tolerance {REL_TOLERANCE:g}")
+    add_parity_rows(table, report, "onnxruntime", "of max |logit|, all samples")
+    add_decision_rows(table, report, REL_TOLERANCE)
     table.add_row("result", "[green]PASS[/]" if report["passed"] else "[red]FAIL[/]")
     console.print(table)
     _write_report(json_path, report, force=True)

@@ -73,8 +73,9 @@ def validate_engine(
     else:
         batches = checks.random_images(cfg, samples or checks.DEFAULT_SAMPLES, seed)
     size = engine_batch(engine, batch, len(batches))
-    trt_logits = checks.run(runner, batches, size, progress)
-    torch_logits = checks.run(TorchRunner(model, "cuda"), batches, size, progress)
+    # Engines keep no decision outputs: every sample is held to the rule (see validate.compare).
+    trt_logits = checks.run(runner, batches, size, progress)[checks.OUTPUT_NAME]
+    torch_logits = checks.run(TorchRunner(model, "cuda"), batches, size, progress)[checks.OUTPUT_NAME]
     report = {
         "engine": str(plan),
         "precision": engine["precision"],

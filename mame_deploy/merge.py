@@ -1,38 +1,41 @@
 """MaMe token merging between Vision Mamba blocks, and the ToMe / pruning baselines.
 
 A merge step runs right after block l. It removes a FIXED number r of patch tokens from every
-sample, so every tensor keeps a static shape and the same code exports to ONNX: sorting of
-fixed-size tensors (pairwise ranks where float keys may tie, TopK for distinct positions),
-Gather, Scatter (no reduction), a small MatMul and Where. No NonZero, no boolean indexing,
-no ``.item()``.
+sample, so every tensor keeps a static shape. The whole step is one operator,
+``mame::TokenMerge`` (mame_deploy/ops/token_merge: its reference decomposition defines it, a
+CUDA kernel and a TensorRT plugin run it, an export writes it as one ONNX node carrying an ONNX
+function); this module maps the methods and their switches onto it and tracks the token state.
 
-MaMe (see shared docs/mame.md), per sample, with s = the block's Delta informativeness:
+MaMe (see docs/merging.md), per sample, with s = the block's Delta informativeness:
   1. split the patches: the n // 2 lowest-s tokens are candidate sources, the rest destinations;
   2. each source finds its most cosine-similar destination on the merge metric;
   3. sources are ranked by that similarity minus ``lam`` x their normalised s; the top r merge;
   4. a destination becomes the (size x s)-weighted mean of itself and what it absorbed, on the
      hidden and residual streams alike (sizes add up);
   5. survivors keep their original order; a merged token sits where its destination was.
-The class token is never merged; ``TokenState`` tracks where it is. Ties are broken by
-position (stable sorts, first maximum), so a sample's result never depends on its batch.
+The class token is never merged; ``TokenState`` tracks where it is. Decisions compare keys
+rounded to float16, ties broken by position (stable ranks, first maximum), so runtimes agree
+and a sample's result never depends on its batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mame_deploy.errors import UserError
+from mame_deploy.ops.token_merge import MergeAttributes, token_merge
+from mame_deploy.ops.token_merge.contract import ARRANGEMENTS, METRICS, SPLITS, WEIGHTINGS
+from mame_deploy.ops.token_merge.reference import gather_tokens
 
 METHODS = ("mame", "tome", "prune")
-SPLITS = ("informativeness", "alternate")     # who may be a source: low-s half, or even positions
-ARRANGEMENTS = ("ordered", "concat")          # survivors in scan order, or ToMe's [sources; dests]
-WEIGHTINGS = ("informativeness", "size")      # merge weights size x s, or size alone
-METRICS = ("hidden", "stream")                # similarity on the mixer output, or residual + it
+# The switches (ops/token_merge/contract.py): split -- who may be a source, the low-s half or
+# even positions; arrangement -- survivors in scan order or ToMe's [sources; destinations];
+# weighting -- merge weights size x s or size alone; metric -- similarity on the mixer output
+# ("hidden") or on residual + it ("stream").
 
 
 @dataclass(frozen=True)
@@ -105,160 +108,20 @@ def start_state(tokens: Tensor, cls_position: int) -> TokenState:
     return TokenState(size, origin, cls)
 
 
-def _stable_order(key: Tensor, descending: bool = False) -> Tensor:
-    """Indices that sort ``key`` (B, n) along dim 1; equal keys keep their positional order.
-
-    For float keys that can tie (informativeness, similarity). Ranks come from pairwise
-    comparisons (O(n^2), small next to a block): unlike a sort or TopK, whose tie order a
-    runtime may not keep, they break ties by position the same way on every runtime.
-    """
-    if descending:
-        key = -key
-    n = key.shape[1]
-    pos = torch.arange(n, device=key.device)
-    earlier = pos[None, :] < pos[:, None]                      # [i, j]: token j precedes token i
-    ki, kj = key[:, :, None], key[:, None, :]
-    rank = ((kj < ki) | ((kj == ki) & earlier)).sum(dim=-1)    # tokens that go before token i
-    return torch.zeros_like(rank).scatter(1, rank, pos.expand_as(rank))
-
-
-def _split(s: Tensor, split: str) -> tuple[Tensor, Tensor]:
-    """Source and destination candidates as patch indices, each in ascending (scan) order."""
-    B, n = s.shape
-    if split == "alternate":  # ToMe: even positions are sources, odd ones destinations
-        idx = torch.arange(n, device=s.device).expand(B, n)
-        return idx[:, 0::2], idx[:, 1::2]
-    order = _stable_order(s)                       # lowest informativeness first
-    src, dst = order[:, : n // 2], order[:, n // 2:]
-    return _ascending(src), _ascending(dst)
-
-
-def _order_of_distinct(key: Tensor) -> Tensor:
-    """Ascending order of keys that are all distinct (positions), so no tie-break is needed
-    and a plain sort (ONNX TopK) is exact on every runtime: O(n log n), not O(n^2)."""
-    return torch.sort(key, dim=1).indices
-
-
-def _ascending(idx: Tensor) -> Tensor:
-    return torch.sort(idx, dim=1).values
-
-
-def _minmax(s: Tensor) -> Tensor:
-    lo, hi = s.min(dim=1, keepdim=True).values, s.max(dim=1, keepdim=True).values
-    return (s - lo) / (hi - lo).clamp_min(1e-12)
-
-
-def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """Rows ``x[b, idx[b, i]]`` of (B, L, E) ``x`` as (B, k, E). Whole rows by flat index (a
-    row copy; ONNX GatherND on rows), not an element-wise gather with an expanded index."""
-    B, L, E = x.shape
-    return x.reshape(B * L, E)[_flat_rows(idx, L)]
-
-
-def _put_tokens_(x: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
-    """``x[b, idx[b, i]] = rows[b, i]`` in place (ONNX ScatterND on rows); repeated indices must
-    carry identical rows."""
-    B, L, E = x.shape
-    x.view(B * L, E).index_put_((_flat_rows(idx, L),), rows)
-    return x
-
-
-def _flat_rows(idx: Tensor, L: int) -> Tensor:
-    return idx + L * torch.arange(idx.shape[0], device=idx.device)[:, None]
-
-
-def choose(metric: Optional[Callable[[Tensor], Tensor]], s: Tensor, r: int, method: str,
-           opts: MergeOptions) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Which patches go where, from the patches' informativeness ``s`` (B, n) and ``metric``,
-    a callable giving the unit-norm merge metric (B, k, E) of patch indices (B, k).
-
-    Returns ``src`` (B, r): patch indices that leave the sequence; ``dst`` (B, r): the patch
-    each of them merges into (None when pruning); ``is_dst`` (B, n) bool: destination
-    candidates (None when pruning), which the concatenated arrangement puts last.
-    """
-    if method == "prune":  # EViT-like: the r least informative tokens are dropped
-        return _stable_order(s)[:, :r], None, None
-    src_set, dst_set = _split(s, opts.split)
-    sim = metric(src_set) @ metric(dst_set).transpose(1, 2)
-    best_sim, best_dst = sim.max(dim=-1)          # first maximum: ties go to the earlier token
-    rank = best_sim - opts.lam * _minmax(s).gather(1, src_set) if opts.lam else best_sim
-    chosen = _stable_order(rank, descending=True)[:, :r]
-    src = src_set.gather(1, chosen)
-    dst = dst_set.gather(1, best_dst.gather(1, chosen))
-    is_dst = torch.zeros_like(s, dtype=torch.bool).scatter(1, dst_set, True)
-    return src, dst, is_dst
+def attributes(r: int, method: str, opts: MergeOptions) -> MergeAttributes:
+    """The ``mame::TokenMerge`` attributes of one step removing ``r`` tokens."""
+    return MergeAttributes.from_options(r, method == "prune", opts.split, opts.arrangement, opts.weighting,
+                                        opts.metric, opts.lam)
 
 
 def merge_step(hidden: Tensor, residual: Tensor, score: Tensor, state: TokenState, r: int,
                method: str, opts: MergeOptions) -> tuple[Tensor, Tensor, TokenState]:
     """Remove ``r`` patch tokens from (B, L, E) ``hidden``/``residual`` given the block's
     informativeness ``score`` (B, L); returns the two streams (B, L - r, E) and the new state.
-
-    Full-width (B, L, E) passes are what a step costs on a GPU (it is memory-bound), so only
-    the merge metric's rows are gathered for matching, each stream is read once by the gather
-    of the survivors, and only the destinations' rows are then recomputed and written back.
-    """
-    B, L, _ = hidden.shape
-    n, device = L - 1, hidden.device
-    # Sequence position of every patch (class token skipped), in scan order.
-    k = torch.arange(n, device=device).expand(B, n)
-    patch_pos = k + (k >= state.cls[:, None]).long()
-    s = score.float().gather(1, patch_pos)
-    if method == "prune":
-        metric = None
-    else:
-        full = hidden.float() if opts.metric == "hidden" else residual + hidden.float()
-        full = F.normalize(full, dim=-1)
-        metric = lambda idx: _gather_tokens(full, patch_pos.gather(1, idx))  # noqa: E731
-    src, dst, is_dst = choose(metric, s, r, method, opts)
-
-    # Output order of the n - r surviving patches: scan order, or ToMe's [sources; destinations].
-    removed = torch.zeros_like(s, dtype=torch.bool).scatter(1, src, True)
-    key = k.float() + (2 * n) * removed.float()
-    if opts.arrangement == "concat" and is_dst is not None:
-        key = key + n * is_dst.float()
-    keep = _order_of_distinct(key)[:, : n - r]                  # patch indices, output order
-    if opts.arrangement == "concat" and is_dst is not None:
-        new_cls = torch.full_like(state.cls, (n - r) // 2)      # Vim's convention: the middle
-    else:
-        new_cls = (keep < state.cls[:, None]).sum(dim=1)        # survivors that precede it
-    # Gather index into the current sequence for every output slot, class token re-inserted.
-    slot = torch.arange(n - r + 1, device=device).expand(B, -1)
-    before = (slot - (slot > new_cls[:, None]).long()).clamp(max=n - r - 1)
-    seq_idx = torch.where(slot == new_cls[:, None], state.cls[:, None], patch_pos.gather(1, keep).gather(1, before))
-
-    hidden_out, residual_out = _gather_tokens(hidden, seq_idx), _gather_tokens(residual, seq_idx)
-    size_out, origin_out = state.size.gather(1, seq_idx), state.origin.gather(1, seq_idx)
-    if dst is not None:
-        # Output slot of each source's destination (after the re-inserted class token).
-        patch_slot = torch.zeros_like(k).scatter(1, keep, torch.arange(n - r, device=device).expand(B, -1))
-        dst_slot = patch_slot.gather(1, dst)
-        dst_slot = dst_slot + (dst_slot >= new_cls[:, None]).long()
-        src_seq = patch_pos.gather(1, src)                      # sources' sequence positions
-        src_size = state.size.gather(1, src_seq)
-        dst_size = size_out.gather(1, dst_slot)
-        w_src, w_dst = src_size, dst_size
-        if opts.weighting == "informativeness":
-            w_src = w_src * s.gather(1, src)
-            w_dst = w_dst * score.float().gather(1, seq_idx.gather(1, dst_slot))
-        # Only destination rows change. For source i, its destination's row becomes
-        # (w_dst * x_dst + sum of w_src_j * x_src_j over the sources j of that destination) / total,
-        # i.e. x_dst * keep_w + fold @ x_src with fold (B, r, r). Sources sharing a destination
-        # all write the row computed for the first of them, so the repeated writes are identical.
-        same = (dst_slot[:, :, None] == dst_slot[:, None, :]).float()     # (B, r, r)
-        first = same.argmax(dim=-1)                                        # first source of each group
-        total = w_dst + (same @ w_src[..., None]).squeeze(-1)
-        keep_w = (w_dst / total)[..., None]
-        fold = same * (w_src[:, None, :] / total[..., None])
-
-        def mean(x_out: Tensor, x: Tensor) -> Tensor:
-            x_dst = _gather_tokens(x_out, dst_slot).float()
-            merged = torch.baddbmm(x_dst * keep_w, fold, _gather_tokens(x, src_seq).float())
-            return _put_tokens_(x_out, dst_slot, _gather_tokens(merged, first).to(x_out.dtype))
-
-        hidden_out, residual_out = mean(hidden_out, hidden), mean(residual_out, residual)
-        size_out = size_out.scatter(1, dst_slot, dst_size + (same @ src_size[..., None]).squeeze(-1))
-    return hidden_out, residual_out, TokenState(size_out, origin_out, new_cls)
+    One ``mame::TokenMerge`` op (ops/token_merge: the reference on the CPU and while training,
+    the fused kernel on CUDA, one ONNX node in an export)."""
+    hidden, residual, size, origin, cls = token_merge(hidden, residual, score, *state, attributes(r, method, opts))
+    return hidden, residual, TokenState(size, origin, cls)
 
 
 class TokenMerge:
@@ -266,19 +129,37 @@ class TokenMerge:
 
     ``schedule[i]`` tokens are removed right after block i; the model's forward loop calls
     ``start``, then ``__call__`` after each block with a non-zero count, then ``class_token``.
+    While ``trace`` is a dict, each step records its decisions there: the ``origin`` of the
+    surviving tokens, keyed by the block it follows (what ``validate`` compares across runtimes).
+    While ``perturb`` is a number, each step's inputs are first scaled by 1 + perturb x N(0, 1)
+    (``decisions.near_tie`` uses it to ask whether a decision is a near-tie).
     """
 
     def __init__(self, schedule: list[int], method: str, options: MergeOptions):
         self.schedule, self.method, self.options = list(schedule), method, options
+        self.trace: Optional[dict[int, Tensor]] = None
+        self.perturb: Optional[float] = None
 
     def start(self, tokens: Tensor, cls_position: int) -> TokenState:
         return start_state(tokens, cls_position)
 
     def __call__(self, layer: int, hidden: Tensor, residual: Tensor, score: Tensor,
                  state: TokenState) -> tuple[Tensor, Tensor, TokenState]:
-        return merge_step(hidden, residual, score, state, self.schedule[layer], self.method, self.options)
+        if self.perturb is not None:
+            hidden, residual, score = (x * (1 + self.perturb * torch.randn_like(x, dtype=torch.float32)).to(x.dtype)
+                                       for x in (hidden, residual, score))
+        hidden, residual, state = merge_step(hidden, residual, score, state, self.schedule[layer], self.method,
+                                             self.options)
+        if self.trace is not None:
+            self.trace[layer] = state.origin
+        return hidden, residual, state
+
+    @property
+    def layers(self) -> list[int]:
+        """The blocks a merge step follows, in order."""
+        return [layer for layer, count in enumerate(self.schedule) if count]
 
     @staticmethod
     def class_token(features: Tensor, state: TokenState) -> Tensor:
         """(B, L, E) -> (B, E): every sample's class token, wherever merging left it."""
-        return _gather_tokens(features, state.cls[:, None]).squeeze(1)
+        return gather_tokens(features, state.cls[:, None]).squeeze(1)

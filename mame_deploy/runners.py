@@ -21,6 +21,7 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 
+from mame_deploy.decisions import trace_name
 from mame_deploy.errors import UserError
 from mame_deploy.onnx_export import INPUT_NAME, OUTPUT_NAME
 
@@ -101,10 +102,11 @@ class TorchRunner(BaseRunner):
     """
 
     def __init__(self, model: torch.nn.Module, device: str = "cpu", threads: Optional[int] = None,
-                 name: Optional[str] = None):
+                 name: Optional[str] = None, trace_merges: bool = False):
         super().__init__(name=name or f"torch:{getattr(model, 'model_name', type(model).__name__)}",
                          prefix="torch-runner")
         self.model = model
+        self.trace_merges = trace_merges  # also output each merge step's decisions (decisions.py)
         self.device = torch.device(check_device(device))
         self.threads = check_threads(threads)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -122,6 +124,19 @@ class TorchRunner(BaseRunner):
         return meta
 
     def infer_impl(self, feed_dict):
+        merge = getattr(self.model, "token_merge", None) if self.trace_merges else None
+        if merge is None:
+            return self._forward(feed_dict)
+        merge.trace = {}
+        try:
+            outputs = self._forward(feed_dict)
+            for layer, origin in merge.trace.items():
+                outputs[trace_name(layer)] = origin.cpu().numpy()
+        finally:
+            merge.trace = None
+        return outputs
+
+    def _forward(self, feed_dict):
         images = torch.from_numpy(np.ascontiguousarray(feed_dict[INPUT_NAME])).to(self.device)
         with torch.inference_mode():
             if self.device.type == "cuda":

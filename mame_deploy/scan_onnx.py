@@ -26,13 +26,10 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-import onnx.inliner
-import onnxscript.optimizer
 from onnx import TensorProto, helper, numpy_helper
 
 from mame_deploy.ops.selective_scan import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE
 
-FUNCTION_DOMAIN_VERSION = 1   # the "mame" opset version the exporter declares
 MIN_OPSET = 18                # the body needs Shape(start, end), CastLike, axes-as-input Squeeze
 ATTRIBUTES = {"delta_softplus": 0, "reverse": 0}
 _INT64_MAX = np.iinfo(np.int64).max
@@ -156,41 +153,3 @@ def is_scan_node(node: onnx.NodeProto) -> bool:
 
 def scan_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [node for node in model.graph.node if is_scan_node(node)]
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    raise ValueError("the model imports no default-domain opset")
-
-
-def attach_scan_function(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give ``model`` (in place) the function for its ``mame::SelectiveScan`` nodes, replacing any
-    earlier copy, and declare the ``mame`` opset. A model without such nodes is left alone."""
-    if not scan_nodes(model):
-        return model
-    kept = [f for f in model.functions if not (f.domain == ONNX_DOMAIN and f.name == ONNX_OP_TYPE)]
-    del model.functions[:]
-    model.functions.extend(kept + [selective_scan_function(default_opset(model))])
-    if not any(entry.domain == ONNX_DOMAIN for entry in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(ONNX_DOMAIN, FUNCTION_DOMAIN_VERSION))
-    return model
-
-
-def inline_scan_functions(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with every scan node replaced by the function body: no custom domain
-    remains, neither in nodes nor in functions nor in the opset imports.
-
-    Once inlined, each node's attributes are constants, so folding them (onnxscript's constant
-    folding) turns the direction Slices' parameters into constants and every tensor gets a static
-    shape again, as in the file with the custom nodes."""
-    model = attach_scan_function(onnx.ModelProto.FromString(model.SerializeToString()))
-    inlined = onnx.inliner.inline_local_functions(model)
-    onnxscript.optimizer.fold_constants(inlined)
-    onnxscript.optimizer.remove_unused_nodes(inlined)
-    del inlined.functions[:]
-    kept = [entry for entry in inlined.opset_import if entry.domain != ONNX_DOMAIN]
-    del inlined.opset_import[:]
-    inlined.opset_import.extend(kept)
-    return inlined

@@ -1,10 +1,14 @@
 """Accuracy parity of an exported file against the PyTorch source its manifest describes.
 
 Both run the same images (random ones from a seed, a labelled image folder, or the model's
-bundled labelled data such as vim_digits' test split); the report
-gives the largest absolute and relative logit error, the mean cosine similarity of the logit
-vectors, how often the top-1 classes agree, and top-1 accuracy of each when labels are known.
-The tolerance is the issue's: max abs error <= 1e-4 * max |logit| and identical top-1.
+bundled labelled data such as vim_digits' test split). Merged models are compared decision
+first: every merge step's choice of tokens is traced in both runtimes (mame_deploy.decisions),
+and the parity rule -- max abs error <= 1e-4 x max |logit| and identical top-1 -- applies to
+the samples on which every step decided alike. Samples on which a step decided otherwise are
+counted per step, with their effect on top-1, and each must be a near-tie: PyTorch itself
+decides that step differently under input noise far below the tolerance
+(``decisions.near_tie``). The report also gives the mean cosine similarity of the logits and,
+with labels, the top-1 accuracy of each side. docs/validation.md says why these criteria.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
+from polygraphy.backend.onnxrt import OnnxrtRunner
 
-from mame_deploy import artifacts, manifest as manifests
+from mame_deploy import artifacts, decisions, manifest as manifests
 from mame_deploy import memory
 from mame_deploy.errors import UserError
 from mame_deploy.onnx_export import INPUT_NAME, OUTPUT_NAME
-from mame_deploy.runners import TorchRunner, load_onnx_file, onnxruntime_runner
+from mame_deploy.onnx_functions import custom_nodes
+from mame_deploy.ops.token_merge.contract import ONNX_OP_TYPE as MERGE_OP
+from mame_deploy.runners import TorchRunner, load_onnx_file, onnxruntime_runner, onnxruntime_session
 
 REL_TOLERANCE = 1e-4  # of the largest |logit| of the reference
 DEFAULT_SAMPLES = 16
@@ -89,40 +96,67 @@ def has_bundled_data(model_name: str) -> bool:
     return data.preprocess_kind(model_name) == "digits"
 
 
-def compare(outputs: np.ndarray, reference: np.ndarray, labels: Optional[np.ndarray] = None) -> dict:
-    """Parity metrics of ``outputs`` against ``reference`` logits (samples x classes)."""
-    outputs, reference = outputs.astype(np.float64), reference.astype(np.float64)
+def _parity(outputs: np.ndarray, reference: np.ndarray, scale: float) -> dict:
     diff = np.abs(outputs - reference)
-    scale = float(np.abs(reference).max())
     norms = np.linalg.norm(outputs, axis=1) * np.linalg.norm(reference, axis=1)
     cosine = np.sum(outputs * reference, axis=1) / np.maximum(norms, 1e-30)
-    top1, top1_ref = outputs.argmax(1), reference.argmax(1)
-    report = {
-        "samples": int(len(reference)),
-        "max_abs_err": float(diff.max()),
-        "max_abs_logit": scale,
+    worst = float(diff.max()) if diff.size else 0.0
+    return {
+        "max_abs_err": worst,
         # Relative to the logits' scale: elementwise ratios explode at logits near zero.
-        "max_rel_err": float(diff.max() / scale) if scale > 0 else float(diff.max()),
-        "mean_cosine": float(cosine.mean()),
-        "top1_agreement": float(np.mean(top1 == top1_ref)),
+        "max_rel_err": worst / scale if scale > 0 else worst,
+        "mean_cosine": float(cosine.mean()) if cosine.size else 1.0,
+        "top1_agreement": float(np.mean(outputs.argmax(1) == reference.argmax(1))) if len(reference) else 1.0,
     }
-    report["passed"] = bool(report["max_abs_err"] <= REL_TOLERANCE * scale and report["top1_agreement"] == 1.0)
+
+
+def compare(outputs: np.ndarray, reference: np.ndarray, labels: Optional[np.ndarray] = None,
+            flipped: Optional[np.ndarray] = None, near_ties: Optional[np.ndarray] = None) -> dict:
+    """Parity metrics of ``outputs`` against ``reference`` logits (samples x classes).
+
+    ``flipped`` (per sample: a merge step decided differently, see mame_deploy.decisions) splits
+    the samples: those whose decisions agree must meet the parity rule (max abs error <=
+    REL_TOLERANCE x max |logit|, identical top-1); each flipped one must be a near-tie
+    (``near_ties``: PyTorch itself decides that step differently under tiny input noise), and
+    is reported with its effect on top-1. Without ``flipped`` (decisions not traced) every
+    sample must meet the parity rule.
+    """
+    outputs, reference = outputs.astype(np.float64), reference.astype(np.float64)
+    scale = float(np.abs(reference).max())
+    report = {"samples": int(len(reference)), "max_abs_logit": scale, **_parity(outputs, reference, scale)}
+    agree = np.ones(len(reference), bool) if flipped is None else ~np.asarray(flipped, bool)
+    same = _parity(outputs[agree], reference[agree], scale)
+    report.update({
+        "decisions_traced": flipped is not None,
+        "agreeing_samples": int(agree.sum()),
+        "flipped_samples": int((~agree).sum()),
+        "flip_rate": float((~agree).mean()) if len(agree) else 0.0,
+        "unexplained_flips": int(np.sum(~agree & ~(near_ties if near_ties is not None else np.zeros_like(agree)))),
+        "max_abs_err_agreeing": same["max_abs_err"],
+        "max_rel_err_agreeing": same["max_rel_err"],
+        "top1_agreement_agreeing": same["top1_agreement"],
+        "top1_changed_by_flips": int(np.sum((outputs.argmax(1) != reference.argmax(1)) & ~agree)),
+    })
+    parity_ok = same["max_abs_err"] <= REL_TOLERANCE * scale and same["top1_agreement"] == 1.0
+    report["passed"] = bool(parity_ok and report["unexplained_flips"] == 0)
     if labels is not None:
-        report["top1_accuracy"] = float(np.mean(top1 == labels))
-        report["top1_accuracy_reference"] = float(np.mean(top1_ref == labels))
+        report["top1_accuracy"] = float(np.mean(outputs.argmax(1) == labels))
+        report["top1_accuracy_reference"] = float(np.mean(reference.argmax(1) == labels))
     return report
 
 
-def run(runner, batches: Batches, batch: int, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """All logits of ``runner`` over ``batches``, in ``batch``-sized calls."""
-    logits = []
+def run(runner, batches: Batches, batch: int, progress: Optional[Callable[[int], None]] = None
+        ) -> dict[str, np.ndarray]:
+    """Every output of ``runner`` (logits, and decision traces where it gives them) over
+    ``batches``, in ``batch``-sized calls, concatenated over the real images."""
+    parts: dict[str, list] = {}
     with runner:
         for images, real in batches.chunks(batch):
-            out = runner.infer({INPUT_NAME: images}, check_inputs=False)[OUTPUT_NAME]
-            logits.append(np.array(out[:real]))
+            for name, value in runner.infer({INPUT_NAME: images}, check_inputs=False).items():
+                parts.setdefault(name, []).append(np.array(value[:real]))
             if progress:
                 progress(real)
-    return np.concatenate(logits)
+    return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 def validate(
@@ -135,7 +169,8 @@ def validate(
     seed: int = 0,
     progress: Optional[Callable[[int], None]] = None,
 ) -> dict:
-    """Run ``onnx_path`` in onnxruntime and its rebuilt PyTorch source on the same inputs."""
+    """Run ``onnx_path`` in onnxruntime and its rebuilt PyTorch source on the same inputs,
+    merge decisions traced in both (when the file has TokenMerge nodes) and compared first."""
     onnx_path = Path(onnx_path)
     proto = load_onnx_file(onnx_path)
     record = manifests.read_manifest(onnx_path, artifacts.file_sha256(onnx_path))
@@ -150,8 +185,20 @@ def validate(
     batch = _batch_size(record, batch, len(batches))
     memory.check_forward(cfg, batch, device, "--batch", source.model)
 
-    onnx_logits = run(onnxruntime_runner(onnx_path, device, threads), batches, batch, progress)
-    torch_logits = run(TorchRunner(model, device, threads), batches, batch, progress)
+    layers = model.token_merge.layers if hasattr(model, "token_merge") else []
+    traced = bool(layers) and len(custom_nodes(proto, MERGE_OP)) == len(layers)
+    ort_runner = onnxruntime_runner(onnx_path, device, threads)
+    if traced:  # the same file, with each merge node's decision as an extra output
+        data = decisions.with_decision_outputs(proto, layers).SerializeToString()
+        ort_runner = OnnxrtRunner(lambda: onnxruntime_session(data, device, threads), name=ort_runner.name)
+    onnx_out = run(ort_runner, batches, batch, progress)
+    torch_out = run(TorchRunner(model, device, threads, trace_merges=traced), batches, batch, progress)
+    flips = decisions.compare_decisions(onnx_out, torch_out, layers if traced else [])
+    near_ties = None
+    if traced:
+        near_ties = np.zeros(len(batches), bool)
+        for i in np.flatnonzero(flips["flipped"]):
+            near_ties[i] = decisions.near_tie(model, batches.read(i, i + 1)[0], int(flips["first_step"][i]))
     report = {
         "onnx": str(onnx_path),
         "model": source.model,
@@ -163,7 +210,8 @@ def validate(
         "batch": batch,
         "device": device,
         "data": batches.name,
-        **compare(onnx_logits, torch_logits, batches.labels),
+        "decisions": {k: v for k, v in flips.items() if k not in ("flipped", "first_step")},
+        **compare(onnx_out[OUTPUT_NAME], torch_out[OUTPUT_NAME], batches.labels, flips["flipped"], near_ties),
     }
     return report
 

@@ -11,13 +11,8 @@ from onnx.reference import ReferenceEvaluator
 
 from mame_deploy.ops import selective_scan_ref
 from mame_deploy.ops.selective_scan import INPUT_NAMES
-from mame_deploy.scan_onnx import (
-    MIN_OPSET,
-    attach_scan_function,
-    inline_scan_functions,
-    scan_nodes,
-    selective_scan_function,
-)
+from mame_deploy.onnx_functions import attach_functions, inline_functions
+from mame_deploy.scan_onnx import MIN_OPSET, scan_nodes, selective_scan_function
 
 
 def scan_model(batch, dim, dstate, length, delta_softplus, reverse, opset=20, output_shape=True):
@@ -35,7 +30,7 @@ def scan_model(batch, dim, dstate, length, delta_softplus, reverse, opset=20, ou
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
-    return attach_scan_function(model)
+    return attach_functions(model)
 
 
 def scan_inputs(batch, dim, dstate, length, seed, delta_scale=1.0, softplus=True):
@@ -102,7 +97,7 @@ def test_checker_and_static_output_shape_through_the_function():
 @pytest.mark.parametrize("reverse", [0, 1])
 def test_inlined_equals_node_and_has_no_custom_domain(reverse):
     model = scan_model(2, 6, 4, 11, 1, reverse)
-    inlined = inline_scan_functions(model)
+    inlined = inline_functions(model)
     onnx.checker.check_model(inlined, full_check=True)
     assert not inlined.functions and not scan_nodes(inlined)
     assert {entry.domain for entry in inlined.opset_import} == {""}
@@ -117,7 +112,7 @@ def test_inlined_equals_node_and_has_no_custom_domain(reverse):
 
 def test_attach_is_idempotent_and_declares_the_domain():
     model = scan_model(1, 4, 2, 3, 1, 0)
-    attach_scan_function(model)
+    attach_functions(model)
     assert [(f.domain, f.name) for f in model.functions] == [("mame", "SelectiveScan")]
     assert sorted((o.domain, o.version) for o in model.opset_import) == [("", 20), ("mame", 1)]
     fn = model.functions[0]

@@ -42,12 +42,18 @@ def tiny_model(depth=4, **kw):
 # A per-sample reference, straight from the method's description (lists, float64, no batching)
 
 
+def key16(x: float) -> float:
+    """The decision rule: keys are compared after rounding to float16 (ties: position)."""
+    return float(np.float16(x))
+
+
 def reference_step(h, res, s, size, origin, cls, r, method, opts):
     """One sample: h, res (L, E); s, size (L,); origin list; cls int. Returns the same kinds."""
     h, res, s, size = h.double(), res.double(), s.double(), size.double()
     L = h.shape[0]
     patches = [t for t in range(L) if t != cls]
-    by_score = sorted(patches, key=lambda t: (s[t].item(), t))  # ties: earlier position first
+    s_key = {t: key16(s[t].item()) for t in patches}
+    by_score = sorted(patches, key=lambda t: (s_key[t], t))  # ties: earlier position first
     if method == "prune":
         keep = [t for t in range(L) if t not in by_score[:r]]
         return h[keep], res[keep], size[keep], [origin[t] for t in keep], keep.index(cls)
@@ -57,13 +63,13 @@ def reference_step(h, res, s, size, origin, cls, r, method, opts):
         low = set(by_score[: len(patches) // 2])
         src, dst = [t for t in patches if t in low], [t for t in patches if t not in low]
     metric = F.normalize(h if opts.metric == "hidden" else res + h, dim=-1)
-    lo, hi = min(s[t].item() for t in patches), max(s[t].item() for t in patches)
+    lo, hi = min(s_key.values()), max(s_key.values())
     best, rank = {}, {}
     for a in src:
-        sims = [(metric[a] @ metric[b]).item() for b in dst]
+        sims = [key16((metric[a] @ metric[b]).item()) for b in dst]
         j = max(range(len(dst)), key=lambda k: (sims[k], -k))   # first maximum
         best[a] = dst[j]
-        rank[a] = sims[j] - opts.lam * (s[a].item() - lo) / max(hi - lo, 1e-12)
+        rank[a] = key16(sims[j] - opts.lam * (s_key[a] - lo) / max(hi - lo, 1e-12))
     chosen = sorted(src, key=lambda a: (-rank[a], a))[:r]
     survivors = [t for t in range(L) if t not in chosen]
     if opts.arrangement == "concat":
@@ -285,29 +291,46 @@ def _ort_run(proto, inputs):
     return sess.run(None, {i.name: v.numpy() for i, v in zip(sess.get_inputs(), inputs)})
 
 
-@pytest.mark.parametrize("method, switches", [("mame", {"lam": 0.5}), ("tome", {}), ("prune", {})])
+@pytest.mark.parametrize("method, switches", [("mame", {"lam": 0.5}), ("tome", {}), ("prune", {}),
+                                             ("mame", {"metric": "stream", "split": "alternate"})])
 def test_merge_steps_export_to_onnx(method, switches):
+    from onnx.reference import ReferenceEvaluator
+
+    from mame_deploy.merge import attributes
+    from mame_deploy.onnx_functions import attach_functions, inline_functions
+
     hidden, residual, score, _ = random_state(2, 25, 8, seed=7)
-    module = TwoSteps(method, merge_options(method, **switches)).eval()
+    opts = merge_options(method, **switches)
+    module = TwoSteps(method, opts).eval()
     proto = torch.onnx.export(module, (hidden, residual, score), dynamo=True, verbose=False).model_proto
-    ops = {node.op_type for node in proto.graph.node}
-    assert not ops & {"NonZero", "Loop", "If", "Unique"}, ops
-    for node in proto.graph.node:  # sorts of distinct positions only: a constant, full-length k
-        if node.op_type == "TopK":
-            assert any(init.name == node.input[1] for init in proto.graph.initializer) or \
-                any(n.output[0] == node.input[1] and n.op_type == "Constant" for n in proto.graph.node)
+    merges = [node for node in proto.graph.node if (node.domain, node.op_type) == ("mame", "TokenMerge")]
+    assert len(merges) == 2                           # one node per step, its attributes the step's
+    for node, r in zip(merges, (8, 5)):
+        got = {a.name: (a.f if a.type == a.FLOAT else a.i) for a in node.attribute}
+        assert got == pytest.approx(attributes(r, method, opts).as_dict())
+    attach_functions(proto)
     for out in proto.graph.output:
         assert all(d.HasField("dim_value") for d in out.type.tensor_type.shape.dim)
-    for got, want in zip(_ort_run(proto, (hidden, residual, score)), module(hidden, residual, score)):
-        np.testing.assert_allclose(got, want.numpy(), atol=1e-6)
+    inlined = inline_functions(proto)                 # attribute-driven Ifs fold away
+    ops = {node.op_type for node in inlined.graph.node}
+    assert not ops & {"NonZero", "Loop", "If", "Unique", "GatherElements", "ScatterElements"}, ops
+    want = [t.numpy() for t in module(hidden, residual, score)]
+    feeds = (hidden, residual, score)
+    for model in (proto, inlined):
+        for got, ref in zip(_ort_run(model, feeds), want):
+            np.testing.assert_allclose(got, ref, atol=1e-6)
+    evaluator = ReferenceEvaluator(proto)
+    names = [i.name for i in proto.graph.input]
+    for got, ref in zip(evaluator.run(None, {n: v.numpy() for n, v in zip(names, feeds)}), want):
+        np.testing.assert_allclose(got, ref, atol=1e-6)
 
 
 def test_patched_model_exports_and_runs_in_onnxruntime():
-    from mame_deploy.scan_onnx import attach_scan_function
+    from mame_deploy.onnx_functions import attach_functions
 
     model = mame_deploy.patch(tiny_model(depth=3), ratio=0.5)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     proto = torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
     assert "NonZero" not in {node.op_type for node in proto.graph.node}
-    attach_scan_function(proto)
+    attach_functions(proto)
     np.testing.assert_allclose(_ort_run(proto, (x,))[0], model(x).detach().numpy(), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,106 @@
+"""Merge decisions across runtimes: which tokens every merge step kept, traced in PyTorch and in
+an exported file, and the samples on which two runs decided differently.
+
+A merge step makes discrete choices from float values (see ops/token_merge/contract.py), so
+two runtimes whose float32 results differ by rounding may, at a near-tie, merge different
+tokens; from there on the two runs compute different (equally valid) models for that sample.
+``validate`` therefore compares the decisions first and holds each sample to the parity rule
+only where they agree, reporting the rest. The decision of a step is the ``origin`` of its
+surviving tokens (B, L - r): equal origins, in order, mean the same tokens merged the same way
+(sizes and weights follow from them).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from mame_deploy.onnx_functions import custom_nodes
+from mame_deploy.ops.token_merge.contract import ONNX_OP_TYPE, OUTPUT_NAMES
+
+TRACE_PREFIX = "merge_origin_after_block_"
+_ORIGIN = OUTPUT_NAMES.index("origin_out")
+
+
+def trace_name(layer: int) -> str:
+    return f"{TRACE_PREFIX}{layer}"
+
+
+def is_trace(name: str) -> bool:
+    return name.startswith(TRACE_PREFIX)
+
+
+def with_decision_outputs(model: onnx.ModelProto, layers: Sequence[int]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs each TokenMerge node's ``origin`` (graph order is
+    merge order, so node i follows block ``layers[i]``); the file itself stays as it is."""
+    nodes = custom_nodes(model, ONNX_OP_TYPE)
+    if len(nodes) != len(layers):
+        raise ValueError(f"the model has {len(nodes)} {ONNX_OP_TYPE} nodes, the schedule {len(layers)} merge steps")
+    traced = onnx.ModelProto()
+    traced.CopyFrom(model)
+    for node, layer in zip(nodes, layers):
+        traced.graph.node.append(helper.make_node("Identity", [node.output[_ORIGIN]], [trace_name(layer)]))
+        traced.graph.output.append(helper.make_tensor_value_info(trace_name(layer), TensorProto.INT64, None))
+    return traced
+
+
+def compare_decisions(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                      layers: Sequence[int]) -> dict:
+    """Per merge step, the samples whose decisions differ from the reference's.
+
+    Returns ``layers``; ``differing``: per step, how many samples kept other tokens there;
+    ``first_flips``: per step, how many samples differ there for the first time (a flip
+    changes what every later step sees); ``flipped``: per sample, whether any step differs;
+    ``first_step``: per sample, the index of its first differing step (-1: none).
+    """
+    if not layers:
+        return {"layers": [], "differing": [], "first_flips": [], "flipped": None, "first_step": None}
+    steps = [np.any(outputs[trace_name(layer)] != reference[trace_name(layer)], axis=1) for layer in layers]
+    differs = np.stack(steps)                                   # (steps, samples)
+    flipped = differs.any(axis=0)
+    first = np.where(flipped, differs.argmax(axis=0), -1)
+    return {
+        "layers": [int(layer) for layer in layers],
+        "differing": [int(d.sum()) for d in differs],
+        "first_flips": [int((first == i).sum()) for i in range(len(layers))],
+        "flipped": flipped,
+        "first_step": first,
+    }
+
+
+# Near-tie test: a flip is explained when PyTorch itself decides differently at that step once
+# every merge step's inputs carry relative noise of NEAR_TIE_NOISE -- ten times the float32
+# discrepancy between runtimes that parity shows (~1e-6) -- in one of NEAR_TIE_TRIALS tries.
+NEAR_TIE_NOISE = 1e-5
+NEAR_TIE_TRIALS = 16
+
+
+def near_tie(model, image: np.ndarray, step: int, trials: int = NEAR_TIE_TRIALS, noise: float = NEAR_TIE_NOISE,
+             seed: int = 0) -> bool:
+    """Whether merge step ``step`` (an index into the model's merge layers) of ``image`` (C, H, W)
+    is a near-tie for PyTorch: under small input noise its decision there changes while every
+    earlier step's stays. The copies run as one batch (samples are batch-independent)."""
+    import torch
+
+    merge = model.token_merge
+    layers = merge.layers
+    x = torch.from_numpy(np.ascontiguousarray(image))[None].float()
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        merge.trace = {}
+        try:
+            model(x)
+            clean = dict(merge.trace)
+            merge.trace, merge.perturb = {}, noise
+            model(x.expand(trials, *x.shape[1:]).contiguous())
+            noisy = dict(merge.trace)
+        finally:
+            merge.trace, merge.perturb = None, None
+    same_before = np.ones(trials, bool)
+    for layer in layers[:step]:
+        same_before &= np.all(noisy[layer].numpy() == clean[layer].numpy(), axis=1)
+    differs_here = np.any(noisy[layers[step]].numpy() != clean[layers[step]].numpy(), axis=1)
+    return bool(np.any(same_before & differs_here))

@@ -1,0 +1,92 @@
+"""The contract of ``mame::TokenMerge``: one whole MaMe / ToMe / pruning step as one operator.
+
+Every face reads this file and nothing restates it: the PyTorch op (``torch.ops.mame.token_merge``),
+the ONNX node and its function body, the CUDA kernel's launcher and the TensorRT plugin.
+
+Inputs, in order (B batch, L tokens with the class token, E channels):
+    hidden   (B, L, E)  T: float32 / float16 / bfloat16   the block's mixer output
+    residual (B, L, E)  T2: float32 or T                  the residual stream
+    score    (B, L)     float32                           informativeness (mean step size Delta)
+    size     (B, L)     float32                           original patches each token stands for
+    origin   (B, L)     int64                             original position of each token
+    cls      (B,)       int64                             where the class token is
+Outputs, in order: hidden, residual (B, L - r, E), size, origin (B, L - r), cls (B,).
+
+Attributes (integers, so that every runtime carries them alike, and ``lam`` a float): ``r``
+tokens removed, ``prune`` (1: drop the r least informative tokens, no matching), and the
+switches of ``mame_deploy.merge.MergeOptions`` as codes: ``split`` (0 informativeness, 1
+alternate), ``arrangement`` (0 ordered, 1 concat), ``weighting`` (0 informativeness, 1 size),
+``metric`` (0 hidden, 1 residual + hidden), ``lam``.
+
+Decisions (which tokens are sources, where each goes, which merge) are made on keys rounded to
+float16 (round to nearest even), with equal keys ordered by position, in every face alike:
+rounding differences between runtimes then flip a decision only where two keys straddle a
+float16 rounding boundary, and exact or near-exact ties (duplicate tokens) resolve the same way
+everywhere. See ``mame_deploy/ops/token_merge/reference.py`` and docs/merging.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TORCH_NAME = "mame::token_merge"
+ONNX_DOMAIN = "mame"
+ONNX_OP_TYPE = "TokenMerge"
+PLUGIN_ID = f"{ONNX_DOMAIN}::{ONNX_OP_TYPE}"
+PLUGIN_VERSION = "1"
+FUNCTION_VERSION = 1  # the "mame" opset version the function is declared under
+
+INPUT_NAMES = ("hidden", "residual", "score", "size", "origin", "cls")
+OUTPUT_NAMES = ("hidden_out", "residual_out", "size_out", "origin_out", "cls_out")
+# Inputs whose element type is fixed whatever the model's precision.
+FIXED_TYPES = {"score": "float32", "size": "float32", "origin": "int64", "cls": "int64"}
+# Integer attributes in declaration order, then the one float.
+INT_ATTRIBUTES = ("r", "prune", "split", "arrangement", "weighting", "metric")
+FLOAT_ATTRIBUTES = ("lam",)
+ATTRIBUTES = INT_ATTRIBUTES + FLOAT_ATTRIBUTES
+
+SPLITS = ("informativeness", "alternate")
+ARRANGEMENTS = ("ordered", "concat")
+WEIGHTINGS = ("informativeness", "size")
+METRICS = ("hidden", "stream")
+
+
+@dataclass(frozen=True)
+class MergeAttributes:
+    """The attribute values of one node; ``from_options`` maps merge options onto them."""
+
+    r: int
+    prune: int = 0
+    split: int = 0
+    arrangement: int = 0
+    weighting: int = 0
+    metric: int = 0
+    lam: float = 0.0
+
+    def __post_init__(self):
+        if self.r < 0:
+            raise ValueError(f"TokenMerge: r must be >= 0, got {self.r}")
+        for name, choices in (("prune", 2), ("split", len(SPLITS)), ("arrangement", len(ARRANGEMENTS)),
+                              ("weighting", len(WEIGHTINGS)), ("metric", len(METRICS))):
+            if getattr(self, name) not in range(choices):
+                raise ValueError(f"TokenMerge: attribute {name} must be in 0..{choices - 1}, got {getattr(self, name)}")
+
+    @classmethod
+    def from_options(cls, r: int, prune: bool, split: str, arrangement: str, weighting: str, metric: str,
+                     lam: float) -> "MergeAttributes":
+        return cls(int(r), int(bool(prune)), SPLITS.index(split), ARRANGEMENTS.index(arrangement),
+                   WEIGHTINGS.index(weighting), METRICS.index(metric), float(lam))
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in ATTRIBUTES}
+
+
+def output_length(length: int, r: int) -> int:
+    """Tokens after the step (class token included)."""
+    return length - r
+
+
+def check_length(length: int, r: int) -> None:
+    """One step removes at most half of the ``length - 1`` patches."""
+    if r > (length - 1) // 2:
+        raise ValueError(f"TokenMerge: r={r} exceeds half of the {length - 1} patches")
