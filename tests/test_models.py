@@ -101,11 +101,12 @@ def test_checkpoint_that_does_not_fit_lists_what_differs(tmp_path):
     assert "norm_f.weight (7,) vs (192,)" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("content", [b"not a checkpoint", b""])
-def test_unreadable_checkpoint_is_one_clear_error(tmp_path, content):
+@pytest.mark.parametrize("content,phrase", [(b"not a checkpoint", "is a text file, not a PyTorch checkpoint"),
+                                            (b"", "is empty")])
+def test_unreadable_checkpoint_is_one_clear_error(tmp_path, content, phrase):
     path = tmp_path / "junk.pth"
     path.write_bytes(content)
-    with pytest.raises(UserError, match="could not be read as a PyTorch file"):
+    with pytest.raises(UserError, match=phrase):
         mame_deploy.create_model("vim_t", checkpoint=path)
     with pytest.raises(UserError, match="does not exist"):
         mame_deploy.create_model("vim_t", checkpoint=tmp_path / "missing.pth")
