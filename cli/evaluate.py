@@ -152,51 +152,84 @@ def sweep_table(records: list[dict], title: str) -> Table:
 
 
 def train_cmd(
-    model: str = typer.Argument("vim_digits", help="Model to train (only vim_digits has a recipe)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the recipe's)."),
+    model: str = typer.Argument("vim_digits", help="Model to train: vim_digits or vim_fashion."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the recipe's, or the fine-tuning recipe's with --init)."),
     seed: int = typer.Option(0, help="Seed of initialisation, shuffling and augmentation."),
-    output: Path = typer.Option(Path("vim_digits.pt"), help="Where to write the weights."),
+    init: Optional[Path] = typer.Option(None, help="Start from these weights and use the fine-tuning recipe."),
+    ratio: float = typer.Option(0.0, help="Train with merging active: fraction of patch tokens removed."),
+    method: str = typer.Option("mame", help="Merge method while training: mame, tome or prune."),
+    schedule: Optional[str] = typer.Option(None, help=SCHEDULE_HELP),
+    layers: Optional[str] = typer.Option(None, help=LAYERS_HELP),
+    option: list[str] = typer.Option([], "--option", help=_OPTION_HELP),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the recipe's)."),
+    device: str = typer.Option("cpu", help="cpu or cuda (vim_fashion trains on cuda, with mamba-ssm's scan)."),
+    output: Optional[Path] = typer.Option(None, help="Weights file (default MODEL.pt; MODEL_METHOD_rRATIO.pt when merging)."),
+    limit: Optional[int] = typer.Option(None, help="Train on the first N training images, validate and test on N (quick checks)."),
     threads: int = typer.Option(1, help="CPU threads; the weights are bit-reproducible for a given torch "
-                                "version and thread count (the shipped ones: 1)."),
+                                "version and thread count (the shipped vim_digits: 1)."),
     force: bool = typer.Option(False, help="Overwrite an existing --output file."),
 ):
-    """Train vim_digits on the digits train split; with the defaults it reproduces the shipped weights."""
-    import dataclasses
+    """Train a bundled model on its train split, or fine-tune it with merging active (--init, --ratio);
+    with the defaults it reproduces the shipped weights. Prints val top-1 per epoch and test top-1."""
+    import time
 
     import torch
 
     from mame_deploy import artifacts
-    from mame_deploy.data import digits_dataset
-    from mame_deploy.evaluate import evaluate
-    from mame_deploy.train import Recipe, check_trainable, save_weights, train_digits
+    from mame_deploy.data import dataset_for
+    from mame_deploy.evaluate import Setting, evaluate
+    from mame_deploy.train import check_device, check_trainable, recipe_for, save_weights, train
 
     check_trainable(model)
+    check_device(device)
     if epochs is not None and epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {epochs}")
     if threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    if lr is not None and not lr > 0:
+        raise UserError(f"--lr must be positive, got {lr}")
+    merging = ratio > 0 or schedule is not None
+    options = merge_options(option)
+    if not merging and (method != "mame" or options or layers is not None):
+        raise UserError("--method, --option and --layers set the merging to train with; add --ratio R or --schedule")
+    merge = Setting(method, ratio, schedule, merge_layers(layers), options) if merging else None
+    if output is None:
+        suffix = "" if merge is None else f"_{method}_" + (f"r{ratio:g}" if schedule is None else "schedule")
+        output = Path(f"{model}{suffix}.pt")
     artifacts.check_writable([output], force)
     torch.set_num_threads(threads)
-    recipe = dataclasses.replace(Recipe(seed=seed), **({"epochs": epochs} if epochs else {}))
+    recipe = recipe_for(model, finetune=init is not None, seed=seed, epochs=epochs, lr=lr)
+    console.print(escape(f"recipe: {recipe}"), highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                TimeElapsedColumn(), TimeRemainingColumn())
+    started = time.perf_counter()
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task(f"train {model}", total=None, loss=float("nan"))
+        task = bar.add_task(f"train {model}" + (f" ({method} @ {ratio:g})" if merge and not schedule else ""),
+                            total=None, loss=float("nan"))
 
         def on_step(step: int, total: int, loss: float):
             bar.update(task, completed=step, total=total, loss=loss)
 
         def on_epoch(log):
-            bar.console.print(f"epoch {log.epoch:>2}: loss {log.loss:.4f}, val top-1 {100 * log.val_accuracy:.2f}%")
+            bar.console.print(f"epoch {log.epoch:>2}: loss {log.loss:.4f}, val top-1 {100 * log.val_accuracy:.2f}%, "
+                              f"{log.seconds:.1f} s", highlight=False)
 
-        net, history = train_digits(recipe, on_step, on_epoch)
-    correct, total = evaluate(net, digits_dataset("test", net.config.img_size), batch_size=256)
+        net, history = train(model, recipe, init, merge, device, on_step=on_step, on_epoch=on_epoch,
+                             limit=limit, eval_limit=limit)
+    seconds = time.perf_counter() - started
+    test = dataset_for(model, net.config, subset="test")
+    test.images, test.labels = test.images.to(device), test.labels.to(device)
+    correct, total = evaluate(net, test, batch_size=recipe.eval_batch_size, limit=limit)
     test_acc = correct / total
-    save_weights(net, output, recipe, history, force)
+    save_weights(net, output, recipe, history, force, init=init, merge=merge, seconds=seconds, device=device)
     size = output.stat().st_size
     sha = artifacts.file_sha256(output)
+    merged = f", merging {method} {compact_runs(net.mame_schedule)}" if merge else ""
     console.print(f"wrote {escape(str(output))} ({size / 1e6:.2f} MB, sha256 {sha[:16]}...): "
-                  f"val {100 * history[-1].val_accuracy:.2f}%, test {100 * test_acc:.2f}% top-1")
+                  f"val {100 * history[-1].val_accuracy:.2f}%, test {100 * test_acc:.2f}% top-1 "
+                  f"({correct}/{total}){escape(merged)}; trained in {seconds:.0f} s on {device}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,15 +1,20 @@
 """Labelled images for evaluation and training: ImageFolder trees (pillow + numpy, no
-torchvision), the preprocessing each model expects, and the digits data of vim_digits.
+torchvision), the preprocessing each model expects, the digits data of vim_digits and the
+Fashion-MNIST data of vim_fashion.
 
 Preprocessing is chosen by the model's registry entry (``spec.info["preprocess"]``):
-"imagenet" (the Vim checkpoints, see shared docs/vim.md) or "digits" (grey levels).
+"imagenet" (the Vim checkpoints, see shared docs/vim.md), "digits" (grey levels) or
+"fashion" (8-bit grey images normalised with the Fashion-MNIST training statistics).
 """
 
 from __future__ import annotations
 
+import gzip
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from functools import lru_cache
 from typing import Iterator, Optional
 
 import numpy as np
@@ -25,6 +30,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_CROP_PCT = 0.875  # timm's eval transform: resize the short side to size / 0.875, crop
 DIGITS_MEAN, DIGITS_STD = 0.5, 0.5
 DIGITS_SUBSETS = ("train", "val", "test")
+# Fashion-MNIST, from Debian's dataset-fashion-mnist package (or a folder named by the variable).
+FASHION_PACKAGE = "dataset-fashion-mnist"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_ENV = "MAME_FASHION_MNIST"
+FASHION_FILES = {  # part -> (images, labels), idx format, gzip-compressed
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "t10k": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530  # grey level mean / std of the 60,000 training images
+FASHION_SUBSETS = ("train", "val", "test")
+FASHION_VAL_EVERY = 12  # val = training images with index % 12 == 11: 5,000 of the 60,000
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +73,23 @@ def digits_preprocess(grey: np.ndarray, size: int) -> Tensor:
     return torch.from_numpy((x - DIGITS_MEAN) / DIGITS_STD)[None]
 
 
+def fashion_preprocess(image: Image.Image | np.ndarray, size: int) -> Tensor:
+    """8-bit grey image (PIL or uint8 array) -> (1, size, size): bilinear resize only when it
+    is not ``size`` square already, [0, 1], normalise with the Fashion-MNIST statistics."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    image = image.convert("L")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return _fashion_normalise(np.asarray(image, dtype=np.uint8))[None]
+
+
+def _fashion_normalise(grey: np.ndarray) -> Tensor:
+    """uint8 grey levels of any shape -> float32, normalised."""
+    x = grey.astype(np.float32) / 255.0
+    return torch.from_numpy((x - np.float32(FASHION_MEAN)) / np.float32(FASHION_STD))
+
+
 def preprocess_kind(model_name: str) -> str:
     from mame_deploy.models import get_spec
 
@@ -67,6 +102,8 @@ def load_image(path: Path, kind: str, size: int) -> Tensor:
             image.load()
             if kind == "digits":
                 return digits_preprocess(np.asarray(image.convert("L"), dtype=np.float32) / 255.0, size)
+            if kind == "fashion":
+                return fashion_preprocess(image, size)
             return imagenet_preprocess(image, size)
     except (UnidentifiedImageError, OSError) as exc:
         raise UserError(f"cannot read image {path} ({exc}); remove it or replace it with a valid image") from None
@@ -173,17 +210,118 @@ def digits_dataset(subset: str, size: int) -> TensorImages:
     return TensorImages(images, torch.from_numpy(labels), name=f"digits/{subset}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST (60,000 training + 10,000 test images, 28 x 28, 10 classes)
+
+
+def fashion_root() -> Path:
+    """The folder holding the four Fashion-MNIST files: $MAME_FASHION_MNIST, else the Debian
+    package's. One-line UserError naming the package when a file is missing."""
+    root = Path(os.environ.get(FASHION_ENV) or FASHION_DIR)
+    for images, labels in FASHION_FILES.values():
+        for name in (images, labels):
+            if not (root / name).is_file():
+                raise UserError(
+                    f"Fashion-MNIST is not installed: {root / name} is missing; install the Debian package "
+                    f"{FASHION_PACKAGE} (apt-get install {FASHION_PACKAGE}) or set {FASHION_ENV} to a folder "
+                    "holding its four idx .gz files")
+    return root
+
+
+def fashion_available() -> bool:
+    try:
+        fashion_root()
+    except UserError:
+        return False
+    return True
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An idx file (gzip-compressed): big-endian magic 0x0000 08 NDIM, NDIM sizes, uint8 data."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise UserError(f"cannot read {path} ({exc}); reinstall {FASHION_PACKAGE}") from None
+    header = 4 + 4 * ndim
+    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else -1
+    if magic != 0x0800 + ndim or len(data) < header:
+        raise UserError(f"{path} is not an idx file of {ndim} dimension(s) (magic {magic:#x}); "
+                        f"reinstall {FASHION_PACKAGE}")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if len(data) != header + math.prod(shape):
+        raise UserError(f"{path} holds {len(data) - header} bytes of data, its header says {shape}; "
+                        f"reinstall {FASHION_PACKAGE}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+@lru_cache(maxsize=4)
+def _fashion_part(root: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
+    images_file, labels_file = FASHION_FILES[part]
+    images, labels = read_idx(root / images_file, 3), read_idx(root / labels_file, 1)
+    if len(images) != len(labels):
+        raise UserError(f"{root}: {len(images)} {part} images but {len(labels)} labels; reinstall {FASHION_PACKAGE}")
+    return images, labels.astype(np.int64)
+
+
+def fashion_indices(subset: str, count: int) -> np.ndarray:
+    """Indices of ``subset`` in its file, by rule so they never depend on a random generator:
+    val = every 12th training image (index % 12 == 11), train = the other 55,000, test = t10k."""
+    if subset not in FASHION_SUBSETS:
+        raise UserError(f"unknown Fashion-MNIST subset {subset!r}; use one of {', '.join(FASHION_SUBSETS)}")
+    i = np.arange(count)
+    if subset == "test":
+        return i
+    val = i % FASHION_VAL_EVERY == FASHION_VAL_EVERY - 1
+    return i[val] if subset == "val" else i[~val]
+
+
+def fashion_raw(subset: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 28, 28) uint8 grey images and (N,) int64 labels of one subset."""
+    fashion_indices(subset, 0)  # a bad subset name fails before any file is read
+    images, labels = _fashion_part(fashion_root(), "t10k" if subset == "test" else "train")
+    idx = fashion_indices(subset, len(labels))
+    return images[idx], labels[idx]
+
+
+def spread_indices(count: int, samples: int) -> np.ndarray:
+    """``samples`` indices evenly spaced over ``count`` images, first and last included (the
+    rule of ``validate --samples``; the CI subset of vim_fashion is spread_indices(10000, 1000))."""
+    return np.unique(np.linspace(0, count - 1, min(samples, count)).round().astype(int))
+
+
+def fashion_dataset(subset: str, size: int = 28) -> TensorImages:
+    grey, labels = fashion_raw(subset)
+    if grey.shape[1:] == (size, size):  # the common case, vectorised; same numbers as fashion_preprocess
+        images = _fashion_normalise(grey)[:, None]
+    else:
+        images = torch.stack([fashion_preprocess(g, size) for g in grey])
+    return TensorImages(images, torch.from_numpy(labels), name=f"fashion-mnist/{subset}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a model is evaluated on
+
+BUNDLED_KINDS = ("digits", "fashion")  # preprocessing kinds that come with their own labelled data
+
+
+def has_bundled_data(model_name: str) -> bool:
+    return preprocess_kind(model_name) in BUNDLED_KINDS
+
+
 def dataset_for(model_name: str, config, data: Optional[str | Path] = None,
                 subset: Optional[str] = None):
     """The labelled images to evaluate ``model_name`` on: ``data`` (an ImageFolder) if given,
-    else the model's bundled data (vim_digits: its ``subset``, default test)."""
+    else the model's bundled data (vim_digits, vim_fashion: its ``subset``, default test)."""
     kind = preprocess_kind(model_name)
     if data is not None:
         if subset is not None:
-            raise UserError("--subset picks a part of the bundled digits data; it does not apply with --data")
+            raise UserError("--subset picks a part of the model's bundled data; it does not apply with --data")
         return image_folder(data, config.num_classes, kind, config.img_size)
     if kind == "digits":
         return digits_dataset(subset or "test", config.img_size)
+    if kind == "fashion":
+        return fashion_dataset(subset or "test", config.img_size)
     raise UserError(f"{model_name} has no bundled data; pass --data DIR (an ImageFolder, e.g. ImageNet val "
                     "with one folder per class)")
 

@@ -93,7 +93,7 @@ def folder_images(data_dir: Union[str, Path, None], model_name: str, config, sam
 def has_bundled_data(model_name: str) -> bool:
     from mame_deploy import data
 
-    return data.preprocess_kind(model_name) == "digits"
+    return data.has_bundled_data(model_name)  # vim_digits, vim_fashion
 
 
 def _parity(outputs: np.ndarray, reference: np.ndarray, scale: float) -> dict:
