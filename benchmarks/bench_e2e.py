@@ -1,11 +1,13 @@
-"""End-to-end throughput of a Vision Mamba forward on the GPU as a CUDA graph: the model with
-our kernel (scan_backend="op") next to the same model with mamba-ssm's kernel, unmerged and
-MaMe-merged.
+"""End-to-end latency of a Vision Mamba forward on the GPU as a CUDA graph, merged vs unmerged,
+next to the speed-up the GFLOPs would allow, per batch size and dtype; torch.compile (default
+mode) rows as the anchor, and optionally mamba-ssm's scan kernel.
 
-    python benchmarks/bench_e2e.py --model vim_s --batch 256 --ratios 0 0.5
+    python benchmarks/bench_e2e.py --model vim_s --ratio 0.5 --batches 1 64 256 \
+        --dtypes float32 bfloat16 --compile-batches 1 --json e2e.json
 
 Each configuration: random weights (seed 0), warm-up on a side stream, one graph capture, then
-the median of --iters timed replays (CUDA events). Prints images/s and the speed-up.
+the median of --iters timed replays (CUDA events). torch.compile rows time the compiled
+callable directly (median of --iters calls after warm-up, CUDA events), no graph.
 """
 
 from __future__ import annotations
@@ -20,8 +22,22 @@ import sys
 import torch
 
 from mame_deploy import patch
+from mame_deploy.flops import relative_gflops
 from mame_deploy.models import create_model
 from mame_deploy.runners import capture_cuda_graph
+from mame_deploy.schedule import tokens_per_layer
+
+
+def _timed(call, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def graph_time_ms(fn, iters: int) -> float:
@@ -31,65 +47,77 @@ def graph_time_ms(fn, iters: int) -> float:
         graph, _ = capture_cuda_graph(fn)
         graph.replay()
         torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        ms = _timed(graph.replay, iters)
         del graph
-    return statistics.median(times)
+    return ms
+
+
+def compiled_time_ms(model, images, iters: int) -> float:
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(images)
+        torch.cuda.synchronize()
+        return _timed(lambda: compiled(images), iters)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="vim_s")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.5])
-    ap.add_argument("--backends", nargs="+", default=["op", "mamba_ssm"], choices=["op", "mamba_ssm"])
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--layers", type=int, nargs="+", help="merge only after these blocks (default placement otherwise)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--backends", nargs="+", default=["op"], choices=["op", "mamba_ssm"])
+    ap.add_argument("--compile-batches", type=int, nargs="*", default=[1], help="batches with torch.compile rows (fp32)")
+    ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--json", help="write the numbers here")
     opts = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
 
-    dtype = getattr(torch, opts.dtype)
     device = torch.cuda.get_device_name()
-    images = torch.randn(opts.batch, 3, 224, 224, device="cuda", dtype=dtype)
     rows = []
-    for ratio in opts.ratios:
+
+    def record(**row):
+        rows.append(row)
+        print(f"  {row}", file=sys.stderr, flush=True)
+
+    for dtype_name in opts.dtypes:
+        dtype = getattr(torch, dtype_name)
         for backend in opts.backends:
-            try:
+            models = {}
+            for merged in (False, True):
                 model = create_model(opts.model, scan_backend=backend).to("cuda", dtype)
-                if ratio:
-                    patch(model, ratio=ratio, layers=opts.layers)
-                ms = graph_time_ms(lambda: model(images), opts.iters)
-            except Exception as exc:  # e.g. mamba-ssm missing: report and go on
-                print(f"{backend} ratio {ratio}: failed: {exc}", file=sys.stderr)
-                continue
-            rows.append(dict(model=opts.model, ratio=ratio, backend=backend, batch=opts.batch, ms=ms,
-                             images_per_s=opts.batch / ms * 1e3))
-            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
-            del model
+                if merged:
+                    patch(model, ratio=opts.ratio, layers=opts.layers)
+                models[merged] = model
+            cfg = models[True].config
+            ideal = 1 / relative_gflops(cfg, tokens_per_layer(cfg, models[True].mame_schedule))
+            for batch in opts.batches:
+                images = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device="cuda", dtype=dtype)
+                ms = {m: graph_time_ms(lambda m=m: models[m](images), opts.iters) for m in (False, True)}
+                record(model=opts.model, runtime=f"{backend} CUDA graph", dtype=dtype_name, batch=batch,
+                       unmerged_ms=ms[False], merged_ms=ms[True], speedup=ms[False] / ms[True], ideal=ideal)
+                if dtype_name == "float32" and backend == "op" and batch in opts.compile_batches:
+                    cms = {m: compiled_time_ms(models[m], images, opts.iters) for m in (False, True)}
+                    record(model=opts.model, runtime="torch.compile (default)", dtype=dtype_name, batch=batch,
+                           unmerged_ms=cms[False], merged_ms=cms[True], speedup=cms[False] / cms[True], ideal=ideal)
+            del models
             torch.cuda.empty_cache()
 
     where = f"merge layers {opts.layers}" if opts.layers else "default merge layers"
-    print(f"\n## {opts.model} forward, CUDA graph, batch {opts.batch}, {opts.dtype}, {where} ({device}, {datetime.date.today()})\n")
-    print("| MaMe ratio | scan | ms / batch | images/s | vs mamba-ssm |")
-    print("|---|---|---|---|---|")
+    print(f"\n## {opts.model} forward, ratio {opts.ratio:g} ({where}) vs unmerged ({device}, {datetime.date.today()})\n")
+    print("| runtime | dtype | batch | unmerged ms | merged ms | speed-up | ideal (GFLOPs) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        base = next((b for b in rows if b["ratio"] == r["ratio"] and b["backend"] == "mamba_ssm"), None)
-        speedup = f"{base['ms'] / r['ms']:.2f}x" if base else "-"
-        name = "ours (mame::selective_scan)" if r["backend"] == "op" else "mamba-ssm selective_scan_fn"
-        print(f"| {r['ratio']:g} | {name} | {r['ms']:.1f} | {r['images_per_s']:.0f} | {speedup} |")
+        print(f"| {r['runtime']} | {r['dtype']} | {r['batch']} | {r['unmerged_ms']:.3f} | {r['merged_ms']:.3f} | "
+              f"{r['speedup']:.2f}x | {r['ideal']:.2f}x |")
     if opts.json:
         with open(opts.json + ".tmp", "w") as f:
-            json.dump(dict(device=device, date=str(datetime.date.today()), dtype=opts.dtype, rows=rows), f, indent=1)
+            json.dump(dict(device=device, date=str(datetime.date.today()), ratio=opts.ratio, layers=opts.layers,
+                           rows=rows), f, indent=1)
         os.replace(opts.json + ".tmp", opts.json)
     return 0
 
