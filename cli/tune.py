@@ -184,7 +184,15 @@ def front_table(state: dict) -> Table:
 
 
 def _print_outcome(state: dict, model: str, json_path: Optional[Path]) -> None:
+    from mame_deploy.bench import load_warning, usable_cpus
+
     best, uniform = state.get("best"), state.get("best_uniform")
+    setup = state["setup"]
+    if setup["device"] == "cpu":
+        cpus = usable_cpus()
+        warning = load_warning(setup["threads"] or cpus, state.get("max_load_1min"), cpus)
+        if warning:
+            console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if state.get("max_measure_reached"):
         console.print("stopped at --max-measure: candidates that might still win were not timed", soft_wrap=True)
     if best is None:

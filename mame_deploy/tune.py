@@ -15,12 +15,14 @@ The search, in three stages:
 2. **Accuracy** of every candidate on a calibration split (never the test split). Accuracy falls
    as the ratio grows, so under ``max_drop`` a family (method, placement, profile) stops at the
    first ratio that loses more than ``max_drop + STOP_SLACK_POINTS``.
-3. **Latency** by real measurement, first of the unmerged model and the uniform schedules, then
-   of the rest in the order a cost model fitted to the timings so far predicts (latency linear in
-   the token-blocks processed and the number of merge steps). A candidate is measured only while
-   it could still beat the best measured one by the model's prediction, allowed ``margin`` of
-   error; the winner and its close rivals are re-measured ``confirm`` times and judged on the
-   median. Only measured candidates can win or sit on the front.
+3. **Latency** by real measurement, first of the unmerged model (twice: the spread of repeated
+   timings is the machine's noise), then of the uniform schedules, then of the rest in the order
+   a cost model fitted to the timings so far predicts (latency linear in the token-blocks
+   processed and the number of merge steps). A candidate is measured only while it could still
+   beat the best measured one by the model's prediction, allowed an error of ``margin``, of the
+   fit's worst residual or of the timing noise, whichever is largest; the winner and its close
+   rivals are re-measured ``confirm`` times and judged on the median. Only measured candidates
+   can win or sit on the front.
 
 The state (every accuracy and every timing) is written to ``state_path`` atomically after each
 candidate, so an interrupted search resumes from it and re-measures nothing. Records are keyed by
@@ -63,6 +65,7 @@ DEFAULT_MARGIN = 0.10              # smallest relative error allowed to the cost
 DEFAULT_MAX_MEASURE = 30
 DEFAULT_CONFIRM = 2
 MAX_CONTENDERS = 6
+MAX_MARGIN = 0.9                   # however noisy the timings, a prediction 10x too high still prunes
 
 _PLACEMENT = re.compile(r"^(all|early|late|every(\d+)|spread(\d+))$")
 
@@ -384,6 +387,13 @@ def features(record: dict) -> list[float]:
     return [1.0, float(record["token_blocks"]), 0.0 if prune else float(steps), float(steps) if prune else 0.0]
 
 
+def timing_noise(records: Sequence[dict]) -> float:
+    """The widest relative spread, (max - min) / median of the p50s, of a record timed more than once."""
+    spreads = [(max(p) - min(p)) / float(np.median(p))
+               for p in ([run["p50_ms"] for run in r.get("latency_runs") or []] for r in records) if len(p) > 1]
+    return max(spreads, default=0.0)
+
+
 class CostModel:
     """latency ~ a + b x token-blocks + c x merge steps + d x prune steps, least squares over the
     measurements so far; until they outnumber its free parameters, the unmerged latency scaled
@@ -392,14 +402,15 @@ class CostModel:
     def __init__(self, measured: Sequence[dict], baseline: dict, min_margin: float):
         self.base = latency(baseline)
         self.coef = None
-        self.margin = min_margin
+        # A prediction can be no better than the timings: on a busy machine repeats spread widely.
+        self.margin = max(min_margin, timing_noise(measured))
         x = np.array([features(r) for r in measured])
         # One measurement more than the fit has free parameters, so its residuals say how far off it is.
         if len(measured) and len(measured) > np.linalg.matrix_rank(x):
             y = np.array([latency(r) for r in measured])
             self.coef = np.linalg.lstsq(x, y, rcond=None)[0]
-            worst = float(np.max(np.abs(x @ self.coef - y) / y))
-            self.margin = max(min_margin, worst)
+            self.margin = max(self.margin, float(np.max(np.abs(x @ self.coef - y) / y)))
+        self.margin = min(self.margin, MAX_MARGIN)
 
     def predict(self, record: dict) -> float:
         if self.coef is None:
@@ -455,8 +466,9 @@ def measure_latency(setup: Setup, record: dict, scratch: Path, cache: dict) -> d
             from mame_deploy.engine_checks import engine_target
 
             target = engine_target(path)
+    load = bench.load_average()  # other work on the cores inflates CPU timings: keep the evidence
     row = bench.bench([target], [setup.batch], setup.warmup, setup.iters, seed=setup.seed)[0]
-    return {k: row[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "iters")}
+    return {**{k: row[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "iters")}, "load_1min": load}
 
 
 def _export(setup: Setup, source: Source, path: Path) -> Path:
@@ -637,7 +649,9 @@ def search(
     measured = [r for r in scored if latency(r) is not None]
     best = choose(measured, baseline, budget)
     best_uniform = choose([r for r in measured if r["uniform"]], baseline, budget)
+    loads = [run["load_1min"] for r in measured for run in r["latency_runs"] if run.get("load_1min") is not None]
     state.update(
+        max_load_1min=max(loads) if loads else None, timing_noise=round(timing_noise(measured), 4),
         front=[r["key"] for r in pareto_front(measured)],
         best=_summary(best, baseline, budget, setup, state) if best else None,
         best_uniform=_summary(best_uniform, baseline, budget, setup, state) if best_uniform else None,
@@ -699,12 +713,15 @@ def _time(setup: Setup, scored: list, baseline: dict, budget: Budget, max_measur
             count += 1
             progress("latency", count, None, record["key"])
 
-        if latency(baseline) is None:
+        # Timed twice (when confirming at all) before anything else: the spread of the two says
+        # how noisy this machine's timings are, and so how far a prediction may be trusted.
+        while len(baseline.get("latency_runs") or []) < (2 if confirm else 1):
             measure(baseline)
         limit_hit = False
         for pool in ([r for r in scored if r["uniform"]], scored):
             limit_hit |= _pursue(pool, scored, baseline, budget, margin, max_measure, measure)
-        contenders = _contenders(scored, baseline, budget, margin)
+        measured = [r for r in scored if latency(r) is not None]
+        contenders = _contenders(scored, baseline, budget, CostModel(measured, baseline, margin).margin)
         for round_ in range(confirm):
             for record in contenders:
                 if len(record["latency_runs"]) < 2 + round_:

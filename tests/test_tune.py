@@ -174,6 +174,10 @@ def test_cost_model_fits_measured_latency_and_starts_from_flops():
     model = tune.CostModel(measured, baseline, 0.1)
     assert model.predict(rec(60, 5)) == pytest.approx(truth(60, 5))
     assert model.margin == pytest.approx(0.1)
+    # repeated timings that spread by 40% of their median: predictions get no more trust than that
+    noisy = {**baseline, "latency_runs": [{"p50_ms": 10.0}, {"p50_ms": 14.0}, {"p50_ms": 12.0}]}
+    assert tune.timing_noise([noisy]) == pytest.approx(4 / 12)
+    assert tune.CostModel([noisy, *measured[1:]], noisy, 0.1).margin == pytest.approx(4 / 12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +227,7 @@ def test_interrupted_search_keeps_what_was_measured_and_resumes_without_remeasur
     after = _timed(final)
     assert {k: after[k] for k in before} == before        # the very same numbers
     assert len(after) == 3 and final["measured"] == 3 and final["resumed"] is True
+    assert all("load_1min" in run for runs in after.values() for run in runs)  # how busy the machine was
     assert (folder / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
