@@ -62,7 +62,7 @@ def tune_cmd(
     plot: Optional[Path] = typer.Option(None, help="Write calibration top-1 vs latency here (PNG)."),
     scores_from: Optional[Path] = typer.Option(None, help="Reuse the calibration accuracies of another --json "
                                                           "(same model and data; other runtime or batch)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --plot; replace a --json of a different search."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --plot; replace a --json that holds another search."),
 ):
     """Search merge schedules for the fastest one within an accuracy budget (or the most accurate
     within a latency budget), timing each on the target runtime."""

@@ -21,8 +21,9 @@ The search, in three stages:
    processed and the number of merge steps). A candidate is measured only while it could still
    beat the best measured one by the model's prediction, allowed an error of ``margin``, of the
    fit's worst residual or of the timing noise, whichever is largest; the winner and its close
-   rivals are re-measured ``confirm`` times and judged on the median. Only measured candidates
-   can win or sit on the front.
+   rivals are re-measured ``confirm`` times and judged on the median (and when the repeats show
+   more noise, the pursuit goes on with the wider margin). Only measured candidates can win or
+   sit on the front.
 
 The state (every accuracy and every timing) is written to ``state_path`` atomically after each
 candidate, so an interrupted search resumes from it and re-measures nothing. Records are keyed by
@@ -535,20 +536,28 @@ def new_state(setup: Setup) -> dict:
 
 
 def load_state(path: Optional[Union[str, Path]], setup: Setup, restart: bool = False) -> tuple[dict, bool]:
-    """(state, resumed): the search recorded in ``path`` when it was run with this ``setup``."""
-    if path is None or not Path(path).exists() or restart:
-        if path is not None and Path(path).is_dir():
-            raise UserError(f"--json {path} is a directory; pass a file name")
+    """(state, resumed): the search recorded in ``path`` when it was run with this ``setup``.
+    ``restart`` replaces a file that is not that (another setup, not a tune result, unreadable);
+    what was measured for this very setup is always resumed, never thrown away."""
+    if path is not None and Path(path).is_dir():
+        raise UserError(f"--json {path} is a directory; pass a file name")
+    if path is None or not Path(path).exists():
         return new_state(setup), False
     try:
         state = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
+        if restart:
+            return new_state(setup), False
         raise UserError(f"--json {path} is not readable JSON ({exc}); pass --force to start a new search "
                         "there") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
+        if restart:
+            return new_state(setup), False
         raise UserError(f"--json {path} is not a tune result; pass another file or --force to replace it")
     recorded = state.get("setup", {})
     diff = [k for k, v in setup.as_dict().items() if recorded.get(k) != v]
+    if diff and restart:
+        return new_state(setup), False
     if diff:
         what = ", ".join(f"{k} {recorded.get(k)!r} -> {getattr(setup, k)!r}" for k in diff)
         raise UserError(f"--json {path} holds a search with other settings ({what}); its numbers do not apply: "
@@ -717,15 +726,19 @@ def _time(setup: Setup, scored: list, baseline: dict, budget: Budget, max_measur
         # how noisy this machine's timings are, and so how far a prediction may be trusted.
         while len(baseline.get("latency_runs") or []) < (2 if confirm else 1):
             measure(baseline)
-        limit_hit = False
-        for pool in ([r for r in scored if r["uniform"]], scored):
-            limit_hit |= _pursue(pool, scored, baseline, budget, margin, max_measure, measure)
-        measured = [r for r in scored if latency(r) is not None]
-        contenders = _contenders(scored, baseline, budget, CostModel(measured, baseline, margin).margin)
-        for round_ in range(confirm):
-            for record in contenders:
-                if len(record["latency_runs"]) < 2 + round_:
-                    measure(record)
+        limit_hit, timed = False, -1
+        # Repeats may show the timings noisier than thought, which widens the margin: pursue again
+        # until a round times no new candidate.
+        while timed != sum(1 for r in scored if latency(r) is not None):
+            timed = sum(1 for r in scored if latency(r) is not None)
+            for pool in ([r for r in scored if r["uniform"]], scored):
+                limit_hit |= _pursue(pool, scored, baseline, budget, margin, max_measure, measure)
+            measured = [r for r in scored if latency(r) is not None]
+            contenders = _contenders(scored, baseline, budget, CostModel(measured, baseline, margin).margin)
+            for round_ in range(confirm):
+                for record in contenders:
+                    if len(record["latency_runs"]) < 2 + round_:
+                        measure(record)
     return limit_hit
 
 

@@ -316,6 +316,22 @@ def test_json_of_another_search_is_refused(searched, capsys):
     assert_one_line_error(code, out, err, "holds a search with other settings", "--force to start over")
 
 
+def test_force_replaces_only_what_is_not_this_search(searched, tmp_path):
+    folder, _, state, _ = searched
+    setup = tune.Setup(**state["setup"])
+    path = tmp_path / "t.json"
+    shutil.copy(folder / "t.json", path)
+    resumed, was = tune.load_state(path, setup, restart=True)  # --force (e.g. for --plot): kept
+    assert was and _timed(resumed) == _timed(state)
+    other = tune.Setup(**{**setup.as_dict(), "iters": 4})
+    fresh, was = tune.load_state(path, other, restart=True)
+    assert not was and fresh["candidates"] == {}
+    path.write_text("not json")
+    with pytest.raises(UserError, match="not readable JSON"):
+        tune.load_state(path, setup)
+    assert tune.load_state(path, setup, restart=True)[1] is False
+
+
 def test_export_tuned_errors(searched, capsys, tmp_path):
     folder, _, _, _ = searched
     code, out, err = run(capsys, "export", "vim_digits", "--tuned", folder / "t.json", "--ratio", "0.2",
