@@ -176,7 +176,7 @@ def _print_report(report: dict) -> None:
     table = Table(title=f"load test {escape(report['url'])} ({report['protocol']}; each level up to "
                         f"{report['duration_s']:g} s or {report['max_requests']} requests)")
     columns = ("model", "clients", "batch", "requests", "failed", "img/s", "p50 ms", "p90 ms", "p99 ms",
-               "server batch", "vs unmerged")
+               "server batch", "batch ms", "queue ms", "vs unmerged")
     for col in columns:
         table.add_column(col, justify="left" if col == "model" else "right", overflow="fold")
     for r in report["rows"]:
@@ -184,9 +184,11 @@ def _print_report(report: dict) -> None:
                       f"[red]{r['failed']}[/]" if r["failed"] else "0", f"{r['images_per_s']:.1f}",
                       _ms(r["p50_ms"]), _ms(r["p90_ms"]), _ms(r["p99_ms"]),
                       "-" if r["server_batch"] is None else f"{r['server_batch']:.2f}",
+                      _ms(r["server_compute_ms"]), _ms(r["server_queue_ms"]),
                       f"{r['speedup']:.2f}x" if r.get("speedup") else "-")
-    table.caption = ("server batch: mean batch the dynamic batcher formed (Triton statistics); "
-                     "vs unmerged: img/s over the unmerged model's at the same level")
+    table.caption = ("from Triton's statistics: server batch = mean batch the dynamic batcher formed, batch ms = "
+                     "mean time of one in the model, queue ms = mean wait of a request; vs unmerged = img/s "
+                     "over the unmerged model's at the same level")
     console.print(table)
     for r in report["rows"]:
         for message, count in r["errors"].items():

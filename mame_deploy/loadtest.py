@@ -193,16 +193,45 @@ def _ready(client, name: str) -> bool:
         return False
 
 
-def server_counts(client, protocol: str, name: str) -> Optional[tuple[int, int]]:
-    """(images inferred, executions) so far, from Triton's statistics; None if not readable."""
+def _field(entry: dict, name: str):
+    """A statistics field by its HTTP (snake_case) or gRPC-JSON (camelCase) name."""
+    camel = name.split("_")[0] + "".join(w.title() for w in name.split("_")[1:])
+    return entry.get(name, entry.get(camel, 0))
+
+
+def server_counts(client, protocol: str, name: str) -> Optional[dict]:
+    """Triton's cumulative statistics of ``name``: images inferred, executions (formed batches),
+    and the nanoseconds requests spent queued and batches spent in the model; None if unreadable."""
     try:
         stats = (client.get_inference_statistics(name, as_json=True) if protocol == "grpc"
                  else client.get_inference_statistics(name))
         entry = stats["model_stats"][0]
-        return int(entry.get("inference_count", entry.get("inferenceCount", 0))), \
-            int(entry.get("execution_count", entry.get("executionCount", 0)))
+        queue = _field(_field(entry, "inference_stats"), "queue")
+        batches = [_field(b, "compute_infer") for b in (_field(entry, "batch_stats") or [])]
+        return {
+            "images": int(_field(entry, "inference_count")), "executions": int(_field(entry, "execution_count")),
+            "queued": int(_field(queue, "count")), "queue_ns": int(_field(queue, "ns")),
+            "batches": sum(int(_field(b, "count")) for b in batches),
+            "batch_ns": sum(int(_field(b, "ns")) for b in batches),
+        }
     except Exception:
         return None
+
+
+def server_side(before: Optional[dict], after: Optional[dict]) -> dict:
+    """What the server did during a level: the mean batch its dynamic batcher formed, the mean
+    time one such batch took in the model (Triton's compute_infer: the served callable, runner
+    included), and the mean time a request waited in the queue."""
+    if before is None or after is None or after["executions"] <= before["executions"]:
+        return {"server_batch": None, "server_executions": None, "server_compute_ms": None, "server_queue_ms": None}
+    d = {k: after[k] - before[k] for k in after}
+    return {
+        "server_batch": d["images"] / d["executions"], "server_executions": d["executions"],
+        # per batch size, Triton sums compute_infer once per execution (its per-request stats
+        # would count a batch of k requests k times)
+        "server_compute_ms": d["batch_ns"] / d["batches"] / 1e6 if d["batches"] > 0 else None,
+        "server_queue_ms": d["queue_ns"] / d["queued"] / 1e6 if d["queued"] > 0 else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,11 +333,7 @@ def run_level(protocol: str, address: str, info: ModelInfo, concurrency: int, ba
         row.update(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=float(times.mean() * 1e3))
     else:
         row.update(p50_ms=None, p90_ms=None, p99_ms=None, mean_ms=None)
-    if before is not None and after is not None and after[1] > before[1]:
-        row["server_batch"] = (after[0] - before[0]) / (after[1] - before[1])
-        row["server_executions"] = after[1] - before[1]
-    else:
-        row["server_batch"], row["server_executions"] = None, None
+    row.update(server_side(before, after))
     return row
 
 

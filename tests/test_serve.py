@@ -301,6 +301,33 @@ def test_model_names_and_parameters_come_from_the_manifest():
     assert params == {"mame.model": "vim_s", "mame.schedule": "[1, 0]", "mame.ratio": "0.5", "mame.checkpoint": "null"}
 
 
+def test_loadtest_bounds_urls_and_server_statistics():
+    from mame_deploy.loadtest import Budget, pair_baselines, parse_levels, parse_url, server_side, ModelInfo
+
+    assert parse_url("127.0.0.1:8000") == ("http", "127.0.0.1:8000")
+    assert parse_url("grpc://localhost:8001/") == ("grpc", "localhost:8001")
+    assert parse_levels("32,1,8,8") == [1, 8, 32]
+    budget = Budget(3)
+    assert [budget.take() for _ in range(5)] == [True, True, True, False, False]
+    before = {"images": 10, "executions": 5, "queued": 10, "queue_ns": 0, "batches": 5, "batch_ns": 50_000_000}
+    after = {"images": 70, "executions": 15, "queued": 40, "queue_ns": 60_000_000, "batches": 15, "batch_ns": 250_000_000}
+    assert server_side(before, after) == {"server_batch": 6.0, "server_executions": 10, "server_compute_ms": 20.0,
+                                          "server_queue_ms": 2.0}
+    assert server_side(None, after)["server_batch"] is None and server_side(after, after)["server_batch"] is None
+
+    def info(name, ratio):
+        return ModelInfo(name, "images", "FP32", [1, 32, 32], 8, "logits",
+                         {"mame.model": "vim_digits", "mame.ratio": ratio, "mame.schedule_spec": "null"})
+
+    infos = [info("m", "0.5"), info("u", "0.0"), ModelInfo("x", "in", "FP32", [3], 4, "out")]
+    assert pair_baselines(infos) == {"m": "u"}
+    assert pair_baselines(infos, baseline="x") == {"m": "x", "u": "x"}
+    with pytest.raises(UserError, match="--baseline 'y' is not among the models"):
+        pair_baselines(infos, baseline="y")
+    with pytest.raises(UserError, match="over m's maximum batch of 8"):
+        infos[0].request_shape(9)
+
+
 # ---------------------------------------------------------------------------------------------
 # PyTriton's environment
 
@@ -577,6 +604,7 @@ def test_bounded_load_run_without_failures(server, tmp_path, capsys):
     for row in report["rows"]:
         assert row["failed"] == 0 and 1 <= row["ok"] <= 40 and row["p99_ms"] >= row["p50_ms"] > 0
         assert row["server_batch"] is not None and 1 <= row["server_batch"] <= row["concurrency"]
+        assert row["server_compute_ms"] > 0 and row["server_queue_ms"] >= 0
     assert {(c["merged"], c["unmerged"]) for c in report["comparison"]} == {(MERGED, UNMERGED)}
     assert "load test http://" in out and str(report_path) in out.replace("\n", "")
 
