@@ -606,6 +606,11 @@ def test_bounded_load_run_without_failures(server, tmp_path, capsys):
         assert row["server_batch"] is not None and 1 <= row["server_batch"] <= row["concurrency"]
         assert row["server_compute_ms"] > 0 and row["server_queue_ms"] >= 0
     assert {(c["merged"], c["unmerged"]) for c in report["comparison"]} == {(MERGED, UNMERGED)}
+    from mame_deploy.loadtest import loadtest
+
+    over_grpc = loadtest(f"grpc://{HOST}:{server.grpc}", levels=[2], duration_s=1.0, max_requests=6, warmup=0)
+    assert over_grpc["failed"] == 0 and {r["model"] for r in over_grpc["rows"]} == {MERGED, UNMERGED}
+    assert all(r["ok"] == 6 and r["server_batch"] for r in over_grpc["rows"])
     assert "load test http://" in out and str(report_path) in out.replace("\n", "")
 
 
