@@ -15,6 +15,7 @@ from mame_deploy.errors import UserError
 
 console = Console()
 
+
 # ---------------------------------------------------------------------------------------------
 # serve
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -328,6 +329,60 @@ def test_loadtest_bounds_urls_and_server_statistics():
         infos[0].request_shape(9)
 
 
+def test_leftovers_of_a_forced_exit_are_found_and_removed_only_for_this_server(tmp_path):
+    """What Triton leaves when forced to exit -- its shared memory, a model folder naming this
+    server's workspace, an empty backend environment, a backend stub started from the
+    workspace -- is removed; another server's folder is not."""
+    import tempfile
+
+    from mame_deploy.serve import Leftovers
+
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    leftovers = Leftovers.before_start(workspace)
+    ours = Path(tempfile.mkdtemp(prefix="folder", dir="/tmp"))
+    (ours / "config.pbtxt").write_text(f'parameters {{ key: "workspace-path" value {{ string_value: "{workspace}" }} }}')
+    theirs = Path(tempfile.mkdtemp(prefix="folder", dir="/tmp"))
+    (theirs / "config.pbtxt").write_text('parameters { key: "workspace-path" value { string_value: "/elsewhere" } }')
+    env = Path(tempfile.mkdtemp(prefix="python_env_", dir="/tmp"))
+    shm = Path("/dev/shm") / f"{leftovers.shm_prefix}test-{os.getpid()}"
+    stub = workspace / "triton_python_backend_stub"
+    stub.symlink_to("/bin/sleep")
+    proc = subprocess.Popen([str(stub), "60"])
+    try:
+        if Path("/dev/shm").is_dir():
+            shm.write_bytes(b"x")
+        deadline = time.monotonic() + 10
+        while proc.pid not in leftovers.find()["processes"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        found = leftovers.remove()
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        assert set(found["folders"]) == {ours, env} and found["processes"] == [proc.pid]
+        assert not ours.exists() and not env.exists() and not shm.exists() and not workspace.exists()
+        assert theirs.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for folder in (ours, theirs, env):
+            shutil.rmtree(folder, ignore_errors=True)
+        shm.unlink(missing_ok=True)
+
+
+def test_with_baseline_serves_the_unmerged_twin_and_names_must_differ(exports, tmp_path):
+    from mame_deploy.cli.serve import _served_models
+    from mame_deploy.manifest import Source
+    from mame_deploy.serve import Server, onnx_model
+
+    models = _served_models(["vim_digits"], [], True, tmp_path, "cpu", 1, False, 4,
+                            lambda name: Source(name, ratio=0.3))
+    assert [(m.name, m.backend, m.max_batch, m.merged) for m in models] == [
+        (TORCH, "torch", 4, True), (UNMERGED, "torch", 4, False)]
+    assert models[0].parameters()["mame.schedule"] != models[1].parameters()["mame.schedule"]
+    twice = [onnx_model(exports["unmerged"]), onnx_model(exports["unmerged"])]
+    with pytest.raises(UserError, match="two models would both be served as 'vim_digits'; give each its own --name"):
+        Server(twice)
+
+
 # ---------------------------------------------------------------------------------------------
 # PyTriton's environment
 
@@ -483,6 +538,7 @@ def test_export_cli_helper_writes_the_repository(exports, tmp_path, capsys):
     (["serve", "vim_digits", "--http-port", "9000", "--grpc-port", "9000"], "ports must differ"),
     (["serve", "vim_digits", "--drain-timeout", "99"], "--drain-timeout must be in 1..25"),
     (["serve", "vim_digits", "--name", "bad name"], "not valid for Triton"),
+    (["serve", "model.plan"], "TensorRT is needed for serving an engine"),
     (["loadtest", "http://127.0.0.1:1", "--concurrency", "0"], "--concurrency levels must be in 1..256"),
     (["loadtest", "ftp://127.0.0.1:8000"], "use http://HOST:PORT or grpc://HOST:PORT"),
     (["loadtest", "http://127.0.0.1", "--duration", "5"], "needs a host and a port"),
@@ -493,6 +549,11 @@ def test_serve_and_loadtest_errors_are_one_line(args, message, tmp_path, capsys,
     (tmp_path / "notes.txt").write_text("x")
     if args[0] == "serve" and not HAVE_PYTRITON:
         pytest.skip("serve checks its arguments after finding PyTriton")
+    if args[-1].endswith(".plan"):
+        from mame_deploy.onnx_export import tensorrt_available
+
+        if tensorrt_available():
+            pytest.skip("TensorRT is installed: nothing to refuse")
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2, err
