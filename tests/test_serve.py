@@ -143,9 +143,14 @@ class ServeProcess:
             return False
 
     def kill(self) -> None:
+        """End a server a test left running: SIGTERM (it cleans up), SIGKILL if that hangs."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=STOP_TIMEOUT_S)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
 
     def pending(self, model: str) -> int:
         with urllib.request.urlopen(f"http://{HOST}:{self.metrics}/metrics", timeout=5) as r:
@@ -229,7 +234,7 @@ def server(exports, tmp_path_factory):
     proc = ServeProcess([exports["merged"], exports["unmerged"], "--threads", "1", "--max-batch", MAX_BATCH], log)
     proc.wait_ready([MERGED, UNMERGED])
     yield proc
-    proc.kill()  # the last test stops it with SIGTERM; this only ends a failed run
+    proc.kill()  # the last test stops it with SIGTERM; this only ends a run that failed before
 
 
 # ---------------------------------------------------------------------------------------------
