@@ -71,18 +71,18 @@ def compare_decisions(outputs: Mapping[str, np.ndarray], reference: Mapping[str,
     }
 
 
-# Near-tie test: a flip is explained when PyTorch itself decides differently at that step once
-# every merge step's inputs carry relative noise of NEAR_TIE_NOISE -- ten times the float32
-# discrepancy between runtimes that parity shows (~1e-6) -- in one of NEAR_TIE_TRIALS tries.
-NEAR_TIE_NOISE = 1e-5
-NEAR_TIE_TRIALS = 16
+# Near-tie test: a flip is explained when PyTorch itself decides that step differently once the
+# step's inputs carry relative noise of NEAR_TIE_NOISE -- the parity tolerance itself, so such a
+# decision is a tie by the standard the logits are held to -- in one of NEAR_TIE_TRIALS tries.
+NEAR_TIE_NOISE = 1e-4
+NEAR_TIE_TRIALS = 32
 
 
 def near_tie(model, image: np.ndarray, step: int, trials: int = NEAR_TIE_TRIALS, noise: float = NEAR_TIE_NOISE,
              seed: int = 0) -> bool:
     """Whether merge step ``step`` (an index into the model's merge layers) of ``image`` (C, H, W)
-    is a near-tie for PyTorch: under small input noise its decision there changes while every
-    earlier step's stays. The copies run as one batch (samples are batch-independent)."""
+    is a near-tie for PyTorch: with small noise on that step's inputs alone, its decision there
+    changes. The copies run as one batch (samples are batch-independent)."""
     import torch
 
     merge = model.token_merge
@@ -94,13 +94,9 @@ def near_tie(model, image: np.ndarray, step: int, trials: int = NEAR_TIE_TRIALS,
         try:
             model(x)
             clean = dict(merge.trace)
-            merge.trace, merge.perturb = {}, noise
+            merge.trace, merge.perturb = {}, (layers[step], noise)
             model(x.expand(trials, *x.shape[1:]).contiguous())
             noisy = dict(merge.trace)
         finally:
             merge.trace, merge.perturb = None, None
-    same_before = np.ones(trials, bool)
-    for layer in layers[:step]:
-        same_before &= np.all(noisy[layer].numpy() == clean[layer].numpy(), axis=1)
-    differs_here = np.any(noisy[layers[step]].numpy() != clean[layers[step]].numpy(), axis=1)
-    return bool(np.any(same_before & differs_here))
+    return bool(np.any(noisy[layers[step]].numpy() != clean[layers[step]].numpy()))

@@ -131,22 +131,23 @@ class TokenMerge:
     ``start``, then ``__call__`` after each block with a non-zero count, then ``class_token``.
     While ``trace`` is a dict, each step records its decisions there: the ``origin`` of the
     surviving tokens, keyed by the block it follows (what ``validate`` compares across runtimes).
-    While ``perturb`` is a number, each step's inputs are first scaled by 1 + perturb x N(0, 1)
+    While ``perturb`` is (block, noise), that step's inputs are first scaled by 1 + noise x N(0, 1)
     (``decisions.near_tie`` uses it to ask whether a decision is a near-tie).
     """
 
     def __init__(self, schedule: list[int], method: str, options: MergeOptions):
         self.schedule, self.method, self.options = list(schedule), method, options
         self.trace: Optional[dict[int, Tensor]] = None
-        self.perturb: Optional[float] = None
+        self.perturb: Optional[tuple[int, float]] = None
 
     def start(self, tokens: Tensor, cls_position: int) -> TokenState:
         return start_state(tokens, cls_position)
 
     def __call__(self, layer: int, hidden: Tensor, residual: Tensor, score: Tensor,
                  state: TokenState) -> tuple[Tensor, Tensor, TokenState]:
-        if self.perturb is not None:
-            hidden, residual, score = (x * (1 + self.perturb * torch.randn_like(x, dtype=torch.float32)).to(x.dtype)
+        if self.perturb is not None and self.perturb[0] == layer:
+            noise = self.perturb[1]
+            hidden, residual, score = (x * (1 + noise * torch.randn_like(x, dtype=torch.float32)).to(x.dtype)
                                        for x in (hidden, residual, score))
         hidden, residual, state = merge_step(hidden, residual, score, state, self.schedule[layer], self.method,
                                              self.options)
