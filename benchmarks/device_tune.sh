@@ -8,8 +8,8 @@
 # Run from the repository root on the GPU machine, with polygraphy's wheel in .whl/ and the four
 # Fashion-MNIST files in .data/fashion-mnist/ (see docs/tune.md):
 #     bash benchmarks/device_tune.sh graph1 graph256 test      (one call, under 10 minutes)
-#     bash benchmarks/device_tune.sh ort1 test                 (a second call; .tune/ holds the first's JSON)
-# A search cut short by its timeout keeps what it measured: put its JSON back in .tune/ and rerun
+#     bash benchmarks/device_tune.sh ort1 test                 (a second call; .device/tune/ holds the first's JSON)
+# A search cut short by its timeout keeps what it measured: put its JSON back in .device/tune/ and rerun
 # the same step to resume it.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -29,10 +29,10 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/polygraph
 export PYTHONPATH=/tmp/site
 git rev-parse HEAD > "$LOGS/commit.txt" 2>/dev/null
 
-# tune NAME SECONDS ARGS...: one search, resumed from .tune/NAME.json when an earlier call left one.
+# tune NAME SECONDS ARGS...: one search, resumed from .device/tune/NAME.json when an earlier call left one.
 tune() {
     local name=$1 limit=$2; shift 2
-    [[ -f .tune/$name.json ]] && cp .tune/"$name".json "$OUT/$name.json"
+    [[ -f .device/tune/$name.json ]] && cp .device/tune/"$name".json "$OUT/$name.json"
     say "tune $name: $*"
     timeout "$limit" python3 -m mame_deploy.cli.main tune vim_fashion --max-drop 1 "$@" \
         --json "$OUT/$name.json" --plot "$OUT/$name.png" --force > "$LOGS/$name.log" 2>&1
@@ -65,7 +65,7 @@ out = Path(sys.argv[1])
 net = create_model("vim_fashion").to("cuda")
 test = _OnDevice(dataset_for("vim_fashion", net.config, subset="test"), "cuda")
 rows = {"unmerged": evaluate_setting(net, test, Setting(), 1000)["accuracy"]}
-searches = {p.name: p for p in sorted(Path(".tune").glob("fashion_*_b*.json"))}
+searches = {p.name: p for p in sorted(Path(".device/tune").glob("fashion_*_b*.json"))}
 searches.update({p.name: p for p in sorted(out.glob("fashion_*_b*.json"))})  # this call's, if any
 for path in searches.values():
     state = json.loads(path.read_text())
