@@ -69,7 +69,7 @@ def tune_cmd(
     from mame_deploy import artifacts, tune
     from mame_deploy.evaluate import parse_methods
     from mame_deploy.manifest import Source
-    from mame_deploy.models import get_spec
+    from mame_deploy.models import model_config
     from mame_deploy.onnx_export import resolve_checkpoint
 
     budget = tune.Budget(max_drop, latency_ms, min_speedup)
@@ -81,7 +81,7 @@ def tune_cmd(
     if data is not None and subset is not None:
         raise UserError("--subset picks a split of the bundled data; it does not apply with --data")
     overrides = key_values(override, "--override")
-    depth = get_spec(model).config.depth if "depth" not in overrides else int(overrides["depth"])
+    depth = model_config(model, **overrides).depth  # bad overrides: one line, before any work
     space = tune.Space(_ratios(ratios), tune.parse_placements(placements, depth), tune.parse_profiles(profiles),
                        tuple(parse_methods(methods)), key_values(option, "--option"))
     source = resolve_checkpoint(Source(model=model, checkpoint=str(checkpoint) if checkpoint else None))

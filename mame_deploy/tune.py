@@ -155,6 +155,9 @@ def check_setup(setup: Setup) -> None:
         raise UserError(f"--runtime {setup.runtime} runs on the GPU; pass --device cuda")
     if setup.batch < 1:
         raise UserError(f"--batch must be at least 1, got {setup.batch}")
+    from mame_deploy.runners import check_threads
+
+    check_threads(setup.threads)
     if setup.warmup < 0 or setup.iters < 1:
         raise UserError(f"need --warmup >= 0 and --iters >= 1, got {setup.warmup} and {setup.iters}")
     if setup.data is None and setup.subset is None:
@@ -569,9 +572,8 @@ def load_state(path: Optional[Union[str, Path]], setup: Setup, restart: bool = F
 SCORE_KEYS = ("model", "checkpoint_sha256", "seed", "overrides", "data", "subset", "calib_images")
 
 
-def import_scores(state: dict, path: Union[str, Path], setup: Setup) -> int:
-    """Copy the calibration accuracies of ``path`` (a state file scored on the same model and
-    images) into ``state`` for the candidates it lacks them for; returns how many."""
+def read_scores(path: Union[str, Path], setup: Setup) -> dict:
+    """The state file ``path``, checked to hold accuracies scored as ``setup`` would score them."""
     try:
         other = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -584,6 +586,12 @@ def import_scores(state: dict, path: Union[str, Path], setup: Setup) -> int:
     if diff:
         raise UserError(f"--scores-from {path} was scored with another {', '.join(diff)}; its accuracies do not "
                         "apply to this search")
+    return other
+
+
+def import_scores(state: dict, other: dict) -> int:
+    """Copy the calibration accuracies of ``other`` (from ``read_scores``) into ``state`` for the
+    candidates that lack them; returns how many."""
     copied = 0
     for key, record in state["candidates"].items():
         source = other.get("candidates", {}).get(key, {})
@@ -629,6 +637,9 @@ def search(
     if max_measure < 1 or confirm < 0 or not 0 <= margin < 1:
         raise UserError(f"need --max-measure >= 1, --confirm >= 0 and a margin in [0, 1), got {max_measure}, "
                         f"{confirm} and {margin}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    scores = read_scores(scores_from, setup) if scores_from is not None else None
     progress = progress or (lambda stage, done, total, what: None)
     state, resumed = load_state(state_path, setup, restart)
     if setup.threads:
@@ -640,8 +651,8 @@ def search(
         records.setdefault(key, describe(net.config, cand))
         records[key]["uniform"] = key in uniform
     state.update(space=asdict(space), budget=asdict(budget), resumed=resumed)
-    if scores_from is not None:
-        import_scores(state, scores_from, setup)
+    if scores is not None:
+        import_scores(state, scores)
     save = lambda: _save(state_path, state)  # noqa: E731
 
     scored = _score(state, families, net, calibration_data(setup, net.config), setup.device, budget, batch_size,

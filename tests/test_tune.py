@@ -302,6 +302,10 @@ def test_winner_round_trips_through_export_and_validate(searched, capsys):
     (["--max-drop", "1", "--runtime", "torch-graph", "--device", "cpu"], ["runs on the GPU; pass --device cuda"]),
     (["--max-drop", "1", "--ratios", "0"], ["no ratio above 0"]),
     (["--min-speedup", "-1"], ["--min-speedup must be a positive number"]),
+    (["--max-drop", "1", "--threads", "0"], ["--threads must be at least 1"]),
+    (["--max-drop", "1", "--override", "depth=x"], ["depth"]),
+    (["--max-drop", "1", "--batch-size", "0"], ["--batch-size must be at least 1"]),
+    (["--max-drop", "1", "--scores-from", "/nonexistent.json"], ["--scores-from /nonexistent.json is not readable"]),
     ([], ["needs a budget"]),
 ])
 def test_bad_input_is_one_line(capsys, extra, phrases):
