@@ -39,7 +39,10 @@ def _source(model, ratio, schedule, method, options, checkpoint, seed, overrides
         schedule_spec=schedule, options=options,
     )
     resolve_schedule(model_config(source), ratio, schedule, layer_list)  # bad layers/schedule: fail now
-    return resolve_checkpoint(source)
+    # Fine-tuned weights bring the merging they were trained with when the flags name none.
+    from mame_deploy.finetuned import with_checkpoint_merge
+
+    return with_checkpoint_merge(resolve_checkpoint(source))
 
 
 def _size(n: int) -> str:

@@ -4,8 +4,10 @@
 with that merging, so the checkpoint carries it under ``"merge"`` with the keys of
 ``mame_deploy.manifest.Source`` (method, ratio, schedule_spec, options) plus the resolved
 per-block ``schedule``. ``with_checkpoint_merge`` fills those fields into a Source that names
-no merging of its own; the export then writes them into the manifest, so ``validate`` and
-``bench`` rebuild the same merged model from it as from any other export.
+no merging of its own; the CLI applies it to the Source its flags describe (``export``,
+``bench --torch``), so the manifest records the merging and ``validate`` and ``bench`` rebuild
+the same merged model from it as from any other export. A Source built in code is taken as it
+is (bench's unmerged baseline of such an export stays unmerged).
 """
 
 from __future__ import annotations

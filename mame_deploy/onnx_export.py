@@ -213,9 +213,7 @@ def export(
 
 def resolve_checkpoint(source: Source) -> Source:
     """Pin the checkpoint: the file actually loaded (the model's bundled weights when none is
-    given), by absolute path and sha256, so later commands load the same bytes. Fine-tuned
-    weights bring the merging they were trained with when ``source`` names none."""
-    from mame_deploy.finetuned import with_checkpoint_merge
+    given), by absolute path and sha256, so later commands load the same bytes."""
     from mame_deploy.models import get_spec
     from mame_deploy.models.checkpoint import check_checkpoint_path
 
@@ -223,8 +221,7 @@ def resolve_checkpoint(source: Source) -> Source:
     if checkpoint is None:
         return replace(source, checkpoint=None, checkpoint_sha256=None)
     path = check_checkpoint_path(checkpoint)
-    pinned = replace(source, checkpoint=str(path.resolve()), checkpoint_sha256=artifacts.file_sha256(path))
-    return with_checkpoint_merge(pinned)
+    return replace(source, checkpoint=str(path.resolve()), checkpoint_sha256=artifacts.file_sha256(path))
 
 
 # ---------------------------------------------------------------------------------------------

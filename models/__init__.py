@@ -25,6 +25,7 @@ for _name, _dim, _file in (
     register(ModelSpec(_name, VisionMamba, VimConfig(embed_dim=_dim), _OFFICIAL.format(file=_file)))
 
 from . import digits  # noqa: E402,F401  (registers vim_digits)
+from . import fashion  # noqa: E402,F401  (registers vim_fashion)
 
 
 def _check_override(name: str, key: str, value, default) -> None:
