@@ -6,8 +6,9 @@ two runtimes whose float32 results differ by rounding may, at a near-tie, merge 
 tokens; from there on the two runs compute different (equally valid) models for that sample.
 ``validate`` therefore compares the decisions first and holds each sample to the parity rule
 only where they agree, reporting the rest. The decision of a step is the ``origin`` of its
-surviving tokens (B, L - r): equal origins, in order, mean the same tokens merged the same way
-(sizes and weights follow from them).
+surviving tokens (B, L - r) and their ``size`` (patches each stands for): equal origins say the
+same tokens survived in the same order, equal sizes that the removed ones went to the same
+destinations (sizes are sums of whole patch counts, exact in float32).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from onnx import TensorProto, helper
 from mame_deploy.onnx_functions import custom_nodes
 from mame_deploy.ops.token_merge.contract import ONNX_OP_TYPE, OUTPUT_NAMES
 
-TRACE_PREFIX = "merge_origin_after_block_"
-_ORIGIN = OUTPUT_NAMES.index("origin_out")
+TRACE_PREFIX = "merge_decision_after_block_"
+TRACED = ("origin_out", "size_out")     # the outputs of a step that make up its decision
 
 
-def trace_name(layer: int) -> str:
-    return f"{TRACE_PREFIX}{layer}"
+def trace_name(layer: int, output: str = "origin_out") -> str:
+    return f"{TRACE_PREFIX}{layer}_{output}"
 
 
 def is_trace(name: str) -> bool:
@@ -34,16 +35,19 @@ def is_trace(name: str) -> bool:
 
 
 def with_decision_outputs(model: onnx.ModelProto, layers: Sequence[int]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs each TokenMerge node's ``origin`` (graph order is
-    merge order, so node i follows block ``layers[i]``); the file itself stays as it is."""
+    """A copy of ``model`` that also outputs each TokenMerge node's ``origin`` and ``size`` (graph
+    order is merge order, so node i follows block ``layers[i]``); the file itself stays as it is."""
     nodes = custom_nodes(model, ONNX_OP_TYPE)
     if len(nodes) != len(layers):
         raise ValueError(f"the model has {len(nodes)} {ONNX_OP_TYPE} nodes, the schedule {len(layers)} merge steps")
     traced = onnx.ModelProto()
     traced.CopyFrom(model)
+    types = {"origin_out": TensorProto.INT64, "size_out": TensorProto.FLOAT}
     for node, layer in zip(nodes, layers):
-        traced.graph.node.append(helper.make_node("Identity", [node.output[_ORIGIN]], [trace_name(layer)]))
-        traced.graph.output.append(helper.make_tensor_value_info(trace_name(layer), TensorProto.INT64, None))
+        for output in TRACED:
+            name = trace_name(layer, output)
+            traced.graph.node.append(helper.make_node("Identity", [node.output[OUTPUT_NAMES.index(output)]], [name]))
+            traced.graph.output.append(helper.make_tensor_value_info(name, types[output], None))
     return traced
 
 
@@ -58,7 +62,8 @@ def compare_decisions(outputs: Mapping[str, np.ndarray], reference: Mapping[str,
     """
     if not layers:
         return {"layers": [], "differing": [], "first_flips": [], "flipped": None, "first_step": None}
-    steps = [np.any(outputs[trace_name(layer)] != reference[trace_name(layer)], axis=1) for layer in layers]
+    steps = [np.any([np.any(outputs[trace_name(layer, o)] != reference[trace_name(layer, o)], axis=1)
+                     for o in TRACED], axis=0) for layer in layers]
     differs = np.stack(steps)                                   # (steps, samples)
     flipped = differs.any(axis=0)
     first = np.where(flipped, differs.argmax(axis=0), -1)
@@ -99,4 +104,5 @@ def near_tie(model, image: np.ndarray, step: int, trials: int = NEAR_TIE_TRIALS,
             noisy = dict(merge.trace)
         finally:
             merge.trace, merge.perturb = None, None
-    return bool(np.any(noisy[layers[step]].numpy() != clean[layers[step]].numpy()))
+    layer = layers[step]
+    return bool(any(np.any(noisy[layer][i].numpy() != clean[layer][i].numpy()) for i in range(len(TRACED))))

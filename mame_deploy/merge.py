@@ -129,15 +129,16 @@ class TokenMerge:
 
     ``schedule[i]`` tokens are removed right after block i; the model's forward loop calls
     ``start``, then ``__call__`` after each block with a non-zero count, then ``class_token``.
-    While ``trace`` is a dict, each step records its decisions there: the ``origin`` of the
-    surviving tokens, keyed by the block it follows (what ``validate`` compares across runtimes).
+    While ``trace`` is a dict, each step records its decisions there: the ``origin`` and ``size``
+    of the surviving tokens, keyed by the block it follows (what ``validate`` compares across
+    runtimes).
     While ``perturb`` is (block, noise), that step's inputs are first scaled by 1 + noise x N(0, 1)
     (``decisions.near_tie`` uses it to ask whether a decision is a near-tie).
     """
 
     def __init__(self, schedule: list[int], method: str, options: MergeOptions):
         self.schedule, self.method, self.options = list(schedule), method, options
-        self.trace: Optional[dict[int, Tensor]] = None
+        self.trace: Optional[dict[int, tuple[Tensor, Tensor]]] = None
         self.perturb: Optional[tuple[int, float]] = None
 
     def start(self, tokens: Tensor, cls_position: int) -> TokenState:
@@ -152,7 +153,7 @@ class TokenMerge:
         hidden, residual, state = merge_step(hidden, residual, score, state, self.schedule[layer], self.method,
                                              self.options)
         if self.trace is not None:
-            self.trace[layer] = state.origin
+            self.trace[layer] = (state.origin, state.size)
         return hidden, residual, state
 
     @property

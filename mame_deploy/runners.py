@@ -21,7 +21,7 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 
-from mame_deploy.decisions import trace_name
+from mame_deploy.decisions import TRACED, trace_name
 from mame_deploy.errors import UserError
 from mame_deploy.onnx_export import INPUT_NAME, OUTPUT_NAME
 
@@ -130,8 +130,9 @@ class TorchRunner(BaseRunner):
         merge.trace = {}
         try:
             outputs = self._forward(feed_dict)
-            for layer, origin in merge.trace.items():
-                outputs[trace_name(layer)] = origin.cpu().numpy()
+            for layer, traced in merge.trace.items():
+                for output, value in zip(TRACED, traced):
+                    outputs[trace_name(layer, output)] = value.cpu().numpy()
         finally:
             merge.trace = None
         return outputs

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import onnx
+
 import pytest
 from onnx import TensorProto, helper
 
@@ -235,9 +237,11 @@ def write_export(path, model=None):
 
     data = (model or scan_model()).SerializeToString()
     artifacts.write_bytes(path, data)
+    # A manifest that passes manifest.check_fields: a one-block vim_t, unmerged, batch 2.
     record = {key: None for key in manifest.REQUIRED_KEYS}
-    record.update(model="vim_t", seed=0, method="mame", ratio=0.0, schedule=[0], batch=2, scan="plugin",
-                  onnx_sha256=artifacts.sha256_bytes(data))
+    record.update(model="vim_t", overrides={"depth": 1}, seed=0, method="mame", ratio=0.0, schedule=[0],
+                  tokens_per_layer=[197], input_shape=[2, 3, 224, 224], batch=2, opset=20, scan="plugin",
+                  versions={}, onnx_sha256=artifacts.sha256_bytes(data))
     artifacts.write_json(manifest.manifest_path(path), record)
     return path
 
@@ -277,7 +281,8 @@ def test_plan_refuses_to_overwrite_without_force(exported):
         (lambda p: p.with_suffix(".json").write_text('{"model": "vim_t"}'), {}, "lacks checkpoint"),
         (lambda p: p.write_bytes(b"not onnx at all"), {}, "is not a"),
         (lambda p: write_export(p, scan_model(length=6)).with_suffix(".json").write_text(
-            p.with_suffix(".json").read_text().replace('"onnx_sha256": "', '"onnx_sha256": "0')), {}, "does not match"),
+            re.sub(r'"onnx_sha256": "[0-9a-f]+"', '"onnx_sha256": "' + "0" * 64 + '"', p.with_suffix(".json").read_text())),
+         {}, "does not match"),  # a well-formed sha256 of another file
         (lambda p: p.unlink(), {}, "does not exist"),
         (lambda p: None, {"output": "x.engine"}, "must end in .plan"),
         (lambda p: None, {"precision": "int8"}, "unknown precision 'int8'"),
