@@ -106,9 +106,9 @@ def export_cmd(
     batch = None if dynamic_batch else (batch if batch is not None else 1)
     onnx_export.check_options(batch, opset, scan)
     want_engine = onnx_export.check_engine_request(engine, scan)
-    target = output if output is not None else onnx_export.default_output(model)
-    if want_engine:
-        artifacts.check_writable([Path(target).with_suffix(".plan")], force)
+    target, manifest = onnx_export.output_paths(model, output)
+    # Every output is checked (exists? folder writable?) before anything is hashed or built.
+    artifacts.check_writable([target, manifest] + ([target.with_suffix(".plan")] if want_engine else []), force)
     source = _source(model, ratio, schedule, method, option, checkpoint, seed, override, layers)
     tuned_record = None
     if tuned is not None:
