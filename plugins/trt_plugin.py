@@ -21,7 +21,6 @@ functions' annotations as classes, and postponed (string) annotations would fail
 """
 
 import threading
-from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
@@ -29,6 +28,7 @@ import numpy.typing as npt
 
 from mame_deploy.errors import UserError
 from mame_deploy.ops.selective_scan import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE
+from mame_deploy.plugins.trt_aot import AotKernel, aot_result, constant_dim, static_dim
 
 PLUGIN_NAMESPACE = ONNX_DOMAIN
 PLUGIN_NAME = ONNX_OP_TYPE
@@ -47,20 +47,6 @@ FLOAT32_INPUTS = ("A", "D", "delta_bias")
 KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 
 
-@dataclass(frozen=True)
-class AotKernel:
-    """Everything the plugin gives TensorRT for one node.
-
-    ``grid``/``block`` are (x, y, z); they and ``shared_mem`` and ``scalars`` are ints or, inside
-    TensorRT, shape expressions.
-    """
-
-    name: str
-    ptx: bytes
-    grid: Tuple[Any, Any, Any]
-    block: Tuple[Any, Any, Any]
-    shared_mem: Any
-    scalars: Tuple[Any, ...]
 
 
 def _launch():
@@ -157,17 +143,8 @@ def _flag(value) -> bool:
     return bool(np.asarray(value).reshape(-1)[0])
 
 
-def _static(expr):
-    """A shape expression as an int where TensorRT knows its value at build time."""
-    return int(expr.constant_value()) if expr.is_constant else expr
 
 
-def _constant(expr, what: str) -> int:
-    if isinstance(expr, int):
-        return expr
-    if expr.is_constant:
-        return int(expr.constant_value())
-    raise UserError(f"SelectiveScan needs a static {what}; only the batch axis may be dynamic")
 
 
 def register_plugin(jit: bool = False) -> None:
@@ -231,21 +208,13 @@ def _bind_aot() -> None:
         delta_softplus: Flag, reverse: Flag, outputs: Tuple[Desc], tactic: int,
     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
         # Static sizes as ints: they pick the kernel's work split (see aot_kernel).
-        batch, dim, length = (_static(u.shape_expr[i]) for i in range(3))
-        dstate = _constant(A.shape_expr[1], "d_state (A's second axis)")
+        batch, dim, length = (static_dim(u.shape_expr[i]) for i in range(3))
+        dstate = constant_dim(A.shape_expr[1], "SelectiveScan", "d_state (A's second axis)")
         kernel = aot_kernel(
             dtype_names[u.dtype], batch, dim, length, dstate, _flag(delta_softplus), _flag(reverse),
             tactic=int(tactic),
         )
-        params = trtp.KernelLaunchParams()
-        params.grid_x, params.grid_y, params.grid_z = kernel.grid
-        params.block_x, params.block_y, params.block_z = kernel.block
-        params.shared_mem = kernel.shared_mem
-        # Every scalar must be a SymInt32: TensorRT rejects plain SymIntExprs (e.g. from ints).
-        scalars = trtp.SymIntExprs(len(kernel.scalars))
-        for i, value in enumerate(kernel.scalars):
-            scalars[i] = trtp.SymInt32(value)
-        return kernel.name, kernel.ptx, params, scalars
+        return aot_result(trtp, kernel)
 
 
 def _bind_jit() -> None:

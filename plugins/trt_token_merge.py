@@ -18,7 +18,6 @@ No ``from __future__ import annotations``: ``tensorrt.plugin`` inspects the anno
 """
 
 import threading
-from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
@@ -28,6 +27,7 @@ from mame_deploy.errors import UserError
 from mame_deploy.ops.token_merge.contract import (
     INPUT_NAMES, INT_ATTRIBUTES, OUTPUT_NAMES, PLUGIN_ID, PLUGIN_VERSION, MergeAttributes,
 )
+from mame_deploy.plugins.trt_aot import AotKernel, aot_result, constant_dim, static_dim
 
 IntAttr = npt.NDArray[np.int32]  # TensorRT hands attributes over as 1-D arrays (see trt_plugin.py)
 FloatAttr = npt.NDArray[np.float32]
@@ -36,16 +36,6 @@ FIXED_TRT_TYPES = {"score": "FP32", "size": "FP32", "origin": "INT64", "cls": "I
                    "size_out": "FP32", "origin_out": "INT64", "cls_out": "INT64"}
 
 
-@dataclass(frozen=True)
-class AotKernel:
-    """Everything the plugin gives TensorRT for one node (ints, or shape expressions)."""
-
-    name: str
-    ptx: bytes
-    grid: Tuple[Any, Any, Any]
-    block: Tuple[Any, Any, Any]
-    shared_mem: Any
-    scalars: Tuple[Any, ...]
 
 
 def _launch():
@@ -144,16 +134,8 @@ def register_plugin(jit: bool = False) -> None:
             _registered = True
 
 
-def _static(expr):
-    return int(expr.constant_value()) if expr.is_constant else expr
 
 
-def _constant(expr, what: str) -> int:
-    if isinstance(expr, int):
-        return expr
-    if expr.is_constant:
-        return int(expr.constant_value())
-    raise UserError(f"TokenMerge needs a static {what}; only the batch axis may be dynamic")
 
 
 def _bind_aot() -> None:
@@ -194,18 +176,11 @@ def _bind_aot() -> None:
              metric: IntAttr, lam: FloatAttr, outputs: Tuple[Desc], tactic: int,
              ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
         attrs = attributes_of(r, prune, split, arrangement, weighting, metric, lam)
-        batch = _static(hidden.shape_expr[0])
-        length = _constant(hidden.shape_expr[1], "sequence length")
-        dim = _constant(hidden.shape_expr[2], "channel count")
+        batch = static_dim(hidden.shape_expr[0])
+        length = constant_dim(hidden.shape_expr[1], "TokenMerge", "sequence length")
+        dim = constant_dim(hidden.shape_expr[2], "TokenMerge", "channel count")
         kernel = aot_kernel(names[hidden.dtype], names[residual.dtype], batch, length, dim, attrs, int(tactic))
-        params = trtp.KernelLaunchParams()
-        params.grid_x, params.grid_y, params.grid_z = kernel.grid
-        params.block_x, params.block_y, params.block_z = kernel.block
-        params.shared_mem = kernel.shared_mem
-        scalars = trtp.SymIntExprs(len(kernel.scalars))
-        for i, value in enumerate(kernel.scalars):
-            scalars[i] = trtp.SymInt32(value)
-        return kernel.name, kernel.ptx, params, scalars
+        return aot_result(trtp, kernel)
 
 
 def _bind_jit() -> None:

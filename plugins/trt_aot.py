@@ -1,0 +1,51 @@
+"""What both TensorRT plugins (``trt_plugin`` for the scan, ``trt_token_merge`` for the merge
+step) share: the description of one AOT kernel, reading static sizes off shape expressions,
+and handing a kernel to TensorRT as ``aot_impl`` returns it.
+
+No ``from __future__ import annotations`` (``tensorrt.plugin`` inspects annotations as classes).
+"""
+
+from dataclasses import dataclass
+from typing import Any, Tuple
+
+from mame_deploy.errors import UserError
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    """Everything a plugin gives TensorRT for one node. ``grid``/``block`` are (x, y, z); they,
+    ``shared_mem`` and ``scalars`` are ints or, inside TensorRT, shape expressions."""
+
+    name: str
+    ptx: bytes
+    grid: Tuple[Any, Any, Any]
+    block: Tuple[Any, Any, Any]
+    shared_mem: Any
+    scalars: Tuple[Any, ...]
+
+
+def static_dim(expr):
+    """A shape expression as an int where TensorRT knows its value at build time."""
+    return int(expr.constant_value()) if expr.is_constant else expr
+
+
+def constant_dim(expr, op: str, what: str) -> int:
+    """A size that must be static (only the batch axis may be dynamic), as an int."""
+    if isinstance(expr, int):
+        return expr
+    if expr.is_constant:
+        return int(expr.constant_value())
+    raise UserError(f"{op} needs a static {what}; only the batch axis may be dynamic")
+
+
+def aot_result(trtp, kernel: AotKernel):
+    """``aot_impl``'s return value for ``kernel``: name, PTX, launch parameters, scalars."""
+    params = trtp.KernelLaunchParams()
+    params.grid_x, params.grid_y, params.grid_z = kernel.grid
+    params.block_x, params.block_y, params.block_z = kernel.block
+    params.shared_mem = kernel.shared_mem
+    # Every scalar must be a SymInt32: TensorRT rejects plain SymIntExprs (e.g. from ints).
+    scalars = trtp.SymIntExprs(len(kernel.scalars))
+    for i, value in enumerate(kernel.scalars):
+        scalars[i] = trtp.SymInt32(value)
+    return kernel.name, kernel.ptx, params, scalars
