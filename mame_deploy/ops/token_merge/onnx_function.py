@@ -14,6 +14,7 @@ along the axis, and element-wise index tensors would cost a full-width int64 pas
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -31,13 +32,9 @@ class _Ops:
         self.g, self.batch = g, batch
 
     def scalar(self, value, dtype=INT64) -> str:
-        import numpy as np
-
         return self.g.const(value, {INT64: np.int64, FLOAT: np.float32}[dtype])
 
     def vec(self, *values) -> str:
-        import numpy as np
-
         return self.g.const(list(values), np.int64)
 
     def dim(self, x: str, axis: int) -> str:
