@@ -1,12 +1,13 @@
 """What both TensorRT plugins (``trt_plugin`` for the scan, ``trt_token_merge`` for the merge
 step) share: the description of one AOT kernel, reading static sizes off shape expressions,
-and handing a kernel to TensorRT as ``aot_impl`` returns it.
+handing a kernel to TensorRT as ``aot_impl`` returns it, and binding a plugin once.
 
 No ``from __future__ import annotations`` (``tensorrt.plugin`` inspects annotations as classes).
 """
 
+import threading
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, Callable, Tuple
 
 from mame_deploy.errors import UserError
 
@@ -49,3 +50,22 @@ def aot_result(trtp, kernel: AotKernel):
     for i, value in enumerate(kernel.scalars):
         scalars[i] = trtp.SymInt32(value)
     return kernel.name, kernel.ptx, params, scalars
+
+
+class Registration:
+    """Binds one plugin's implementations to TensorRT once per process: the AOT one on the first
+    ``register``, the Python (JIT) one the first time ``jit=True`` is asked for."""
+
+    def __init__(self, bind_aot: Callable[[], None], bind_jit: Callable[[], None]):
+        self._bind_aot, self._bind_jit = bind_aot, bind_jit
+        self._lock = threading.Lock()
+        self._aot = self._jit = False
+
+    def register(self, jit: bool = False) -> None:
+        with self._lock:
+            if not self._aot:
+                self._bind_aot()
+                self._aot = True
+            if jit and not self._jit:
+                self._bind_jit()
+                self._jit = True

@@ -20,7 +20,6 @@ No ``from __future__ import annotations`` here: ``tensorrt.plugin`` inspects the
 functions' annotations as classes, and postponed (string) annotations would fail its checks.
 """
 
-import threading
 from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
@@ -28,7 +27,7 @@ import numpy.typing as npt
 
 from mame_deploy.errors import UserError
 from mame_deploy.ops.selective_scan import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE
-from mame_deploy.plugins.trt_aot import AotKernel, aot_result, constant_dim, static_dim
+from mame_deploy.plugins.trt_aot import AotKernel, Registration, aot_result, constant_dim, static_dim
 
 PLUGIN_NAMESPACE = ONNX_DOMAIN
 PLUGIN_NAME = ONNX_OP_TYPE
@@ -45,8 +44,6 @@ OUTPUT_NAME = "out"
 FLOAT32_INPUTS = ("A", "D", "delta_bias")
 # The dtypes of u, delta, B, C, z and the output that the kernel is compiled for.
 KERNEL_DTYPES = ("float32", "float16", "bfloat16")
-
-
 
 
 def _launch():
@@ -131,9 +128,6 @@ def scan_tactics():
 # ---------------------------------------------------------------------------------------------
 # Binding to TensorRT. Everything below runs only where ``import tensorrt`` works.
 
-_lock = threading.Lock()
-_registered: Optional[bool] = None  # None: not yet; else whether the JIT implementation is bound
-
 
 def _dtype_names(trt):
     return {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}
@@ -141,10 +135,6 @@ def _dtype_names(trt):
 
 def _flag(value) -> bool:
     return bool(np.asarray(value).reshape(-1)[0])
-
-
-
-
 
 
 def register_plugin(jit: bool = False) -> None:
@@ -155,14 +145,7 @@ def register_plugin(jit: bool = False) -> None:
     CUDA build of PyTorch at run time. Which implementation a parsed node uses is chosen per node
     by its ``aot`` attribute (see ``mame_deploy.engine.prepare_onnx``).
     """
-    global _registered
-    with _lock:
-        if _registered is None:
-            _bind_aot()
-            _registered = False
-        if jit and not _registered:
-            _bind_jit()
-            _registered = True
+    _registration.register(jit)
 
 
 def _bind_aot() -> None:
@@ -237,3 +220,7 @@ def _bind_jit() -> None:
             args = [torch.as_tensor(t, device="cuda") for t in (u, delta, A, B, C, D, z, delta_bias)]
             out = torch.as_tensor(outputs[0], device="cuda")
             out.copy_(selective_scan_ref(*args, _flag(delta_softplus), _flag(reverse)))
+
+
+# Bound to TensorRT once per process, by register_plugin.
+_registration = Registration(_bind_aot, _bind_jit)

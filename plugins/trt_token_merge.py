@@ -17,7 +17,6 @@ or shape stand-ins, as the plugin calls it with TensorRT's shape expressions.
 No ``from __future__ import annotations``: ``tensorrt.plugin`` inspects the annotations as classes.
 """
 
-import threading
 from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
@@ -27,15 +26,13 @@ from mame_deploy.errors import UserError
 from mame_deploy.ops.token_merge.contract import (
     INPUT_NAMES, INT_ATTRIBUTES, OUTPUT_NAMES, PLUGIN_ID, PLUGIN_VERSION, MergeAttributes,
 )
-from mame_deploy.plugins.trt_aot import AotKernel, aot_result, constant_dim, static_dim
+from mame_deploy.plugins.trt_aot import AotKernel, Registration, aot_result, constant_dim, static_dim
 
 IntAttr = npt.NDArray[np.int32]  # TensorRT hands attributes over as 1-D arrays (see trt_plugin.py)
 FloatAttr = npt.NDArray[np.float32]
 KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 FIXED_TRT_TYPES = {"score": "FP32", "size": "FP32", "origin": "INT64", "cls": "INT64",
                    "size_out": "FP32", "origin_out": "INT64", "cls_out": "INT64"}
-
-
 
 
 def _launch():
@@ -117,25 +114,11 @@ def io_type_combinations() -> List[str]:
 # ---------------------------------------------------------------------------------------------
 # Binding to TensorRT. Everything below runs only where ``import tensorrt`` works.
 
-_lock = threading.Lock()
-_registered: Optional[bool] = None  # None: not yet; else whether the JIT implementation is bound
-
 
 def register_plugin(jit: bool = False) -> None:
     """Register ``mame::TokenMerge`` with TensorRT (idempotent within a process); ``jit=True``
     also binds the Python implementation (the reference, for debugging; needs PyTorch)."""
-    global _registered
-    with _lock:
-        if _registered is None:
-            _bind_aot()
-            _registered = False
-        if jit and not _registered:
-            _bind_jit()
-            _registered = True
-
-
-
-
+    _registration.register(jit)
 
 
 def _bind_aot() -> None:
@@ -206,4 +189,9 @@ def _bind_jit() -> None:
 
 
 PLUGIN_NAMESPACE, PLUGIN_NAME = PLUGIN_ID.split("::")
+
+
+# Bound to TensorRT once per process, by register_plugin.
+_registration = Registration(_bind_aot, _bind_jit)
+
 __all__ = ["AotKernel", "INT_ATTRIBUTES", "PLUGIN_VERSION", "aot_kernel", "register_plugin", "tactics"]
