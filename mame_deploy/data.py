@@ -3,7 +3,7 @@ torchvision), the preprocessing each model expects, the digits data of vim_digit
 Fashion-MNIST data of vim_fashion.
 
 Preprocessing is chosen by the model's registry entry (``spec.info["preprocess"]``):
-"imagenet" (the Vim checkpoints, see shared docs/vim.md), "digits" (grey levels) or
+"imagenet" (the Vim checkpoints, see docs/vim.md), "digits" (grey levels) or
 "fashion" (8-bit grey images normalised with the Fashion-MNIST training statistics).
 """
 
