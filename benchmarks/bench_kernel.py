@@ -21,7 +21,8 @@ import sys
 
 import torch
 
-from mame_deploy.kernels import TORCH_DTYPES, relative_error, scan_inputs, selective_scan_cuda
+from mame_deploy.ops.fixtures import relative_error, scan_inputs
+from mame_deploy.ops.selective_scan.cuda import TORCH_DTYPES, selective_scan_cuda
 from mame_deploy.ops.selective_scan import selective_scan_ref
 from mame_deploy.plugins.launch import Tuning, tuning_for
 from mame_deploy.runners import capture_cuda_graph

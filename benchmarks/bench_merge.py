@@ -54,7 +54,8 @@ def attrs_for(method: str, r: int) -> MergeAttributes:
 def flip_rate(batches: int, batch: int, L: int, E: int, r: int, dtype: torch.dtype, method: str) -> dict:
     """Samples whose decisions (origin_out / cls_out) differ between kernel and reference, over
     ``batches`` fresh random batches of vim_s-like inputs."""
-    from mame_deploy.ops.token_merge.cuda import merge_inputs, token_merge_cuda
+    from mame_deploy.ops.fixtures import merge_inputs
+from mame_deploy.ops.token_merge.cuda import token_merge_cuda
 
     attrs = attrs_for(method, r)
     flips = 0
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
     record = dict(model=opts.model, device=where, date=str(datetime.date.today()), commit=commit, r=r, L=L, E=E,
                   iters=opts.iters, rows=[], tunings=[], flips=[])
     if gpu:
-        from mame_deploy.ops.token_merge.cuda import merge_inputs, token_merge_cuda
+        from mame_deploy.ops.fixtures import merge_inputs
+from mame_deploy.ops.token_merge.cuda import token_merge_cuda
         from mame_deploy.plugins import merge_launch
     tunings = []
     if opts.tunings is not None:

@@ -24,9 +24,9 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from rich.table import Table
 
-from mame_deploy.ops import selective_scan_ref
-from mame_deploy.ops.selective_scan import INPUT_NAMES
-from mame_deploy.onnx_functions import attach_functions
+from mame_deploy.ops.selective_scan import selective_scan_ref
+from mame_deploy.ops.selective_scan.contract import INPUT_NAMES
+from mame_deploy.ops.onnx_functions import attach_functions
 
 F = TensorProto.FLOAT
 

@@ -20,8 +20,10 @@ import onnx
 import torch
 
 from mame_deploy import decisions, manifest as manifests
+from mame_deploy import source as sources
 from mame_deploy.manifest import Source
-from mame_deploy.onnx_export import OUTPUT_NAME, export
+from mame_deploy.manifest import OUTPUT_NAME
+from mame_deploy.onnx_export import export
 from mame_deploy.runners import TorchRunner, onnxruntime_session
 from mame_deploy.validate import folder_images, has_bundled_data, random_images, run
 from polygraphy.backend.onnxrt import OnnxrtRunner
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
                 path = Path(folder) / f"{name}-{method}.onnx"
                 result = export(source, path, batch=None, force=True)
                 record = result.manifest
-                model = manifests.build_model(manifests.source_from_manifest(record), record["schedule"])
+                model = sources.build_model(manifests.source_from_manifest(record), record["schedule"])
                 layers = model.token_merge.layers
                 cfg = model.config
                 batches = (folder_images(None, name, cfg, opts.samples) if has_bundled_data(name)

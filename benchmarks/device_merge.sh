@@ -37,7 +37,8 @@ if want sanitizer; then
     cat > /tmp/one_step.py <<'PY'
 import torch
 from mame_deploy.ops.token_merge.contract import MergeAttributes
-from mame_deploy.ops.token_merge.cuda import merge_inputs, token_merge_cuda
+from mame_deploy.ops.fixtures import merge_inputs
+from mame_deploy.ops.token_merge.cuda import token_merge_cuda
 from mame_deploy.plugins import merge_launch
 for tuning in merge_launch.TUNINGS:
     for attrs in (MergeAttributes(6, lam=1.0), MergeAttributes(6, split=1, arrangement=1, weighting=1, metric=1)):

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mame_deploy.cli.common import add_parity_rows, progress_bar, stages
+from mame_deploy.cli.common import add_parity_rows, parse_size, progress_bar, stages
 
 console = Console()
 
@@ -38,7 +38,8 @@ def build_cmd(
     with stages(console) as stage:
         stage(f"building the TensorRT engine from {onnx_path}")
         path = build_engine(
-            onnx_path, output, precision, workspace, force, max_batch=max_batch, opt_batch=opt_batch, jit=jit
+            onnx_path, output, precision, parse_size(workspace), force, max_batch=max_batch, opt_batch=opt_batch,
+            jit=jit,
         )
     record = read_engine_manifest(path)["engine"]
     table = Table(title=str(path), show_header=False)

@@ -4,15 +4,54 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Callable, Iterator, Optional
+import re
+from typing import Callable, Iterator, Optional, Union
 
 from mame_deploy.errors import UserError
-from mame_deploy.schedule import MAX_RATIO
+from mame_deploy.finetuned import with_checkpoint_merge
+from mame_deploy.manifest import Source
+from mame_deploy.schedule import MAX_RATIO, check_ratio, resolve_schedule
+from mame_deploy.source import model_config, resolve_checkpoint
 
 # One wording, and the one bound (schedule.MAX_RATIO), for every command that merges.
 RATIO_HELP = f"Fraction of patch tokens removed by merging, in [0, {MAX_RATIO}]."
 SCHEDULE_HELP = "Explicit merges LAYER:COUNT,... instead of --ratio (the two exclude each other)."
 LAYERS_HELP = "Blocks after which --ratio merges, e.g. 2,5,8 (default: every block but the last)."
+
+
+_PARAMETER = re.compile(r"`([a-z][a-z0-9]*(?:_[a-z0-9]+)*)`")
+
+
+def with_flags(message: str) -> str:
+    """A library message with each parameter it names (`batch_sizes`) written as its flag
+    (--batch-sizes): the CLI's flags are the parameters' names with dashes."""
+    return _PARAMETER.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """--batch-sizes 1,8 -> [1, 8] (sorted, without repeats)."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes must be comma-separated integers such as 1,8; got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--batch-sizes needs positive integers such as 1,8; got {text!r}")
+    return sorted(set(sizes))
+
+
+def parse_size(text: Union[str, int, None]) -> Optional[int]:
+    """Bytes from '4G', '4GiB', '512M', '512MiB' or a plain number of MiB (text); an int is
+    already bytes (as recorded in a manifest); None stays None."""
+    if text is None or (isinstance(text, int) and text > 0):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise UserError(f"--workspace: cannot read the size {text!r}; write e.g. 4G, 512M or 2048 (MiB)")
+    number, unit = float(match.group(1)), (match.group(2) or "M").upper()
+    size = int(number * 1024 ** "KMGT".index(unit) * 1024)
+    if size <= 0:
+        raise UserError(f"--workspace: the size {text!r} must be positive")
+    return size
 
 
 def key_values(pairs: list[str], flag: str) -> dict:
@@ -119,3 +158,20 @@ def add_decision_rows(table, report: dict, tolerance: float) -> None:
     table.add_row("same-decision samples", f"{report['agreeing_samples']}: max rel error "
                                            f"{report['max_rel_err_agreeing']:.3e} (tolerance {tolerance:g}), top-1 "
                                            f"agreement {report['top1_agreement_agreeing']:.2%}")
+
+
+def source_from_flags(model, ratio, schedule, method, options, checkpoint, seed, overrides, layers=None):
+    """The Source the flags describe, checked as far as it can be without building the model."""
+    check_ratio(ratio)
+    options = merge_options(options)
+    layer_list = merge_layers(layers)
+    if layer_list is not None:
+        options["layers"] = layer_list
+    source = Source(
+        model=model, checkpoint=str(checkpoint) if checkpoint else None, seed=seed,
+        overrides=key_values(overrides, "--override"), method=method, ratio=ratio,
+        schedule_spec=schedule, options=options,
+    )
+    resolve_schedule(model_config(source), ratio, schedule, layer_list)  # bad layers/schedule: fail now
+    # Fine-tuned weights bring the merging they were trained with when the flags name none.
+    return with_checkpoint_merge(resolve_checkpoint(source))

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mame_deploy.cli.common import (LAYERS_HELP, RATIO_HELP, SCHEDULE_HELP, add_decision_rows, add_parity_rows,
-                                    compact_runs, key_values, merge_layers, merge_options, progress_bar, stages)
+                                    compact_runs, parse_batch_sizes, progress_bar, source_from_flags, stages)
 from mame_deploy.errors import UserError
 
 console = Console()
@@ -20,29 +20,6 @@ console = Console()
 _MERGE_HELP = "Merge method: mame (default), tome or prune."
 _OPTION_HELP = "Merge option KEY=VALUE passed to mame_deploy.patch (repeatable)."
 _OVERRIDE_HELP = "Change a model config field, KEY=VALUE (repeatable; e.g. depth=2 for a quick check)."
-
-
-def _source(model, ratio, schedule, method, options, checkpoint, seed, overrides, layers=None):
-    """The Source the flags describe, checked as far as it can be without building the model."""
-    from mame_deploy.manifest import Source, model_config
-    from mame_deploy.onnx_export import resolve_checkpoint
-    from mame_deploy.schedule import check_ratio, resolve_schedule
-
-    check_ratio(ratio)
-    options = merge_options(options)
-    layer_list = merge_layers(layers)
-    if layer_list is not None:
-        options["layers"] = layer_list
-    source = Source(
-        model=model, checkpoint=str(checkpoint) if checkpoint else None, seed=seed,
-        overrides=key_values(overrides, "--override"), method=method, ratio=ratio,
-        schedule_spec=schedule, options=options,
-    )
-    resolve_schedule(model_config(source), ratio, schedule, layer_list)  # bad layers/schedule: fail now
-    # Fine-tuned weights bring the merging they were trained with when the flags name none.
-    from mame_deploy.finetuned import with_checkpoint_merge
-
-    return with_checkpoint_merge(resolve_checkpoint(source))
 
 
 def _size(n: int) -> str:
@@ -100,16 +77,17 @@ def export_cmd(
 ):
     """Export a (merged) model to ONNX with every selective scan as one custom node, plus its manifest."""
     from mame_deploy import artifacts, onnx_export
+    from mame_deploy.engine import build_engine
 
     if batch is not None and dynamic_batch:
         raise UserError("--batch and --dynamic-batch exclude each other; pass one")
     batch = None if dynamic_batch else (batch if batch is not None else 1)
     onnx_export.check_options(batch, opset, scan)
-    want_engine = onnx_export.check_engine_request(engine, scan)
+    want_engine = _engine_requested(engine, scan)
     target, manifest = onnx_export.output_paths(model, output)
     # Every output is checked (exists? folder writable?) before anything is hashed or built.
     artifacts.check_writable([target, manifest] + ([target.with_suffix(".plan")] if want_engine else []), force)
-    source = _source(model, ratio, schedule, method, option, checkpoint, seed, override, layers)
+    source = source_from_flags(model, ratio, schedule, method, option, checkpoint, seed, override, layers)
     tuned_record = None
     if tuned is not None:
         from mame_deploy.tune import apply_tuned
@@ -127,7 +105,7 @@ def export_cmd(
     if want_engine:
         with stages(console) as stage:
             stage(f"building the TensorRT engine from {result.onnx_path}")
-            plan = onnx_export.build_engine_for(result, force=force)
+            plan = build_engine(result.onnx_path, force=force)
         console.print(f"wrote {escape(str(plan))}")
     elif engine is False:
         console.print("wrote ONNX only (--no-engine)", soft_wrap=True)
@@ -138,6 +116,24 @@ def export_cmd(
         console.print(escape(f"TensorRT is not installed: wrote ONNX only (pip install 'mame-deploy[trt]', then "
                              f"`mame-deploy build {result.onnx_path}`)"), soft_wrap=True)
     serve_cli.write_triton_repo(triton_repo, result.onnx_path, force)
+
+
+def _engine_requested(engine: Optional[bool], scan: str) -> bool:
+    """Whether to build an engine after the export: ``engine`` is True (--engine: required),
+    False (--no-engine) or None (when TensorRT is installed). Fails before any export work."""
+    from mame_deploy.plugins.trt_aot import require_tensorrt, tensorrt_available
+
+    if engine is False:
+        return False
+    if scan != "plugin":
+        if engine:
+            raise UserError("engines are built from --scan plugin exports (the plugin runs the scan nodes); "
+                            "drop --scan inline or pass --no-engine")
+        return False
+    if engine:
+        require_tensorrt("--engine")
+        return True
+    return tensorrt_available()
 
 
 def _print_export_summary(result) -> None:
@@ -251,14 +247,14 @@ def bench_cmd(
     if not onnx and not engine and torch_model is None:
         raise UserError("nothing to time: pass --onnx PATH.onnx, --engine PATH.plan and/or --torch MODEL")
     if engine:
-        from mame_deploy.engine import require_tensorrt
+        from mame_deploy.plugins.trt_aot import require_tensorrt
 
         require_tensorrt("--engine")
         device = "cuda"  # engines, and the PyTorch they are compared with, run on the GPU
     check_device(device)
     if cuda_graph and (torch_model is None or device != "cuda"):
         raise UserError("--cuda-graph times PyTorch as a CUDA graph: pass it with --torch MODEL --device cuda")
-    sizes = bench.parse_batch_sizes(batch_sizes)
+    sizes = parse_batch_sizes(batch_sizes)
     if json_path is not None:
         from mame_deploy import artifacts
 
@@ -276,7 +272,7 @@ def bench_cmd(
             targets += engine_targets(path, scratch, baseline, compare_torch,
                                       status=lambda message: console.print(escape(message) + " ..."))
         if torch_model is not None:
-            source = _source(torch_model, ratio, schedule, method, option, checkpoint, seed, override, layers)
+            source = source_from_flags(torch_model, ratio, schedule, method, option, checkpoint, seed, override, layers)
             targets += bench.torch_targets(source, device, threads, baseline, cuda_graph=cuda_graph)
         targets = bench.unique(targets)
 

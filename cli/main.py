@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import mame_deploy
+from mame_deploy.cli.common import with_flags
 from mame_deploy.errors import UserError
 
 app = typer.Typer(
@@ -144,7 +145,8 @@ def _run(argv: Optional[list[str]]) -> int:
         if isinstance(code, int):
             return code
     except UserError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(with_flags(str(exc)))}", highlight=False,
+                                   soft_wrap=True)
         return 2
     except typer.Exit as exc:
         return exc.exit_code

@@ -95,9 +95,9 @@ def serve_cmd(
     serve.require_pytriton()
 
     def source_of(model_name: str):
-        from mame_deploy.cli.export import _source
+        from mame_deploy.cli.common import source_from_flags
 
-        return _source(model_name, ratio, schedule, method, option, checkpoint, seed, override)
+        return source_from_flags(model_name, ratio, schedule, method, option, checkpoint, seed, override)
 
     with bench.temporary_folder() as scratch:
         with console.status("loading models ..."):

@@ -70,7 +70,7 @@ def tune_cmd(
     from mame_deploy.evaluate import parse_methods
     from mame_deploy.manifest import Source
     from mame_deploy.models import model_config
-    from mame_deploy.onnx_export import resolve_checkpoint
+    from mame_deploy.source import resolve_checkpoint
 
     budget = tune.Budget(max_drop, latency_ms, min_speedup)
     device = device or ("cuda" if runtime in tune.GPU_RUNTIMES else "cpu")

@@ -1,4 +1,4 @@
-"""Writing artifacts safely.
+"""Writing artifacts safely, and reading them: hashes, sizes, ONNX files.
 
 Every file is first written in full to a temporary name beside its target; only then are the
 targets published, all of a group (``NAME.onnx`` + ``NAME.json``) after all of its temporaries
@@ -19,12 +19,15 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
+import onnx
+from google.protobuf.message import DecodeError
+
 from mame_deploy.errors import UserError
-from mame_deploy.models.checkpoint import file_sha256
 
 PathLike = Union[str, Path]
 
-__all__ = ["check_writable", "file_sha256", "sha256_bytes", "write_bytes", "write_files", "write_json"]
+__all__ = ["check_writable", "file_sha256", "format_bytes", "load_onnx_file", "sha256_bytes", "write_bytes", "write_files",
+           "write_json"]
 
 # Filesystems without hard links (FAT, some network mounts) answer os.link with one of these.
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EMLINK}
@@ -32,7 +35,7 @@ _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EN
 
 def _exists_message(paths: Sequence[str]) -> str:
     return (f"{', '.join(paths)} already exist{'s' if len(paths) == 1 else ''}; "
-            "pass --force to overwrite, or choose another --output")
+            "pass `force` to overwrite, or choose another `output`")
 
 
 def _nearest_folder(path: Path) -> Path:
@@ -137,8 +140,6 @@ def _check_space(files: Sequence[tuple[Path, bytes]]) -> None:
             continue
         free = stat.f_bavail * stat.f_frsize
         if size > free:
-            from mame_deploy.memory import format_bytes
-
             raise UserError(f"not enough disk space in {folder}: the output needs {format_bytes(size)}, "
                             f"{format_bytes(free)} is free; free some space or choose another folder")
 
@@ -203,3 +204,44 @@ def write_json(path: PathLike, obj, force: bool = True) -> Path:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def format_bytes(n: float) -> str:
+    """A size in decimal units, e.g. 60.2 GB."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+
+def load_onnx_file(path: Union[str, Path]) -> onnx.ModelProto:
+    """The model in ``path``, or a UserError saying why the file is not a usable ONNX model."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; export a model first with `mame-deploy export`")
+    if not path.is_file():
+        raise UserError(f"{path} is not a file; pass the .onnx file written by `mame-deploy export`")
+    try:
+        model = onnx.load(str(path))
+    except (OSError, DecodeError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a readable ONNX model ({reason})") from None
+    # Many non-ONNX files decode as an empty protobuf message: require an actual graph.
+    if not model.graph.node or not model.opset_import:
+        raise UserError(f"{path} is not an ONNX model (no graph inside); pass a file written by `mame-deploy export`")
+    return model

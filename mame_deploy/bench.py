@@ -20,11 +20,13 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from mame_deploy import artifacts, manifest as manifests, memory
+from mame_deploy import source as sources
 from mame_deploy.errors import UserError
 from mame_deploy.flops import relative_gflops
 from mame_deploy.manifest import Source
-from mame_deploy.onnx_export import INPUT_NAME
-from mame_deploy.runners import TorchGraphRunner, TorchRunner, check_threads, load_onnx_file, onnxruntime_runner
+from mame_deploy.manifest import INPUT_NAME
+from mame_deploy.artifacts import load_onnx_file
+from mame_deploy.runners import TorchGraphRunner, TorchRunner, check_threads, onnxruntime_runner
 
 DEFAULT_BATCH_SIZES = (1, 8)
 DEFAULT_WARMUP = 3
@@ -53,16 +55,6 @@ class Target:
         return [self.fixed_batch] if self.fixed_batch is not None else list(requested)
 
 
-def parse_batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"--batch-sizes must be comma-separated integers such as 1,8; got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise UserError(f"--batch-sizes needs positive integers such as 1,8; got {text!r}")
-    return sorted(set(sizes))
-
-
 # ---------------------------------------------------------------------------------------------
 # Targets
 
@@ -82,10 +74,10 @@ def torch_target(source: Source, device: str, threads: Optional[int],
     ``cuda_graph``: replay a captured CUDA graph (``device`` must be cuda), the fair comparison
     with an engine at small batch, where eager PyTorch is bound by kernel launches."""
     if cuda_graph and device != "cuda":
-        raise UserError("CUDA graphs need --device cuda")
+        raise UserError("CUDA graphs need `device` cuda")
     check_threads(threads)
-    model = manifests.build_model(source, expected_schedule)
-    tokens = manifests.tokens_per_layer(model)
+    model = sources.build_model(source, expected_schedule)
+    tokens = sources.tokens_per_layer(model)
     cfg = model.config
     return Target(
         label=source.model + _merge_label(source),
@@ -101,7 +93,7 @@ def onnx_target(path: Union[str, Path], device: str, threads: Optional[int]) -> 
     path = Path(path)
     check_threads(threads)
     proto = load_onnx_file(path)
-    record = manifests.read_manifest(path, artifacts.file_sha256(path))
+    record = sources.read_manifest(path, artifacts.file_sha256(path))
     manifests.check_onnx_input(proto, record, path)
     source = manifests.source_from_manifest(record)
     channels, height, width = record["input_shape"][1:]
@@ -111,7 +103,7 @@ def onnx_target(path: Union[str, Path], device: str, threads: Optional[int]) -> 
         tokens_per_layer=record["tokens_per_layer"], relative_gflops=float(record["relative_gflops"]),
         fixed_batch=record["batch"], input_shape=(channels, height, width),
         make_runner=lambda: onnxruntime_runner(path, device, threads),
-        config=manifests.model_config(source), device=device, threads=threads,
+        config=sources.model_config(source), device=device, threads=threads,
     )
 
 
@@ -136,7 +128,7 @@ def onnx_targets(paths: Sequence[Union[str, Path]], device: str, threads: Option
     ``paths`` if it is that, else exported into ``scratch``); with ``compare_torch`` the PyTorch
     source(s) the manifests describe. With ``batch_sizes`` each file's memory need is checked
     before any baseline is exported."""
-    records = {Path(p): manifests.read_manifest(p) for p in paths}
+    records = {Path(p): sources.read_manifest(p) for p in paths}
     unmerged_files = {_baseline_key(r): p for p, r in records.items()
                       if not is_merged(manifests.source_from_manifest(r))}
     targets = []
@@ -190,7 +182,7 @@ def export_unmerged_baseline(onnx_path: Union[str, Path], folder: Union[str, Pat
     """Export the unmerged counterpart of ``onnx_path`` (same model, weights, batch, opset, scan)."""
     from mame_deploy.onnx_export import export
 
-    record = manifests.read_manifest(onnx_path)
+    record = sources.read_manifest(onnx_path)
     source = unmerged(manifests.source_from_manifest(record))
     output = Path(folder) / f"{Path(onnx_path).stem}-unmerged.onnx"
     return export(source, output, batch=record["batch"], opset=record["opset"], scan=record["scan"]).onnx_path
@@ -234,7 +226,7 @@ def bench(
 ) -> list[dict]:
     """Time every target at every batch size it accepts; one row per (target, batch)."""
     if warmup < 0 or iters < 1:
-        raise UserError(f"need --warmup >= 0 and --iters >= 1, got {warmup} and {iters}")
+        raise UserError(f"need `warmup` >= 0 and `iters` >= 1, got {warmup} and {iters}")
     targets = list(targets)
     check_memory(targets, batch_sizes)
     rows = []
@@ -264,9 +256,9 @@ def check_memory(targets: Iterable[Target], batch_sizes: Sequence[int]) -> None:
             continue
         for batch in target.batch_sizes(batch_sizes):
             if target.fixed_batch is None:
-                memory.check_forward(target.config, batch, target.device, "--batch-sizes", target.model)
+                memory.check_forward(target.config, batch, target.device, "`batch_sizes`", target.model)
             else:
-                memory.check_forward(target.config, batch, target.device, "--batch", target.model,
+                memory.check_forward(target.config, batch, target.device, "`batch`", target.model,
                                      advice=f"{target.label} was exported for batch {batch}: re-export it "
                                             "with a smaller --batch or --dynamic-batch")
 

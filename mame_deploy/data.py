@@ -154,20 +154,20 @@ def image_folder(root: str | Path, num_classes: int, kind: str, size: int) -> Fo
     other names (ImageNet synsets) are sorted and must be exactly ``num_classes`` folders."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"--data {root} is not a directory; pass an ImageFolder root (ROOT/CLASS/IMAGE)")
+        raise UserError(f"`data` {root} is not a directory; pass an ImageFolder root (ROOT/CLASS/IMAGE)")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
-        raise UserError(f"--data {root} has no class folders; expected ROOT/CLASS/IMAGE files")
+        raise UserError(f"`data` {root} has no class folders; expected ROOT/CLASS/IMAGE files")
     names = [p.name for p in class_dirs]
     if all(name.isdigit() for name in names):
         labels = [int(name) for name in names]
     elif len(names) == num_classes:
         labels = list(range(num_classes))
     else:
-        raise UserError(f"--data {root} has {len(names)} class folders but the model has {num_classes} classes; "
+        raise UserError(f"`data` {root} has {len(names)} class folders but the model has {num_classes} classes; "
                         f"give all {num_classes} (sorted names map to labels) or name folders by label index")
     if max(labels) >= num_classes:
-        raise UserError(f"--data {root} has a class folder {max(labels)} but the model has {num_classes} classes "
+        raise UserError(f"`data` {root} has a class folder {max(labels)} but the model has {num_classes} classes "
                         f"(labels 0..{num_classes - 1})")
     samples = [
         (path, label)
@@ -176,7 +176,7 @@ def image_folder(root: str | Path, num_classes: int, kind: str, size: int) -> Fo
         if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
     ]
     if not samples:
-        raise UserError(f"--data {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+        raise UserError(f"`data` {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
     return FolderImages(samples, names, kind, size, name=str(root))
 
 
@@ -316,12 +316,12 @@ def dataset_for(model_name: str, config, data: Optional[str | Path] = None,
     kind = preprocess_kind(model_name)
     if data is not None:
         if subset is not None:
-            raise UserError("--subset picks a part of the model's bundled data; it does not apply with --data")
+            raise UserError("`subset` picks a part of the model's bundled data; it does not apply with `data`")
         return image_folder(data, config.num_classes, kind, config.img_size)
     if kind == "digits":
         return digits_dataset(subset or "test", config.img_size)
     if kind == "fashion":
         return fashion_dataset(subset or "test", config.img_size)
-    raise UserError(f"{model_name} has no bundled data; pass --data DIR (an ImageFolder, e.g. ImageNet val "
+    raise UserError(f"{model_name} has no bundled data; pass `data` DIR (an ImageFolder, e.g. ImageNet val "
                     "with one folder per class)")
 

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from mame_deploy.onnx_functions import custom_nodes
+from mame_deploy.ops.onnx_functions import custom_nodes
 from mame_deploy.ops.token_merge.contract import ONNX_OP_TYPE, OUTPUT_NAMES
 
 TRACE_PREFIX = "merge_decision_after_block_"

@@ -32,11 +32,13 @@ import onnx
 
 from mame_deploy import artifacts
 from mame_deploy import manifest as manifests
+from mame_deploy import source as sources
 from mame_deploy.errors import UserError
-from mame_deploy.ops.selective_scan import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE
+from mame_deploy.ops.selective_scan import contract as scan_contract
 from mame_deploy.ops.token_merge import contract as merge_contract
+from mame_deploy.plugins import merge_launch
+from mame_deploy.plugins.trt_aot import require_tensorrt
 
-TRT_INSTALL_HINT = "install it with pip install 'mame-deploy[trt]' on a machine with an NVIDIA GPU"
 # Precision names of the CLI -> the float type of the scan's activations.
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _ONNX_FLOATS = {
@@ -44,23 +46,13 @@ _ONNX_FLOATS = {
     onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.BFLOAT16: "bfloat16",
 }
-SCAN_ATTRIBUTES = ("delta_softplus", "reverse")
 # Attributes the preparation adds for TensorRT's ONNX parser (not the plugin's own fields).
 PARSER_ATTRIBUTES = ("plugin_namespace", "plugin_version", "aot")
-PLUGIN_VERSION = "1"
-_FLOAT32_INPUTS = ("A", "D", "delta_bias")
+# The operators that become plugin layers, by (domain, op_type): their contracts.
+PLUGIN_CONTRACTS = {(c.ONNX_DOMAIN, c.ONNX_OP_TYPE): c for c in (scan_contract, merge_contract)}
 DEFAULT_MAX_BATCH = 64
 
 Dim = Union[int, str, None]  # static size, symbolic name, or unknown
-
-
-def require_tensorrt(feature: str = "this command"):
-    """``import tensorrt``, or a UserError naming the ``trt`` extra."""
-    try:
-        import tensorrt
-    except (ImportError, OSError):  # OSError: Python bindings present without libnvinfer
-        raise UserError(f"TensorRT is needed for {feature}; {TRT_INSTALL_HINT}") from None
-    return tensorrt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,10 +71,6 @@ class ScanNode:
     dim: Dim
     length: Dim
     dstate: Dim
-
-
-def is_scan_node(node: onnx.NodeProto) -> bool:
-    return node.domain == ONNX_DOMAIN and node.op_type == ONNX_OP_TYPE
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, tuple[Optional[str], Optional[tuple[Dim, ...]]]]:
@@ -116,11 +104,11 @@ def _node_label(node: onnx.NodeProto, index: int) -> str:
 
 def _check_attributes(node: onnx.NodeProto, label: str) -> dict[str, bool]:
     attrs = {a.name: a for a in node.attribute}
-    unknown = sorted(set(attrs) - set(SCAN_ATTRIBUTES) - set(PARSER_ATTRIBUTES))
+    unknown = sorted(set(attrs) - set(scan_contract.ATTRIBUTES) - set(PARSER_ATTRIBUTES))
     if unknown:
         raise UserError(f"{label} has attributes the plugin does not know: {unknown}; re-export the model")
     values = {}
-    for name in SCAN_ATTRIBUTES:
+    for name in scan_contract.ATTRIBUTES:
         attr = attrs.get(name)
         if attr is None:
             raise UserError(f"{label} lacks the attribute {name!r}; re-export the model with mame-deploy export")
@@ -136,31 +124,17 @@ def _same(a: Dim, b: Dim) -> bool:
 
 def _check_shapes(label: str, shapes: dict[str, Optional[tuple[Dim, ...]]]) -> tuple[Dim, Dim, Dim, Dim]:
     """(batch, dim, length, dstate) from the input shapes, checked against the scan's layout."""
-    ranks = {"u": 3, "delta": 3, "z": 3, "B": 3, "C": 3, "A": 2, "D": 1, "delta_bias": 1}
-    for name, rank in ranks.items():
+    for name, rank in scan_contract.RANKS.items():
         shape = shapes[name]
         if shape is not None and len(shape) != rank:
             raise UserError(f"{label}: input {name} has rank {len(shape)}, the plugin expects {rank}")
-    u = shapes["u"] or (None, None, None)
-    A = shapes["A"] or (None, None)
-    batch, dim, length = u
-    dstate = A[1]
-    expected = {
-        "delta": (batch, dim, length),
-        "z": (batch, dim, length),
-        "B": (batch, dstate, length),
-        "C": (batch, dstate, length),
-        "A": (dim, dstate),
-        "D": (dim,),
-        "delta_bias": (dim,),
-    }
-    for name, want in expected.items():
+    batch, dim, length = shapes["u"] or (None, None, None)
+    dstate = (shapes["A"] or (None, None))[1]
+    for name, want in scan_contract.input_shapes(batch, dim, length, dstate).items():
         got = shapes[name]
         if got is not None and not all(_same(g, w) for g, w in zip(got, want)):
-            raise UserError(
-                f"{label}: input {name} has shape {list(got)}, expected {list(want)} "
-                "(u, delta, z: batch x dim x length; A: dim x dstate; B, C: batch x dstate x length)"
-            )
+            raise UserError(f"{label}: input {name} has shape {list(got)}, expected {list(want)} "
+                            f"({scan_contract.LAYOUT})")
     for what, value in (("dim", dim), ("length", length), ("dstate", dstate)):
         if isinstance(value, str):
             raise UserError(f"{label}: {what} is symbolic ({value!r}); only the batch axis may be dynamic")
@@ -168,13 +142,11 @@ def _check_shapes(label: str, shapes: dict[str, Optional[tuple[Dim, ...]]]) -> t
 
 
 def _check_types(label: str, types: dict[str, Optional[str]]) -> Optional[str]:
-    from mame_deploy.plugins.trt_plugin import KERNEL_DTYPES
-
     dtype = types["u"]
-    if dtype is not None and dtype not in KERNEL_DTYPES:
-        raise UserError(f"{label}: u is {dtype}; the kernel supports {', '.join(KERNEL_DTYPES)}")
-    for name in INPUT_NAMES:
-        want = "float32" if name in _FLOAT32_INPUTS else dtype
+    if dtype is not None and dtype not in scan_contract.DTYPES:
+        raise UserError(f"{label}: u is {dtype}; the kernel supports {', '.join(scan_contract.DTYPES)}")
+    for name in scan_contract.INPUT_NAMES:
+        want = "float32" if name in scan_contract.FLOAT32_INPUTS else dtype
         if types[name] is not None and want is not None and types[name] != want:
             raise UserError(f"{label}: input {name} is {types[name]}, the plugin expects {want}")
     return dtype
@@ -186,26 +158,26 @@ def scan_nodes(model: onnx.ModelProto) -> list[ScanNode]:
     Raises UserError naming the node on the first mismatch, and when there is no such node.
     """
     imports = {op.domain: op.version for op in model.opset_import}
-    nodes = [n for n in model.graph.node if is_scan_node(n)]
+    nodes = [n for n in model.graph.node if scan_contract.is_node(n)]
     if not nodes:
         raise UserError(
-            f"the model has no {ONNX_DOMAIN}::{ONNX_OP_TYPE} node for the TensorRT plugin "
-            "(was it exported with --scan inline?); export it with --scan plugin"
+            f"the model has no {scan_contract.PLUGIN_ID} node for the TensorRT plugin "
+            "(was it exported with `scan` inline?); export it with `scan` plugin"
         )
-    if imports.get(ONNX_DOMAIN) != 1:
-        raise UserError(f"the model does not import the {ONNX_DOMAIN!r} domain at version 1; re-export it")
+    if imports.get(scan_contract.ONNX_DOMAIN) != scan_contract.FUNCTION_VERSION:
+        raise UserError(f"the model does not import the {scan_contract.ONNX_DOMAIN!r} domain at version "
+                        f"{scan_contract.FUNCTION_VERSION}; re-export it")
     values = _value_types(model)
     found = []
     for index, node in enumerate(nodes):
         label = _node_label(node, index)
-        if len(node.input) != len(INPUT_NAMES) or not all(node.input):
-            raise UserError(
-                f"{label} has inputs {list(node.input)}; the plugin takes all of {', '.join(INPUT_NAMES)}"
-            )
+        names = scan_contract.INPUT_NAMES
+        if len(node.input) != len(names) or not all(node.input):
+            raise UserError(f"{label} has inputs {list(node.input)}; the plugin takes all of {', '.join(names)}")
         if len(node.output) != 1 or not node.output[0]:
             raise UserError(f"{label} must have exactly one output")
         attrs = _check_attributes(node, label)
-        named = dict(zip(INPUT_NAMES, node.input))
+        named = dict(zip(names, node.input))
         dtype = _check_types(label, {k: values.get(v, (None, None))[0] for k, v in named.items()})
         dims = _check_shapes(label, {k: values.get(v, (None, None))[1] for k, v in named.items()})
         found.append(ScanNode(node.name, attrs["delta_softplus"], attrs["reverse"], dtype, *dims))
@@ -232,10 +204,6 @@ class MergeNode:
     dim: Dim
 
 
-def is_merge_node(node: onnx.NodeProto) -> bool:
-    return node.domain == merge_contract.ONNX_DOMAIN and node.op_type == merge_contract.ONNX_OP_TYPE
-
-
 def _merge_attributes(node: onnx.NodeProto, label: str) -> merge_contract.MergeAttributes:
     attrs = {a.name: a for a in node.attribute}
     unknown = sorted(set(attrs) - set(merge_contract.ATTRIBUTES) - set(PARSER_ATTRIBUTES))
@@ -258,34 +226,27 @@ def _merge_attributes(node: onnx.NodeProto, label: str) -> merge_contract.MergeA
 
 
 def _check_merge_node(label: str, attrs, types: dict, shapes: dict) -> tuple:
-    from mame_deploy.plugins.trt_token_merge import KERNEL_DTYPES
-
     hidden, residual = types["hidden"], types["residual"]
-    if hidden is not None and hidden not in KERNEL_DTYPES:
-        raise UserError(f"{label}: hidden is {hidden}; the kernel supports {', '.join(KERNEL_DTYPES)}")
+    if hidden is not None and hidden not in merge_contract.DTYPES:
+        raise UserError(f"{label}: hidden is {hidden}; the kernel supports {', '.join(merge_contract.DTYPES)}")
     if residual is not None and hidden is not None and residual not in ("float32", hidden):
         raise UserError(f"{label}: residual is {residual}; the plugin takes float32 or hidden's type ({hidden})")
     for name, want in merge_contract.FIXED_TYPES.items():
         if types[name] is not None and types[name] != want:
             raise UserError(f"{label}: input {name} is {types[name]}, the plugin expects {want}")
-    ranks = {"hidden": 3, "residual": 3, "score": 2, "size": 2, "origin": 2, "cls": 1}
-    for name, rank in ranks.items():
+    for name, rank in merge_contract.RANKS.items():
         if shapes[name] is not None and len(shapes[name]) != rank:
             raise UserError(f"{label}: input {name} has rank {len(shapes[name])}, the plugin expects {rank}")
     batch, length, dim = shapes["hidden"] or (None, None, None)
-    expected = {"residual": (batch, length, dim), "score": (batch, length), "size": (batch, length),
-                "origin": (batch, length), "cls": (batch,)}
-    for name, want in expected.items():
+    for name, want in merge_contract.input_shapes(batch, length, dim).items():
         got = shapes[name]
         if got is not None and not all(_same(g, w) for g, w in zip(got, want)):
             raise UserError(f"{label}: input {name} has shape {list(got)}, expected {list(want)} "
-                            "(hidden, residual: batch x length x dim; score, size, origin: batch x length; cls: batch)")
+                            f"({merge_contract.LAYOUT})")
     for what, value in (("length", length), ("dim", dim)):
         if isinstance(value, str):
             raise UserError(f"{label}: {what} is symbolic ({value!r}); only the batch axis may be dynamic")
     if isinstance(length, int) and isinstance(dim, int):
-        from mame_deploy.plugins import merge_launch
-
         try:
             merge_contract.check_length(length, attrs.r)
             merge_launch.check_shape(length, dim, attrs.r)
@@ -297,7 +258,7 @@ def _check_merge_node(label: str, attrs, types: dict, shapes: dict) -> tuple:
 def merge_nodes(model: onnx.ModelProto) -> list[MergeNode]:
     """Check every ``mame::TokenMerge`` node of the main graph against the plugin's contract
     (an unmerged model has none). Raises UserError naming the node on the first mismatch."""
-    nodes = [n for n in model.graph.node if is_merge_node(n)]
+    nodes = [n for n in model.graph.node if merge_contract.is_node(n)]
     if not nodes:
         return []
     imports = {op.domain: op.version for op in model.opset_import}
@@ -340,36 +301,20 @@ def prepare_onnx(model: onnx.ModelProto, jit: bool = False) -> onnx.ModelProto:
     merge_nodes(model)
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
-    plugin_ops = {(ONNX_DOMAIN, ONNX_OP_TYPE), (merge_contract.ONNX_DOMAIN, merge_contract.ONNX_OP_TYPE)}
-    kept = [f for f in prepared.functions if (f.domain, f.name) not in plugin_ops]
+    kept = [f for f in prepared.functions if (f.domain, f.name) not in PLUGIN_CONTRACTS]
     del prepared.functions[:]
     prepared.functions.extend(kept)
     for node in prepared.graph.node:
-        if is_scan_node(node) or is_merge_node(node):
-            version = PLUGIN_VERSION if is_scan_node(node) else merge_contract.PLUGIN_VERSION
+        contract = PLUGIN_CONTRACTS.get((node.domain, node.op_type))
+        if contract is not None:
             _set_attribute(node, "plugin_namespace", node.domain)
-            _set_attribute(node, "plugin_version", version)
+            _set_attribute(node, "plugin_version", contract.PLUGIN_VERSION)
             _set_attribute(node, "aot", 0 if jit else 1)
     return prepared
 
 
 # ---------------------------------------------------------------------------------------------
 # Build settings
-
-
-def parse_size(text: Union[str, int, None]) -> Optional[int]:
-    """Bytes from '4G', '4GiB', '512M', '512MiB' or a plain number of MiB (text); an int is
-    already bytes (as recorded in a manifest); None stays None."""
-    if text is None or (isinstance(text, int) and text > 0):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise UserError(f"cannot read the size {text!r}; write e.g. 4G, 512M or 2048 (MiB)")
-    number, unit = float(match.group(1)), (match.group(2) or "M").upper()
-    size = int(number * 1024 ** "KMGT".index(unit) * 1024)
-    if size <= 0:
-        raise UserError(f"the size {text!r} must be positive")
-    return size
 
 
 @dataclass(frozen=True)
@@ -418,8 +363,8 @@ def batch_profile(
     if not dynamic:
         if max_batch is not None or opt_batch is not None:
             raise UserError(
-                "--max-batch/--opt-batch apply to models exported with --dynamic-batch; "
-                "this file has a static batch (re-export with --batch N to change it)"
+                "`max_batch`/`opt_batch` apply to models exported with `dynamic_batch`; "
+                "this file has a static batch (re-export with `batch` N to change it)"
             )
         if len(static_batches) != 1:
             raise UserError(f"the inputs disagree on the batch size ({sorted(static_batches)}); re-export the model")
@@ -428,7 +373,7 @@ def batch_profile(
     maximum = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     optimum = maximum if opt_batch is None else opt_batch
     if not 1 <= optimum <= maximum:
-        raise UserError(f"need 1 <= --opt-batch ({optimum}) <= --max-batch ({maximum})")
+        raise UserError(f"need 1 <= `opt_batch` ({optimum}) <= `max_batch` ({maximum})")
     return BatchProfile(1, optimum, maximum)
 
 
@@ -453,14 +398,12 @@ def resolve_precision(requested: Optional[str], file_dtype: str) -> tuple[str, b
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
-    from mame_deploy.runners import load_onnx_file  # late: runners pulls in polygraphy
-
-    return load_onnx_file(path)
+    return artifacts.load_onnx_file(path)
 
 
 def read_source_manifest(onnx_path: Path) -> dict:
     """The export's manifest, checked to describe this very ONNX file."""
-    return manifests.read_manifest(onnx_path, artifacts.file_sha256(onnx_path))
+    return sources.read_manifest(onnx_path, artifacts.file_sha256(onnx_path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +431,7 @@ def plan_build(
     onnx_path: Union[str, Path],
     output: Union[str, Path, None] = None,
     precision: Optional[str] = None,
-    workspace: Union[str, int, None] = None,
+    workspace: Optional[int] = None,
     force: bool = False,
     max_batch: Optional[int] = None,
     opt_batch: Optional[int] = None,
@@ -505,7 +448,8 @@ def plan_build(
         raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     # The ONNX file's own manifest is updated in place; another stem gets a new manifest.
     artifacts.check_writable([output] + ([manifest_out] if manifest_out != manifest_in else []), force)
-    size = parse_size(workspace)
+    if workspace is not None and (not isinstance(workspace, int) or workspace <= 0):
+        raise UserError(f"`workspace` must be a positive number of bytes, got {workspace!r}")
     model = load_onnx(onnx_path) if model is None else model
     read_source_manifest(onnx_path)
     nodes = tuple(scan_nodes(model))
@@ -514,12 +458,12 @@ def plan_build(
     precision, strongly_typed = resolve_precision(precision, file_dtype)
     if jit and "bfloat16" in (file_dtype, PRECISIONS[precision]):
         raise UserError(
-            "build --jit cannot run bf16: TensorRT hands Python plugins their buffers through "
-            "__cuda_array_interface__, which has no bfloat16; build bf16 engines without --jit"
+            "build `jit` cannot run bf16: TensorRT hands Python plugins their buffers through "
+            "__cuda_array_interface__, which has no bfloat16; build bf16 engines without `jit`"
         )
     batch = batch_profile(model, max_batch, opt_batch)
     return BuildPlan(
-        onnx_path, output, manifest_in, manifest_out, precision, strongly_typed, size, batch, nodes, jit, merges
+        onnx_path, output, manifest_in, manifest_out, precision, strongly_typed, workspace, batch, nodes, jit, merges
     )
 
 
@@ -569,7 +513,7 @@ def engine_record(plan: BuildPlan, engine: bytes, trt_version: str, gpu: dict) -
         "workspace_bytes": plan.workspace,
         "batch": plan.batch.as_json(),
         "plugin": {
-            "id": f"{ONNX_DOMAIN}::{ONNX_OP_TYPE}",
+            "id": scan_contract.PLUGIN_ID,
             "implementation": "jit" if plan.jit else "aot",
             "nodes": len(plan.nodes),
         },
@@ -619,8 +563,8 @@ def check_plugin_layers(trt, network, expected: int) -> None:
     found = sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
     if found != expected:
         raise UserError(
-            f"TensorRT's parser made {found} plugin layers for {expected} {ONNX_DOMAIN}::{ONNX_OP_TYPE} nodes; "
-            "the plugin was not bound to every scan"
+            f"TensorRT's parser made {found} plugin layers for {expected} {scan_contract.PLUGIN_ID} and "
+            f"{merge_contract.PLUGIN_ID} nodes; a plugin was not bound to every such node"
         )
 
 
@@ -661,7 +605,7 @@ def read_engine_manifest(plan: Union[str, Path]) -> dict:
     plan = Path(plan)
     if not plan.is_file():
         raise UserError(f"{plan} does not exist; build an engine with mame-deploy build")
-    data = manifests.read_manifest(plan)
+    data = sources.read_manifest(plan)
     record = data.get("engine")
     if not isinstance(record, dict) or "sha256" not in record:
         raise UserError(f"manifest {manifests.manifest_path(plan)} records no engine; build one with mame-deploy build")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from mame_deploy import manifest as manifests
+from mame_deploy import source as sources
 from mame_deploy.engine import read_engine_manifest
 from mame_deploy.errors import UserError
 
@@ -29,14 +30,14 @@ def engine_batch(record: dict, requested: Optional[int], samples: int) -> int:
     batch = record["batch"]
     if isinstance(batch, int):
         if requested is not None and requested != batch:
-            raise UserError(f"the engine was built for batch {batch}, not {requested}; drop --batch or "
-                            "build from a --dynamic-batch export")
+            raise UserError(f"the engine was built for batch {batch}, not {requested}; drop `batch` or "
+                            "build from a `dynamic_batch` export")
         return batch
     low, opt, high = batch["min"], batch["opt"], batch["max"]
     if requested is None:
         return max(low, min(samples, opt))
     if not low <= requested <= high:
-        raise UserError(f"--batch {requested} is outside the engine's profile ({low}..{high})")
+        raise UserError(f"`batch` {requested} is outside the engine's profile ({low}..{high})")
     return requested
 
 
@@ -66,7 +67,7 @@ def validate_engine(
     record = read_engine_manifest(plan)
     engine = record["engine"]
     source = manifests.source_from_manifest(record)
-    model = manifests.build_model(source, record["schedule"])
+    model = sources.build_model(source, record["schedule"])
     cfg = model.config
     if data_dir is not None:
         batches = checks.folder_images(data_dir, source.model, cfg, samples)

@@ -34,7 +34,7 @@ def evaluate(model, dataset, batch_size: int = 128, limit: Optional[int] = None,
              progress: Optional[Progress] = None) -> tuple[int, int]:
     """(correct, total) top-1 over ``dataset`` (the first ``limit`` images if given)."""
     if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UserError(f"`batch_size` must be at least 1, got {batch_size}")
     check_limit(limit)
     model.eval()
     correct = total = 0
@@ -54,7 +54,7 @@ def evaluate(model, dataset, batch_size: int = 128, limit: Optional[int] = None,
 
 def check_limit(limit: Optional[int]) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise UserError(f"--limit must be at least 1 (the number of images to evaluate), got {limit}")
+        raise UserError(f"`limit` must be at least 1 (the number of images to evaluate), got {limit}")
 
 
 def random_weights(model) -> bool:
@@ -92,7 +92,7 @@ def parse_ratios(text: str) -> list[float]:
     try:
         ratios = [float(part) for part in text.split(",")]
     except ValueError:
-        raise UserError(f"malformed --ratios {text!r}; write numbers such as 0,0.3,0.5,0.7") from None
+        raise UserError(f"malformed `ratios` {text!r}; write numbers such as 0,0.3,0.5,0.7") from None
     return [check_ratio(r) for r in ratios]
 
 
@@ -100,7 +100,7 @@ def parse_methods(text: str) -> list[str]:
     methods = [part.strip() for part in text.split(",") if part.strip()]
     bad = [m for m in methods if m not in METHODS]
     if not methods or bad:
-        raise UserError(f"unknown method(s) {', '.join(bad) or repr(text)} in --methods; use {', '.join(METHODS)}")
+        raise UserError(f"unknown method(s) {', '.join(bad) or repr(text)} in `methods`; use {', '.join(METHODS)}")
     return methods
 
 

@@ -89,4 +89,4 @@ def check_schedule(source: Source, expected: list[int]) -> None:
     if schedule != [int(r) for r in expected]:
         raise UserError(f"checkpoint {source.checkpoint} was fine-tuned with merge schedule "
                         f"{schedule_text(expected)}, but its record builds {schedule_text(schedule)} with this "
-                        f"version; pass --schedule {schedule_text(expected)} explicitly")
+                        f"version; pass `schedule` {schedule_text(expected)} explicitly")

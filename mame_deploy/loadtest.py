@@ -40,9 +40,9 @@ def parse_levels(text: str) -> list[int]:
     try:
         levels = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise UserError(f"--concurrency must be comma-separated integers such as 1,8,32; got {text!r}") from None
+        raise UserError(f"`concurrency` must be comma-separated integers such as 1,8,32; got {text!r}") from None
     if not levels or min(levels) < 1 or max(levels) > MAX_CONCURRENCY:
-        raise UserError(f"--concurrency levels must be in 1..{MAX_CONCURRENCY}; got {text!r}")
+        raise UserError(f"`concurrency` levels must be in 1..{MAX_CONCURRENCY}; got {text!r}")
     return sorted(set(levels))
 
 
@@ -64,13 +64,13 @@ def parse_url(url: str) -> tuple[str, str]:
 
 def check_bounds(duration_s: float, max_requests: int, timeout_s: float, batch: Optional[int]) -> None:
     if not 0 < duration_s <= 3600:
-        raise UserError(f"--duration must be in (0, 3600] seconds, got {duration_s}")
+        raise UserError(f"`duration` must be in (0, 3600] seconds, got {duration_s}")
     if not 1 <= max_requests <= 10_000_000:
-        raise UserError(f"--requests must be in 1..10000000, got {max_requests}")
+        raise UserError(f"`requests` must be in 1..10000000, got {max_requests}")
     if not 0 < timeout_s <= 600:
-        raise UserError(f"--timeout must be in (0, 600] seconds, got {timeout_s}")
+        raise UserError(f"`timeout` must be in (0, 600] seconds, got {timeout_s}")
     if batch is not None and batch < 1:
-        raise UserError(f"--batch must be at least 1, got {batch}")
+        raise UserError(f"`batch` must be at least 1, got {batch}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,12 +137,12 @@ class ModelInfo:
     def request_shape(self, batch: Optional[int]) -> list:
         if self.max_batch == 0:
             if batch is not None and batch != self.shape[0]:
-                raise UserError(f"{self.name} takes exactly {self.shape} (no batching); drop --batch or pass "
-                                f"--batch {self.shape[0]}")
+                raise UserError(f"{self.name} takes exactly {self.shape} (no batching); drop `batch` or pass "
+                                f"`batch` {self.shape[0]}")
             return list(self.shape)
         size = 1 if batch is None else batch
         if size > self.max_batch:
-            raise UserError(f"--batch {size} is over {self.name}'s maximum batch of {self.max_batch}")
+            raise UserError(f"`batch` {size} is over {self.name}'s maximum batch of {self.max_batch}")
         return [size] + list(self.shape)
 
 
@@ -178,7 +178,7 @@ def list_models(client, protocol: str) -> list[str]:
         stats = client.get_inference_statistics("", as_json=True) if protocol == "grpc" \
             else client.get_inference_statistics("")
     except Exception as exc:
-        raise UserError(f"could not list the server's models ({first_line(exc)}); name them with --model") from None
+        raise UserError(f"could not list the server's models ({first_line(exc)}); name them with `model`") from None
     names = sorted({entry["name"] for entry in stats.get("model_stats", [])})
     ready = [n for n in names if _ready(client, n)]
     if not ready:
@@ -347,7 +347,7 @@ def pair_baselines(infos: Sequence[ModelInfo], baseline: Optional[str] = None) -
     names = {i.name for i in infos}
     if baseline is not None:
         if baseline not in names:
-            raise UserError(f"--baseline {baseline!r} is not among the models tested ({', '.join(sorted(names))})")
+            raise UserError(f"`baseline` {baseline!r} is not among the models tested ({', '.join(sorted(names))})")
         return {i.name: baseline for i in infos if i.name != baseline}
     pairs = {}
     for info in infos:
@@ -387,7 +387,7 @@ def loadtest(url: str, models: Sequence[str] = (), levels: Sequence[int] = DEFAU
     """Run every level on every model; the report (rows, comparison, settings) as a dict."""
     check_bounds(duration_s, max_requests, timeout_s, batch)
     if not 0 <= warmup <= 1000:
-        raise UserError(f"--warmup must be in 0..1000 requests, got {warmup}")
+        raise UserError(f"`warmup` must be in 0..1000 requests, got {warmup}")
     protocol, address = parse_url(url)
     client = make_client(protocol, address, timeout_s)
     try:

@@ -15,20 +15,13 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from mame_deploy.artifacts import format_bytes
 from mame_deploy.errors import UserError
 
 SCAN_COPIES = 5        # (batch, length, d_inner, d_state) float32 tensors alive at the peak
 ACTIVATIONS = 16       # (batch, length, d_inner) float32 tensors a block holds besides them
 INPUT_COPIES = 3       # the input batch: the caller's array, its padding, the runtime's copy
 _FLOAT = 4
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def parameter_bytes(config) -> int:
@@ -46,7 +39,7 @@ def _fused_scan_on(device: str, config) -> bool:
         return False
     import importlib.util
 
-    from mame_deploy.kernels import kernel_supports
+    from mame_deploy.ops.selective_scan.cuda import kernel_supports
 
     try:
         has_driver = importlib.util.find_spec("cuda.bindings") is not None

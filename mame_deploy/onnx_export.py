@@ -1,11 +1,11 @@
 """ONNX export of (MaMe-patched) Vision Mamba models, every scan one ``mame::SelectiveScan`` node.
 
 ``to_onnx`` turns a model into a checked ModelProto: ``torch.onnx.export(..., dynamo=True)``
-(each scan calls ``torch.onnx.ops.symbolic`` while exporting, see ops/selective_scan.py), then
-the scan's ONNX function is attached (``--scan plugin``) or inlined (``--scan inline``) and
+(each operator emits its ``mame`` node while exporting, see ``mame_deploy/ops/*/op.py``), then
+the operators' ONNX functions are attached (``scan="plugin"``) or inlined (``scan="inline"``) and
 ``onnx.checker`` runs with ``full_check``. ``export`` adds the files: NAME.onnx and the manifest
-NAME.json, both written atomically. ``build_engine_for`` is where a TensorRT engine is built
-from an export (mame_deploy.engine, when TensorRT is installed).
+NAME.json, both written atomically. TensorRT engines are built from such a file by
+``mame_deploy.engine``.
 """
 
 from __future__ import annotations
@@ -21,19 +21,16 @@ from typing import Callable, Optional, Union
 import onnx
 import torch
 
-from mame_deploy import artifacts, manifest as manifests, onnx_functions
-from mame_deploy import memory
+from mame_deploy import artifacts, manifest as manifests, memory, source as sources
 from mame_deploy.errors import UserError
 from mame_deploy.flops import gflops, relative_gflops
-from mame_deploy.manifest import Source
+from mame_deploy.manifest import INPUT_NAME, OUTPUT_NAME, SCAN_MODES, Source
+from mame_deploy.ops import onnx_functions
+from mame_deploy.ops.onnx_functions import OPSETS
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
-SCAN_MODES = ("plugin", "inline")
 DEFAULT_OPSET = 20
 # The scan function needs opset 18; torch's exporter and onnxruntime 1.2x/1.3x go up to 23.
-OPSETS = range(onnx_functions.MIN_OPSET, 24)
 
 
 @dataclass(frozen=True)
@@ -51,12 +48,12 @@ class ExportResult:
 
 def check_options(batch: Optional[int], opset: int, scan: str) -> None:
     if batch is not None and batch < 1:
-        raise UserError(f"--batch must be at least 1, got {batch}")
+        raise UserError(f"`batch` must be at least 1, got {batch}")
     if opset not in OPSETS:
-        raise UserError(f"--opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1} "
+        raise UserError(f"`opset` {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1} "
                         f"(default {DEFAULT_OPSET})")
     if scan not in SCAN_MODES:
-        raise UserError(f"--scan must be one of {', '.join(SCAN_MODES)}, got {scan!r}")
+        raise UserError(f"`scan` must be one of {', '.join(SCAN_MODES)}, got {scan!r}")
 
 
 @contextlib.contextmanager
@@ -147,7 +144,7 @@ def output_paths(model_name: str, output: Union[str, Path, None] = None) -> tupl
     """The ONNX file (``output``, default ./MODEL.onnx) and its manifest beside it."""
     onnx_path = Path(output) if output is not None else default_output(model_name)
     if onnx_path.suffix != ".onnx":
-        raise UserError(f"--output {onnx_path} must end in .onnx (the manifest is written beside it as .json)")
+        raise UserError(f"`output` {onnx_path} must end in .onnx (the manifest is written beside it as .json)")
     return onnx_path, manifests.manifest_path(onnx_path)
 
 
@@ -171,19 +168,19 @@ def export(
     check_options(batch, opset, scan)
     onnx_path, json_path = output_paths(source.model, output)
     artifacts.check_writable([onnx_path, json_path], force)
-    memory.check_export(manifests.model_config(source), batch, source.model)
+    memory.check_export(sources.model_config(source), batch, source.model)
 
-    source = resolve_checkpoint(source)
+    source = sources.resolve_checkpoint(source)
     status(f"building the PyTorch model ({source.model}, "
            f"{'seeded random weights' if source.checkpoint is None else Path(source.checkpoint).name})")
-    model = manifests.build_model(source)
+    model = sources.build_model(source)
     # Record the merge switches as resolved (defaults included), so a later default change
     # cannot alter what validate/bench rebuild.
     source = replace(source, options=dict(getattr(model, "mame_options", None) or source.options))
     status(f"exporting {source.model} to ONNX (torch.onnx.export with dynamo, then folding and checking the graph)")
     data = serialize(to_onnx(model, batch, opset, scan))
-    schedule = manifests.model_schedule(model)
-    tokens = manifests.tokens_per_layer(model)
+    schedule = sources.model_schedule(model)
+    tokens = sources.tokens_per_layer(model)
     cfg = model.config
     record = {
         "manifest_version": manifests.MANIFEST_VERSION,
@@ -209,53 +206,3 @@ def export(
     status(f"writing {onnx_path} and {json_path}")
     artifacts.write_files([(onnx_path, data), (json_path, artifacts.json_bytes(record))], force)
     return ExportResult(onnx_path, json_path, record, len(data))
-
-
-def resolve_checkpoint(source: Source) -> Source:
-    """Pin the checkpoint: the file actually loaded (the model's bundled weights when none is
-    given), by absolute path and sha256, so later commands load the same bytes."""
-    from mame_deploy.models import get_spec
-    from mame_deploy.models.checkpoint import check_checkpoint_path
-
-    checkpoint = source.checkpoint or get_spec(source.model).bundled_checkpoint
-    if checkpoint is None:
-        return replace(source, checkpoint=None, checkpoint_sha256=None)
-    path = check_checkpoint_path(checkpoint)
-    return replace(source, checkpoint=str(path.resolve()), checkpoint_sha256=artifacts.file_sha256(path))
-
-
-# ---------------------------------------------------------------------------------------------
-# TensorRT (issue 6 builds the engine; export only decides whether to ask for one)
-
-
-def tensorrt_available() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except (ImportError, OSError):  # OSError: bindings present without libnvinfer
-        return False
-    return True
-
-
-def check_engine_request(engine: Optional[bool], scan: str) -> bool:
-    """Whether to build an engine after the export: ``engine`` is True (--engine: required),
-    False (--no-engine) or None (when TensorRT is installed). Fails before any export work."""
-    if engine is False:
-        return False
-    if scan != "plugin":
-        if engine:
-            raise UserError("engines are built from --scan plugin exports (the plugin runs the scan nodes); "
-                            "drop --scan inline or pass --no-engine")
-        return False
-    if engine:
-        from mame_deploy.engine import require_tensorrt
-
-        require_tensorrt("--engine")
-        return True
-    return tensorrt_available()
-
-
-def build_engine_for(result: ExportResult, force: bool = False) -> Path:
-    """Build NAME.plan from an export (the engine record goes into the same manifest)."""
-    from mame_deploy.engine import build_engine
-
-    return build_engine(result.onnx_path, force=force)

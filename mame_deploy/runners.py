@@ -16,47 +16,29 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import onnx
 import torch
-from google.protobuf.message import DecodeError
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 
 from mame_deploy.decisions import TRACED, trace_name
+from mame_deploy.artifacts import load_onnx_file
 from mame_deploy.errors import UserError
-from mame_deploy.onnx_export import INPUT_NAME, OUTPUT_NAME
+from mame_deploy.manifest import INPUT_NAME, OUTPUT_NAME
 
 DEVICES = ("cpu", "cuda")
 
 
 def check_device(device: str) -> str:
     if device not in DEVICES:
-        raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+        raise UserError(f"`device` must be one of {', '.join(DEVICES)}, got {device!r}")
     return device
 
 
 def check_threads(threads: Optional[int]) -> Optional[int]:
     """CPU thread counts are positive; None leaves the runtime's default."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise UserError(f"--threads must be at least 1 (or left out for the runtime's default), got {threads}")
+        raise UserError(f"`threads` must be at least 1 (or left out for the runtime's default), got {threads}")
     return threads
-
-
-def load_onnx_file(path: Union[str, Path]) -> onnx.ModelProto:
-    """The model in ``path``, or a UserError saying why the file is not a usable ONNX model."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist; export a model first with `mame-deploy export`")
-    if not path.is_file():
-        raise UserError(f"{path} is not a file; pass the .onnx file written by `mame-deploy export`")
-    try:
-        model = onnx.load(str(path))
-    except (OSError, DecodeError, ValueError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is not a readable ONNX model ({reason})") from None
-    # Many non-ONNX files decode as an empty protobuf message: require an actual graph.
-    if not model.graph.node or not model.opset_import:
-        raise UserError(f"{path} is not an ONNX model (no graph inside); pass a file written by `mame-deploy export`")
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +55,7 @@ def onnxruntime_session(model: Union[str, Path, bytes], device: str = "cpu", thr
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise UserError("this onnxruntime has no CUDA execution provider; install onnxruntime-gpu "
-                            "or use --device cpu")
+                            "or use `device` cpu")
         providers.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: initializer-cleanup notes are not for users
@@ -110,7 +92,7 @@ class TorchRunner(BaseRunner):
         self.device = torch.device(check_device(device))
         self.threads = check_threads(threads)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("PyTorch sees no CUDA device here; use --device cpu")
+            raise UserError("PyTorch sees no CUDA device here; use `device` cpu")
 
     def activate_impl(self):
         if self.threads:

@@ -23,7 +23,7 @@ _STEP = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
 def parse_schedule(text: str) -> dict[int, int]:
     """``"4:20,8:20"`` -> ``{4: 20, 8: 20}`` (layer: tokens removed after that block)."""
     if not isinstance(text, str) or not text.strip():
-        raise UserError("empty --schedule; write layer:count pairs such as 4:20,8:20")
+        raise UserError("empty `schedule`; write layer:count pairs such as 4:20,8:20")
     steps: dict[int, int] = {}
     for part in text.split(","):
         match = _STEP.match(part)
@@ -32,7 +32,7 @@ def parse_schedule(text: str) -> dict[int, int]:
                             "write layer:count pairs such as 4:20,8:20")
         layer, count = int(match[1]), int(match[2])
         if layer in steps:
-            raise UserError(f"layer {layer} appears twice in --schedule {text!r}; give each layer once")
+            raise UserError(f"layer {layer} appears twice in `schedule` {text!r}; give each layer once")
         steps[layer] = count
     return steps
 
@@ -42,7 +42,7 @@ def parse_layers(text: str) -> list[int]:
     try:
         layers = [int(part) for part in text.split(",")]
     except ValueError:
-        raise UserError(f"malformed --layers {text!r}; write block indices such as 2,5,8") from None
+        raise UserError(f"malformed `layers` {text!r}; write block indices such as 2,5,8") from None
     return layers
 
 
@@ -65,7 +65,7 @@ def _as_layers(layers) -> list[int]:
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not all(
             isinstance(layer, numbers.Integral) and not isinstance(layer, bool) for layer in layers):
         raise UserError(f"merge layers must be a list of block numbers such as [2, 5, 8], got {layers!r} "
-                        "(on the command line: --layers 2,5,8)")
+                        "(on the command line: `layers` 2,5,8)")
     return [int(layer) for layer in layers]
 
 
@@ -73,7 +73,7 @@ def _check_layers(depth: int, layers: Sequence[int]) -> list[int]:
     layers = _as_layers(layers)
     allowed = mergeable_layers(depth)
     if not layers:
-        raise UserError("no merge layers given; name at least one block, e.g. --layers 2,5,8")
+        raise UserError("no merge layers given; name at least one block, e.g. `layers` 2,5,8")
     for layer in layers:
         if layer not in allowed:
             raise UserError(f"merge layer {layer} is out of range: this model has {depth} blocks, "
@@ -112,7 +112,7 @@ def schedule_from_counts(config, counts: Mapping[int, int]) -> list[int]:
 
 def check_ratio(ratio: float) -> float:
     if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0.0 <= ratio <= MAX_RATIO:
-        raise UserError(f"--ratio must lie in [0, {MAX_RATIO}] (fraction of patch tokens removed), got {ratio}")
+        raise UserError(f"`ratio` must lie in [0, {MAX_RATIO}] (fraction of patch tokens removed), got {ratio}")
     return float(ratio)
 
 
@@ -134,7 +134,7 @@ def schedule_from_ratio(config, ratio: float, layers: Optional[Sequence[int]] = 
         current -= schedule[layer]
     if current != keep:
         raise UserError(f"ratio {ratio} removes {total} of {n} patches, which {len(layers)} merge layers cannot "
-                        f"do (each step removes at most half of what is left); lower --ratio or name more --layers")
+                        f"do (each step removes at most half of what is left); lower `ratio` or name more `layers`")
     return check_schedule(config, schedule)
 
 
@@ -148,9 +148,9 @@ def resolve_schedule(config, ratio: float = 0.0, schedule: Optional[ScheduleSpec
     if schedule is None:
         return schedule_from_ratio(config, ratio, layers)
     if ratio:
-        raise UserError("give either --ratio or --schedule, not both (an explicit schedule fixes the ratio)")
+        raise UserError("give either `ratio` or `schedule`, not both (an explicit schedule fixes the ratio)")
     if layers is not None:
-        raise UserError("--layers goes with --ratio; an explicit --schedule already names its layers")
+        raise UserError("`layers` goes with `ratio`; an explicit `schedule` already names its layers")
     if isinstance(schedule, str):
         return schedule_from_counts(config, parse_schedule(schedule))
     if isinstance(schedule, Mapping):

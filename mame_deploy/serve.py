@@ -44,8 +44,9 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from mame_deploy import manifest as manifests
+from mame_deploy import source as sources
 from mame_deploy.errors import UserError
-from mame_deploy.onnx_export import INPUT_NAME, OUTPUT_NAME
+from mame_deploy.manifest import INPUT_NAME, OUTPUT_NAME
 from mame_deploy.triton_repo import (DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, check_name, manifest_parameters,
                                      model_name)
 
@@ -133,7 +134,7 @@ class ServedModel:
 def _check_max_batch(max_batch: Optional[int]) -> int:
     value = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"--max-batch must be at least 1, got {max_batch}")
+        raise UserError(f"`max_batch` must be at least 1, got {max_batch}")
     return value
 
 
@@ -144,7 +145,7 @@ def onnx_model(path: Union[str, Path], device: str = "cpu", threads: Optional[in
 
     path = Path(path)
     target = onnx_target(path, device, threads)  # checks the file and that its manifest matches it
-    record = manifests.read_manifest(path)
+    record = sources.read_manifest(path)
     fixed = record["batch"]  # a static-batch file is served with its own batch as the maximum
     return ServedModel(
         name=check_name(name or model_name(record)), backend="onnxruntime", record=record,
@@ -157,7 +158,8 @@ def onnx_model(path: Union[str, Path], device: str = "cpu", threads: Optional[in
 def engine_model(path: Union[str, Path], max_batch: Optional[int] = None,
                  name: Optional[str] = None) -> ServedModel:
     """A TensorRT ``.plan`` built by ``mame-deploy build`` (needs TensorRT and a GPU)."""
-    from mame_deploy.engine import read_engine_manifest, require_tensorrt
+    from mame_deploy.engine import read_engine_manifest
+    from mame_deploy.plugins.trt_aot import require_tensorrt
 
     require_tensorrt("serving an engine")
     from mame_deploy.engine_checks import engine_target
@@ -169,8 +171,8 @@ def engine_model(path: Union[str, Path], max_batch: Optional[int] = None,
     fixed = batch if isinstance(batch, int) else None
     top = fixed if fixed is not None else int(batch["max"])
     if max_batch is not None and max_batch > top:
-        raise UserError(f"{path} was built for batches up to {top}; pass --max-batch {top} or less, "
-                        "or rebuild it with a larger --max-batch")
+        raise UserError(f"{path} was built for batches up to {top}; pass `max_batch` {top} or less, "
+                        "or rebuild it with a larger `max_batch`")
     return ServedModel(
         name=check_name(name or model_name(record)), backend="tensorrt", record=record,
         input_shape=tuple(target.input_shape), num_classes=int(record["num_classes"]),
@@ -187,13 +189,13 @@ def torch_model(source, device: str = "cpu", threads: Optional[int] = None, cuda
 
     check_device(device)
     if cuda_graph and device != "cuda":
-        raise UserError("--cuda-graph replays a CUDA graph: pass it with --device cuda")
-    model = manifests.build_model(source)
+        raise UserError("`cuda_graph` replays a CUDA graph: pass it with `device` cuda")
+    model = sources.build_model(source)
     cfg = model.config
-    tokens = manifests.tokens_per_layer(model)
+    tokens = sources.tokens_per_layer(model)
     record = {
         **source.as_dict(),
-        "schedule": manifests.model_schedule(model), "tokens_per_layer": tokens,
+        "schedule": sources.model_schedule(model), "tokens_per_layer": tokens,
         "relative_gflops": round(relative_gflops(cfg, tokens), 6), "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME, "input_shape": ["batch", cfg.in_chans, cfg.img_size, cfg.img_size],
         "batch": None, "num_classes": cfg.num_classes, "device": device,
@@ -212,7 +214,7 @@ def check_unique_names(models: Sequence[ServedModel]) -> None:
     seen = {}
     for m in models:
         if m.name in seen:
-            raise UserError(f"two models would both be served as {m.name!r}; give each its own --name")
+            raise UserError(f"two models would both be served as {m.name!r}; give each its own `name`")
         seen[m.name] = m
 
 
@@ -399,7 +401,7 @@ def check_port(port: int, what: str) -> int:
 
 def check_host(host: str) -> str:
     if not host or any(c.isspace() for c in host):
-        raise UserError(f"--host must be an address such as 127.0.0.1, got {host!r}")
+        raise UserError(f"`host` must be an address such as 127.0.0.1, got {host!r}")
     return host
 
 
@@ -416,18 +418,18 @@ class ServerConfig:
 
     def check(self) -> "ServerConfig":
         check_host(self.host)
-        ports = [check_port(self.http_port, "--http-port"), check_port(self.grpc_port, "--grpc-port")]
+        ports = [check_port(self.http_port, "`http_port`"), check_port(self.grpc_port, "`grpc_port`")]
         if self.metrics_port is not None:
-            ports.append(check_port(self.metrics_port, "--metrics-port"))
+            ports.append(check_port(self.metrics_port, "`metrics_port`"))
         if len(set(ports)) != len(ports):
             raise UserError(f"the HTTP, gRPC and metrics ports must differ, got {ports}")
         if not 0 <= self.queue_delay_us <= 10_000_000:
-            raise UserError(f"--max-queue-delay-us must be in 0..10000000, got {self.queue_delay_us}")
+            raise UserError(f"`max_queue_delay_us` must be in 0..10000000, got {self.queue_delay_us}")
         if not 1 <= self.drain_s <= MAX_DRAIN_S:
-            raise UserError(f"--drain-timeout must be in 1..{MAX_DRAIN_S} s (PyTriton stops waiting "
+            raise UserError(f"`drain_timeout` must be in 1..{MAX_DRAIN_S} s (PyTriton stops waiting "
                             f"for Triton after 30 s), got {self.drain_s}")
         if not 1 <= self.instances <= 64:
-            raise UserError(f"--instances must be in 1..64, got {self.instances}")
+            raise UserError(f"`instances` must be in 1..64, got {self.instances}")
         return self
 
     @property

@@ -138,9 +138,9 @@ def _on(dataset: data.TensorImages, device: str) -> data.TensorImages:
 
 def check_device(device: str) -> str:
     if device not in ("cpu", "cuda"):
-        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+        raise UserError(f"`device` must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda needs a CUDA GPU and a CUDA build of torch; none is available here")
+        raise UserError("`device` cuda needs a CUDA GPU and a CUDA build of torch; none is available here")
     return device
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from mame_deploy import artifacts, manifest as manifests
+from mame_deploy import source as sources
 from mame_deploy.errors import UserError
 
 DEFAULT_MAX_BATCH = 32           # for files with a dynamic batch axis
@@ -201,7 +202,7 @@ def onnx_entry(onnx_path: Path, record: dict, max_batch: Optional[int] = None,
     if batch is None:
         top = DEFAULT_MAX_BATCH if max_batch is None else max_batch
         if top < 1:
-            raise UserError(f"--max-batch must be at least 1, got {top}")
+            raise UserError(f"`max_batch` must be at least 1, got {top}")
         max_b, dims, preferred = top, (channels, height, width), ()
     else:
         max_b, dims, preferred = 0, (batch, channels, height, width), ()
@@ -242,7 +243,7 @@ def export_entries(onnx_path: Union[str, Path], max_batch: Optional[int] = None,
                    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> list[ModelEntry]:
     """The ONNX model of an export and, when its manifest records an engine beside it, the engine."""
     onnx_path = Path(onnx_path)
-    record = manifests.read_manifest(onnx_path, artifacts.file_sha256(onnx_path))
+    record = sources.read_manifest(onnx_path, artifacts.file_sha256(onnx_path))
     entries = [onnx_entry(onnx_path, record, max_batch, queue_delay_us)]
     plan = onnx_path.with_suffix(".plan")
     if plan.is_file() and isinstance(record.get("engine"), dict):
@@ -266,11 +267,11 @@ def check_repository(repo: Union[str, Path], names: list[str], force: bool) -> N
     """Fail before any work if ``repo`` is a file or already holds one of these models."""
     repo = Path(repo)
     if repo.exists() and not repo.is_dir():
-        raise UserError(f"--triton-repo {repo} is a file; pass a folder for the model repository")
+        raise UserError(f"`triton_repo` {repo} is a file; pass a folder for the model repository")
     existing = [str(repo / n) for n in names if (repo / n).exists()]
     if existing and not force:
         raise UserError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''} in the model "
-                        "repository; pass --force to overwrite, or choose another --triton-repo")
+                        "repository; pass `force` to overwrite, or choose another `triton_repo`")
 
 
 def readme(repo: Path, entry: ModelEntry) -> str:

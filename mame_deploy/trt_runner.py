@@ -11,7 +11,7 @@ from typing import Optional, Union
 from polygraphy.backend.trt import EngineFromPath
 from polygraphy.backend.trt import TrtRunner as _PolygraphyTrtRunner
 
-from mame_deploy.engine import require_tensorrt
+from mame_deploy.plugins.trt_aot import require_tensorrt
 from mame_deploy.manifest import manifest_path
 from mame_deploy.errors import UserError
 

@@ -89,10 +89,10 @@ class Budget:
 
     def __post_init__(self):
         if self.max_drop is None and self.latency_ms is None and self.min_speedup is None:
-            raise UserError("tune needs a budget: --max-drop POINTS and/or --latency-ms MS / --min-speedup X")
-        for flag, value in (("--max-drop", self.max_drop), ("--latency-ms", self.latency_ms),
-                            ("--min-speedup", self.min_speedup)):
-            if value is not None and (not math.isfinite(value) or value < 0 or (value == 0 and flag != "--max-drop")):
+            raise UserError("tune needs a budget: `max_drop` POINTS and/or `latency_ms` MS / `min_speedup` X")
+        for flag, value in (("`max_drop`", self.max_drop), ("`latency_ms`", self.latency_ms),
+                            ("`min_speedup`", self.min_speedup)):
+            if value is not None and (not math.isfinite(value) or value < 0 or (value == 0 and flag != "`max_drop`")):
                 raise UserError(f"{flag} must be a positive number, got {value}")
 
     @property
@@ -148,48 +148,48 @@ class Setup:
 def check_setup(setup: Setup) -> None:
     """Fail before any work on what cannot run here."""
     if setup.runtime not in RUNTIMES:
-        raise UserError(f"unknown --runtime {setup.runtime!r}; use one of {', '.join(RUNTIMES)}")
+        raise UserError(f"unknown `runtime` {setup.runtime!r}; use one of {', '.join(RUNTIMES)}")
     if setup.device not in ("cpu", "cuda"):
-        raise UserError(f"--device must be cpu or cuda, got {setup.device!r}")
+        raise UserError(f"`device` must be cpu or cuda, got {setup.device!r}")
     if setup.runtime in GPU_RUNTIMES and setup.device != "cuda":
-        raise UserError(f"--runtime {setup.runtime} runs on the GPU; pass --device cuda")
+        raise UserError(f"`runtime` {setup.runtime} runs on the GPU; pass `device` cuda")
     if setup.batch < 1:
-        raise UserError(f"--batch must be at least 1, got {setup.batch}")
+        raise UserError(f"`batch` must be at least 1, got {setup.batch}")
     from mame_deploy.runners import check_threads
 
     check_threads(setup.threads)
     if setup.warmup < 0 or setup.iters < 1:
-        raise UserError(f"need --warmup >= 0 and --iters >= 1, got {setup.warmup} and {setup.iters}")
+        raise UserError(f"need `warmup` >= 0 and `iters` >= 1, got {setup.warmup} and {setup.iters}")
     if setup.data is None and setup.subset is None:
-        raise UserError("name the calibration split of the bundled data: --subset val")
+        raise UserError("name the calibration split of the bundled data: `subset` val")
     if setup.subset == "test":
-        raise UserError("tune calibrates on a validation split, never the test split; use --subset val "
+        raise UserError("tune calibrates on a validation split, never the test split; use `subset` val "
                         "(then check the winner on test with `mame-deploy eval`)")
     if setup.calib_images is not None and setup.calib_images < 1:
-        raise UserError(f"--calib-images must be at least 1, got {setup.calib_images}")
+        raise UserError(f"`calib_images` must be at least 1, got {setup.calib_images}")
     if setup.precision is not None and setup.runtime != "tensorrt":
-        raise UserError("--precision applies to --runtime tensorrt only")
+        raise UserError("`precision` applies to `runtime` tensorrt only")
     if setup.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError("PyTorch sees no CUDA device here; use --device cpu --runtime onnxruntime")
+            raise UserError("PyTorch sees no CUDA device here; use `device` cpu `runtime` onnxruntime")
     if setup.runtime == "tensorrt":
-        from mame_deploy.engine import require_tensorrt
+        from mame_deploy.plugins.trt_aot import require_tensorrt
 
-        require_tensorrt("--runtime tensorrt")
+        require_tensorrt("`runtime` tensorrt")
     if setup.runtime == "onnxruntime" and setup.device == "cuda":
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise UserError("this onnxruntime has no CUDA execution provider; install onnxruntime-gpu, "
-                            "or use --runtime torch-graph for the GPU")
+                            "or use `runtime` torch-graph for the GPU")
 
 
 def parse_placements(text: str, depth: int) -> tuple:
     names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     if not names:
-        raise UserError(f"empty --placements {text!r}; name some of all, everyK, early, late, spreadK")
+        raise UserError(f"empty `placements` {text!r}; name some of all, everyK, early, late, spreadK")
     for name in names:
         placement_layers(name, depth)
     return names
@@ -227,7 +227,7 @@ def parse_profiles(text: str) -> tuple:
     names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     bad = [p for p in names if p not in PROFILES]
     if not names or bad:
-        raise UserError(f"unknown profile(s) {', '.join(bad) or repr(text)} in --profiles; use {', '.join(PROFILES)}")
+        raise UserError(f"unknown profile(s) {', '.join(bad) or repr(text)} in `profiles`; use {', '.join(PROFILES)}")
     return names
 
 
@@ -508,7 +508,7 @@ def calibration_data(setup: Setup, config):
         return replace(dataset, images=dataset.images[index], labels=dataset.labels[index], name=name)
     if hasattr(dataset, "samples"):
         return replace(dataset, samples=[dataset.samples[i] for i in pick], name=name)
-    raise UserError(f"--calib-images cannot subsample {dataset.name}; leave it out to use all of it")
+    raise UserError(f"`calib_images` cannot subsample {dataset.name}; leave it out to use all of it")
 
 
 @dataclass
@@ -543,7 +543,7 @@ def load_state(path: Optional[Union[str, Path]], setup: Setup, restart: bool = F
     ``restart`` replaces a file that is not that (another setup, not a tune result, unreadable);
     what was measured for this very setup is always resumed, never thrown away."""
     if path is not None and Path(path).is_dir():
-        raise UserError(f"--json {path} is a directory; pass a file name")
+        raise UserError(f"`json` {path} is a directory; pass a file name")
     if path is None or not Path(path).exists():
         return new_state(setup), False
     try:
@@ -551,20 +551,20 @@ def load_state(path: Optional[Union[str, Path]], setup: Setup, restart: bool = F
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         if restart:
             return new_state(setup), False
-        raise UserError(f"--json {path} is not readable JSON ({exc}); pass --force to start a new search "
+        raise UserError(f"`json` {path} is not readable JSON ({exc}); pass `force` to start a new search "
                         "there") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         if restart:
             return new_state(setup), False
-        raise UserError(f"--json {path} is not a tune result; pass another file or --force to replace it")
+        raise UserError(f"`json` {path} is not a tune result; pass another file or `force` to replace it")
     recorded = state.get("setup", {})
     diff = [k for k, v in setup.as_dict().items() if recorded.get(k) != v]
     if diff and restart:
         return new_state(setup), False
     if diff:
         what = ", ".join(f"{k} {recorded.get(k)!r} -> {getattr(setup, k)!r}" for k in diff)
-        raise UserError(f"--json {path} holds a search with other settings ({what}); its numbers do not apply: "
-                        "pass another --json, or --force to start over")
+        raise UserError(f"`json` {path} holds a search with other settings ({what}); its numbers do not apply: "
+                        "pass another `json`, or `force` to start over")
     state.setdefault("candidates", {})
     return state, True
 
@@ -577,14 +577,14 @@ def read_scores(path: Union[str, Path], setup: Setup) -> dict:
     try:
         other = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"--scores-from {path} is not readable JSON ({exc}); pass a --json of "
+        raise UserError(f"`scores_from` {path} is not readable JSON ({exc}); pass a `json` of "
                         "`mame-deploy tune`") from None
     if not isinstance(other, dict) or other.get("format") != FORMAT:
-        raise UserError(f"--scores-from {path} is not a tune result; pass a --json of `mame-deploy tune`")
+        raise UserError(f"`scores_from` {path} is not a tune result; pass a `json` of `mame-deploy tune`")
     theirs, ours = other.get("setup", {}), setup.as_dict()
     diff = [k for k in SCORE_KEYS if theirs.get(k) != ours[k]]
     if diff:
-        raise UserError(f"--scores-from {path} was scored with another {', '.join(diff)}; its accuracies do not "
+        raise UserError(f"`scores_from` {path} was scored with another {', '.join(diff)}; its accuracies do not "
                         "apply to this search")
     return other
 
@@ -635,10 +635,10 @@ def search(
 
     check_setup(setup)
     if max_measure < 1 or confirm < 0 or not 0 <= margin < 1:
-        raise UserError(f"need --max-measure >= 1, --confirm >= 0 and a margin in [0, 1), got {max_measure}, "
+        raise UserError(f"need `max_measure` >= 1, `confirm` >= 0 and a margin in [0, 1), got {max_measure}, "
                         f"{confirm} and {margin}")
     if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UserError(f"`batch_size` must be at least 1, got {batch_size}")
     scores = read_scores(scores_from, setup) if scores_from is not None else None
     progress = progress or (lambda stage, done, total, what: None)
     state, resumed = load_state(state_path, setup, restart)
@@ -865,27 +865,27 @@ def apply_tuned(source: Source, path: Union[str, Path]) -> tuple[Source, dict]:
     try:
         state = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"--tuned {path} is not a readable tune result ({exc}); pass the --json of "
+        raise UserError(f"`tuned` {path} is not a readable tune result ({exc}); pass the `json` of "
                         "`mame-deploy tune`") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"--tuned {path} is not a tune result; pass the --json written by `mame-deploy tune`")
+        raise UserError(f"`tuned` {path} is not a tune result; pass the `json` written by `mame-deploy tune`")
     best, setup = state.get("best"), state.get("setup", {})
     if not best:
-        raise UserError(f"--tuned {path} has no chosen schedule (the search did not finish or nothing met its "
+        raise UserError(f"`tuned` {path} has no chosen schedule (the search did not finish or nothing met its "
                         "budget); rerun `mame-deploy tune` until it reports one")
     if source.ratio or source.schedule_spec or source.options or source.method != "mame":
-        raise UserError("--tuned fixes the schedule, method and options; drop --ratio, --schedule, --method "
-                        "and --option")
+        raise UserError("`tuned` fixes the schedule, method and options; drop `ratio`, `schedule`, `method` "
+                        "and `option`")
     if source.model != setup.get("model"):
-        raise UserError(f"--tuned {path} was tuned for {setup.get('model')}, not {source.model}; export that model")
+        raise UserError(f"`tuned` {path} was tuned for {setup.get('model')}, not {source.model}; export that model")
     mismatch = [what for what, ours, theirs in (
-        ("--override", source.overrides, setup.get("overrides") or {}),
+        ("`override`", source.overrides, setup.get("overrides") or {}),
         ("checkpoint", source.checkpoint_sha256, setup.get("checkpoint_sha256")),
-        ("--seed", source.seed if source.checkpoint is None else None,
+        ("`seed`", source.seed if source.checkpoint is None else None,
          setup.get("seed") if setup.get("checkpoint") is None else None),
     ) if ours != theirs]
     if mismatch:
-        raise UserError(f"--tuned {path} was tuned for {source.model} with another {', '.join(mismatch)}; "
+        raise UserError(f"`tuned` {path} was tuned for {source.model} with another {', '.join(mismatch)}; "
                         "export the model it was tuned for (same checkpoint, overrides and seed)")
     merged = replace(source, method=best["method"], schedule_spec=best["schedule"] or None,
                      options=dict(best["options"]) if best["merged"] else {})

@@ -21,12 +21,14 @@ import numpy as np
 from polygraphy.backend.onnxrt import OnnxrtRunner
 
 from mame_deploy import artifacts, decisions, manifest as manifests
+from mame_deploy import source as sources
 from mame_deploy import memory
 from mame_deploy.errors import UserError
-from mame_deploy.onnx_export import INPUT_NAME, OUTPUT_NAME
-from mame_deploy.onnx_functions import custom_nodes
+from mame_deploy.manifest import INPUT_NAME, OUTPUT_NAME
+from mame_deploy.ops.onnx_functions import custom_nodes
 from mame_deploy.ops.token_merge.contract import ONNX_OP_TYPE as MERGE_OP
-from mame_deploy.runners import TorchRunner, load_onnx_file, onnxruntime_runner, onnxruntime_session
+from mame_deploy.artifacts import load_onnx_file
+from mame_deploy.runners import TorchRunner, onnxruntime_runner, onnxruntime_session
 
 REL_TOLERANCE = 1e-4  # of the largest |logit| of the reference
 DEFAULT_SAMPLES = 16
@@ -58,7 +60,7 @@ class Batches:
 def random_images(config, samples: int, seed: int = 0) -> Batches:
     """Standard-normal images: what a normalised real image looks like to the network."""
     if samples < 1:
-        raise UserError(f"--samples must be at least 1, got {samples}")
+        raise UserError(f"`samples` must be at least 1, got {samples}")
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((samples, config.in_chans, config.img_size, config.img_size), dtype=np.float32)
     return Batches(f"random normal images, seed {seed}", samples, None, lambda a, b: images[a:b])
@@ -74,7 +76,7 @@ def folder_images(data_dir: Union[str, Path, None], model_name: str, config, sam
     keep = np.arange(len(dataset))
     if samples is not None:
         if samples < 1:
-            raise UserError(f"--samples must be at least 1, got {samples}")
+            raise UserError(f"`samples` must be at least 1, got {samples}")
         keep = np.unique(np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int))
     if isinstance(dataset, data.FolderImages):
         chosen = [dataset.samples[i] for i in keep]
@@ -173,17 +175,17 @@ def validate(
     merge decisions traced in both (when the file has TokenMerge nodes) and compared first."""
     onnx_path = Path(onnx_path)
     proto = load_onnx_file(onnx_path)
-    record = manifests.read_manifest(onnx_path, artifacts.file_sha256(onnx_path))
+    record = sources.read_manifest(onnx_path, artifacts.file_sha256(onnx_path))
     manifests.check_onnx_input(proto, record, onnx_path)
     source = manifests.source_from_manifest(record)
-    model = manifests.build_model(source, record["schedule"])
+    model = sources.build_model(source, record["schedule"])
     cfg = model.config
     if data_dir is not None or has_bundled_data(source.model):
         batches = folder_images(data_dir, source.model, cfg, samples)
     else:
         batches = random_images(cfg, samples or DEFAULT_SAMPLES, seed)
     batch = _batch_size(record, batch, len(batches))
-    memory.check_forward(cfg, batch, device, "--batch", source.model)
+    memory.check_forward(cfg, batch, device, "`batch`", source.model)
 
     layers = model.token_merge.layers if hasattr(model, "token_merge") else []
     traced = bool(layers) and len(custom_nodes(proto, MERGE_OP)) == len(layers)
@@ -220,9 +222,9 @@ def _batch_size(record: dict, requested: Optional[int], samples: int) -> int:
     fixed = record["batch"]
     if fixed is not None:
         if requested is not None and requested != fixed:
-            raise UserError(f"the file was exported for batch {fixed}, not {requested}; drop --batch or "
-                            f"re-export with --batch {requested} (or --dynamic-batch)")
+            raise UserError(f"the file was exported for batch {fixed}, not {requested}; drop `batch` or "
+                            f"re-export with `batch` {requested} (or `dynamic_batch`)")
         return int(fixed)
     if requested is not None and requested < 1:
-        raise UserError(f"--batch must be at least 1, got {requested}")
+        raise UserError(f"`batch` must be at least 1, got {requested}")
     return requested or min(samples, 8)

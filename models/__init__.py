@@ -37,7 +37,7 @@ def _check_override(name: str, key: str, value, default) -> None:
     number = isinstance(value, int if integral else (int, float)) and not isinstance(value, bool)
     if not number or not math.isfinite(value) or value <= 0:
         raise UserError(f"{name} config field {key} must be {kind} greater than 0, got {value!r} "
-                        f"(e.g. --override {key}={default})")
+                        f"(e.g. `override` {key}={default})")
 
 
 def model_config(name: str, **overrides):

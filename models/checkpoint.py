@@ -7,7 +7,6 @@ unpickler's error; weights with NaN or Inf are refused, since they only yield ga
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -16,20 +15,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from mame_deploy.artifacts import file_sha256
 from mame_deploy.errors import UserError
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema")
 # torch.save(..., _use_new_zipfile_serialization=False) starts with its magic number pickled
 # with protocol 2; newer files are zip archives holding ARCHIVE/data.pkl.
 _LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_checkpoint_path(path: str | Path) -> Path:

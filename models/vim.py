@@ -1,6 +1,6 @@
 """Vision Mamba (Vim, hustvl/Vim) as released: middle class token, bidirectional "v2" mixer.
 
-Parameter names and shapes equal the official checkpoints (see shared docs/vim.md), so
+Parameter names and shapes equal the official checkpoints (see docs/vim.md), so
 ``load_state_dict(official, strict=True)`` works. Every scan goes through
 ``mame_deploy.ops.selective_scan``; the backward branch scans in reverse instead of flipping.
 """
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mame_deploy.errors import UserError
-from mame_deploy.ops import discretize, selective_scan
+from mame_deploy.ops.selective_scan import discretize, selective_scan
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ class VisionMamba(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Deterministic initialisation following the released training code (see vim.md).
+# Deterministic initialisation following the released training code (see docs/vim.md).
 
 def _inverse_softplus(x: Tensor) -> Tensor:
     return x + torch.log(-torch.expm1(-x))

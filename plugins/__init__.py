@@ -11,17 +11,15 @@ def register(jit: bool = False) -> None:
     Raises UserError, saying how to install TensorRT, where TensorRT is missing or too old for
     ahead-of-time Python plugins. ``jit=True`` also binds the debugging Python implementation.
     """
-    from mame_deploy.engine import require_tensorrt
+    from mame_deploy.errors import UserError
+    from mame_deploy.plugins import trt_plugin, trt_token_merge
+    from mame_deploy.plugins.trt_aot import require_tensorrt
 
     trt = require_tensorrt("the mame::SelectiveScan plugin")
     if not hasattr(trt, "QuickPluginCreationRequest"):
-        from mame_deploy.errors import UserError
-
         raise UserError(
             f"TensorRT {trt.__version__} has no ahead-of-time Python plugins; install TensorRT "
             "10.9 or newer with pip install -U 'mame-deploy[trt]'"
         )
-    from mame_deploy.plugins import trt_plugin, trt_token_merge
-
     trt_plugin.register_plugin(jit=jit)
     trt_token_merge.register_plugin(jit=jit)

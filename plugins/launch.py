@@ -26,19 +26,19 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 from mame_deploy.errors import UserError
+from mame_deploy.ops.selective_scan.contract import FLOAT32_INPUTS, INPUT_NAMES, OUTPUT_NAME
 from mame_deploy.plugins import nvrtc
 
 KERNEL_SOURCE = Path(__file__).with_name("selective_scan.cu")
 
 # Kernel parameters, in order, and their C types ("elem" is the variant's dtype).
-KERNEL_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "batch", "dim", "length", "out")
+SCALAR_ARGS = ("batch", "dim", "length")
+KERNEL_ARGS = INPUT_NAMES + SCALAR_ARGS + (OUTPUT_NAME,)  # TensorRT's AOT order
 KERNEL_ARG_TYPES = {
-    "u": "const elem*", "delta": "const elem*", "A": "const float*", "B": "const elem*",
-    "C": "const elem*", "D": "const float*", "z": "const elem*", "delta_bias": "const float*",
-    "batch": "int32", "dim": "int32", "length": "int32", "out": "elem*",
+    **{name: "const float*" if name in FLOAT32_INPUTS else "const elem*" for name in INPUT_NAMES},
+    **{name: "int32" for name in SCALAR_ARGS}, OUTPUT_NAME: "elem*",
 }
 MAX_SHARED_BYTES = 48 * 1024  # static shared memory: no opt-in attribute, which TensorRT cannot set
-SCALAR_ARGS = tuple(name for name in KERNEL_ARGS if KERNEL_ARG_TYPES[name] == "int32")
 
 # dtype of u, delta, B, C, z and out -> SCAN_DTYPE code in the source. A, D, delta_bias: float32.
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}

@@ -42,7 +42,7 @@ KERNEL_ARG_TYPES = {
     "hidden_out": "hidden_t*", "residual_out": "residual_t*", "size_out": "float*",
     "origin_out": "int64*", "cls_out": "int64*",
 }
-DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}  # TM_*_DTYPE codes in the source
 THREADS = 256
 N_CAPS = (64, 128, 256, 512)  # decision-array capacities (patches), one compiled variant each
 MAX_LENGTH = N_CAPS[-1] + 1

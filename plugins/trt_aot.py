@@ -1,6 +1,7 @@
 """What both TensorRT plugins (``trt_plugin`` for the scan, ``trt_token_merge`` for the merge
-step) share: the description of one AOT kernel, reading static sizes off shape expressions,
-handing a kernel to TensorRT as ``aot_impl`` returns it, and binding a plugin once.
+step) share: importing TensorRT with a clear error, the description of one AOT kernel, reading
+static sizes off shape expressions, handing a kernel to TensorRT as ``aot_impl`` returns it, and
+binding a plugin once.
 
 No ``from __future__ import annotations`` (``tensorrt.plugin`` inspects annotations as classes).
 """
@@ -10,6 +11,26 @@ from dataclasses import dataclass
 from typing import Any, Callable, Tuple
 
 from mame_deploy.errors import UserError
+
+TRT_INSTALL_HINT = "install it with pip install 'mame-deploy[trt]' on a machine with an NVIDIA GPU"
+
+
+def tensorrt_available() -> bool:
+    """Whether ``import tensorrt`` works here."""
+    try:
+        import tensorrt  # noqa: F401
+    except (ImportError, OSError):  # OSError: bindings present without libnvinfer
+        return False
+    return True
+
+
+def require_tensorrt(feature: str = "this command"):
+    """``import tensorrt``, or a UserError naming the ``trt`` extra."""
+    try:
+        import tensorrt
+    except (ImportError, OSError):  # OSError: Python bindings present without libnvinfer
+        raise UserError(f"TensorRT is needed for {feature}; {TRT_INSTALL_HINT}") from None
+    return tensorrt
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ tests use, so what TensorRT launches is what was tested.
 
 TensorRT's AOT convention for kernel arguments is: input tensors in the order the plugin declares
 them, then the scalar ``extra_args``, then the output tensors. ``launch.KERNEL_ARGS`` spells
-the kernel's signature; ``kernel_scalars`` checks it against that convention.
+the kernel's signature; ``kernel_scalars`` checks it against that convention. Names, inputs,
+attributes, dtypes and version come from the operator's contract
+(``mame_deploy/ops/selective_scan/contract.py``).
 
 :func:`aot_kernel` is the plugin's whole computation with plain Python values; it needs neither
 TensorRT nor a GPU, so tests call it with ints exactly as the plugin calls it with shape
@@ -26,31 +28,18 @@ import numpy as np
 import numpy.typing as npt
 
 from mame_deploy.errors import UserError
-from mame_deploy.ops.selective_scan import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE
+from mame_deploy.ops.selective_scan.contract import (
+    ATTRIBUTES, DTYPES as KERNEL_DTYPES, FLOAT32_INPUTS, INPUT_NAMES, ONNX_DOMAIN as PLUGIN_NAMESPACE,
+    ONNX_OP_TYPE as PLUGIN_NAME, OUTPUT_NAME, PLUGIN_ID, PLUGIN_VERSION, RANKS,
+)
+from mame_deploy.plugins import launch
 from mame_deploy.plugins.trt_aot import AotKernel, Registration, aot_result, constant_dim, static_dim
 
-PLUGIN_NAMESPACE = ONNX_DOMAIN
-PLUGIN_NAME = ONNX_OP_TYPE
-PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
-PLUGIN_VERSION = "1"
-# Node attributes, in the order the plugin declares them (TensorRT passes them in this order).
-# They are declared as one-element int32 arrays, not ``int``: TensorRT hands attributes over as
-# 1-D arrays and ``int(array)`` of a 1-D array is an error in NumPy 2; the ONNX parser turns an
-# INT attribute into exactly such an int32 field.
-ATTRIBUTES = ("delta_softplus", "reverse")
+# The node's attributes (contract.ATTRIBUTES, in that order: TensorRT passes them so) are declared
+# as one-element int32 arrays, not ``int``: TensorRT hands attributes over as 1-D arrays and
+# ``int(array)`` of a 1-D array is an error in NumPy 2; the ONNX parser turns an INT attribute
+# into exactly such an int32 field.
 Flag = npt.NDArray[np.int32]
-OUTPUT_NAME = "out"
-# Inputs that stay float32 whatever the model's precision (the kernel reads them as float).
-FLOAT32_INPUTS = ("A", "D", "delta_bias")
-# The dtypes of u, delta, B, C, z and the output that the kernel is compiled for.
-KERNEL_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _launch():
-    # Imported late: launch.py belongs to the kernel and may pull NVRTC bindings.
-    from mame_deploy.plugins import launch
-
-    return launch
 
 
 def kernel_scalars(batch, dim, length, dstate) -> Tuple[Any, ...]:
@@ -60,7 +49,7 @@ def kernel_scalars(batch, dim, length, dstate) -> Tuple[Any, ...]:
     inputs, then scalars, then the output), so a change of the kernel signature fails here with
     a message rather than as a wrong launch inside an engine.
     """
-    kernel_args = tuple(_launch().KERNEL_ARGS)
+    kernel_args = tuple(launch.KERNEL_ARGS)
     n_in = len(INPUT_NAMES)
     if kernel_args[:n_in] != INPUT_NAMES or kernel_args[-1] != OUTPUT_NAME:
         raise RuntimeError(
@@ -103,7 +92,6 @@ def aot_kernel(
     """
     if dtype not in KERNEL_DTYPES:
         raise UserError(f"the selective-scan kernel has no {dtype} variant; use one of {KERNEL_DTYPES}")
-    launch = _launch()
     tuning = launch.tuning_for(batch, dim, length) if tactic == 0 else scan_tactics()[tactic - 1]
     ptx, name = launch.compile_ptx(dtype, int(dstate), bool(delta_softplus), bool(reverse), arch, tuning)
     params = launch.launch_params(batch, dim, length, int(dstate), dtype, tuning)
@@ -121,7 +109,6 @@ def scan_tactics():
     """The work splits offered to TensorRT as tactics 1, 2, ... (any batch; the segmented ones
     need a known small batch, which tactic 0 gives a static engine): TensorRT times them at the
     profile's optimum batch and bakes the fastest into the engine."""
-    launch = _launch()
     return (launch.DEFAULT_TUNING, launch.MEDIUM_BATCH_TUNING, launch.SMALL_BATCH_TUNING)
 
 
@@ -167,8 +154,7 @@ def _bind_aot() -> None:
                 raise ValueError(f"SelectiveScan input {name} is {desc.dtype}, expected {expected}")
         if u.dtype not in dtype_names:
             raise ValueError(f"SelectiveScan has no kernel for {u.dtype}")
-        ranks = {"u": 3, "delta": 3, "z": 3, "B": 3, "C": 3, "A": 2, "D": 1, "delta_bias": 1}
-        for name, rank in ranks.items():
+        for name, rank in RANKS.items():
             if len(descs[name].shape_expr) != rank:
                 raise ValueError(f"SelectiveScan input {name} must have rank {rank}")
         return (u.like(),)
@@ -212,7 +198,7 @@ def _bind_jit() -> None:
     ) -> None:
         import torch
 
-        from mame_deploy.ops.selective_scan import selective_scan_ref
+        from mame_deploy.ops.selective_scan.reference import selective_scan_ref
 
         # TensorRT's buffers through __cuda_array_interface__ (it has no bfloat16: build --jit
         # refuses bf16), made and used on TensorRT's stream, as NVIDIA's sample does.

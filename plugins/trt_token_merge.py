@@ -24,31 +24,24 @@ import numpy.typing as npt
 
 from mame_deploy.errors import UserError
 from mame_deploy.ops.token_merge.contract import (
-    INPUT_NAMES, INT_ATTRIBUTES, OUTPUT_NAMES, PLUGIN_ID, PLUGIN_VERSION, MergeAttributes,
+    DTYPES as KERNEL_DTYPES, INPUT_NAMES, INT_ATTRIBUTES, OUTPUT_NAMES, PLUGIN_ID, PLUGIN_VERSION, MergeAttributes,
 )
+from mame_deploy.plugins import merge_launch as launch
 from mame_deploy.plugins.trt_aot import AotKernel, Registration, aot_result, constant_dim, static_dim
 
 IntAttr = npt.NDArray[np.int32]  # TensorRT hands attributes over as 1-D arrays (see trt_plugin.py)
 FloatAttr = npt.NDArray[np.float32]
-KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 FIXED_TRT_TYPES = {"score": "FP32", "size": "FP32", "origin": "INT64", "cls": "INT64",
                    "size_out": "FP32", "origin_out": "INT64", "cls_out": "INT64"}
 
 
-def _launch():
-    from mame_deploy.plugins import merge_launch
-
-    return merge_launch
-
-
 def tactics() -> Tuple[int, ...]:
     """The custom tactics offered to TensorRT: one per work split."""
-    return tuple(range(1, len(_launch().TUNINGS) + 1))
+    return tuple(range(1, len(launch.TUNINGS) + 1))
 
 
 def tuning_of(tactic: int, batch):
     """The work split of ``tactic`` (0: the one ``tuning_for`` gives ``batch``)."""
-    launch = _launch()
     if tactic == 0:
         return launch.tuning_for(batch)
     if not 1 <= tactic <= len(launch.TUNINGS):
@@ -59,12 +52,12 @@ def tuning_of(tactic: int, batch):
 def kernel_scalars(batch, length, dim, attrs: MergeAttributes) -> Tuple[Any, ...]:
     """The int32 arguments between the inputs and the outputs, in kernel order; checks that
     ``merge_launch.KERNEL_ARGS`` follows TensorRT's AOT convention."""
-    args = tuple(_launch().KERNEL_ARGS)
+    args = tuple(launch.KERNEL_ARGS)
     n_in, n_out = len(INPUT_NAMES), len(OUTPUT_NAMES)
     if args[:n_in] != INPUT_NAMES or args[-n_out:] != OUTPUT_NAMES:
         raise RuntimeError(f"merge_launch.KERNEL_ARGS {args} does not follow TensorRT's AOT order "
                            f"{INPUT_NAMES} + scalars + {OUTPUT_NAMES}")
-    values = {"batch": batch, "length": length, "dim": dim, **_launch().attribute_scalars(attrs)}
+    values = {"batch": batch, "length": length, "dim": dim, **launch.attribute_scalars(attrs)}
     unknown = [name for name in args[n_in:-n_out] if name not in values]
     if unknown:
         raise RuntimeError(f"merge_launch.KERNEL_ARGS has scalars the plugin cannot supply: {unknown}")
@@ -79,7 +72,6 @@ def aot_kernel(hidden_dtype: str, residual_dtype: str, batch, length: int, dim: 
     to it); ``length`` and ``dim`` must be ints (the decision arrays' capacity is compiled in,
     and the contract's shapes are static but for the batch). ``tactic`` picks the work split.
     """
-    launch = _launch()
     if hidden_dtype not in KERNEL_DTYPES:
         raise UserError(f"the token-merge kernel has no {hidden_dtype} variant; use one of {KERNEL_DTYPES}")
     launch.check_shape(length, dim, attrs.r)

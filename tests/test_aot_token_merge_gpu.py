@@ -24,7 +24,7 @@ from shape_expr import Sym, evaluate  # noqa: E402
 
 from mame_deploy.models import create_model  # noqa: E402
 from mame_deploy.ops.token_merge.contract import MergeAttributes  # noqa: E402
-from mame_deploy.ops.token_merge.cuda import merge_inputs  # noqa: E402
+from mame_deploy.ops.fixtures import merge_inputs  # noqa: E402
 from mame_deploy.ops.token_merge.reference import token_merge_ref  # noqa: E402
 from mame_deploy.plugins.trt_token_merge import aot_kernel, tactics  # noqa: E402
 from mame_deploy.schedule import resolve_schedule  # noqa: E402

@@ -171,7 +171,7 @@ def test_memory_estimates_and_the_machine_reading():
     assert memory.forward_bytes(vim_t, 1000) > 1000 * per_image * 0.99
     free = memory.available_bytes("cpu")
     assert free is None or 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert memory.format_bytes(60_211_200_000) == "60.2 GB"
+    assert artifacts.format_bytes(60_211_200_000) == "60.2 GB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def test_pair_is_published_without_replacing_unless_forced(tmp_path):
     onnx_path, json_path = tmp_path / "x.onnx", tmp_path / "x.json"
     artifacts.write_files([(onnx_path, b"one"), (json_path, b"{1}")])
     json_path.unlink()  # a lone leftover .onnx of some other run
-    with pytest.raises(UserError, match="x.onnx already exists; pass --force .*appeared while this command ran"):
+    with pytest.raises(UserError, match="x.onnx already exists; pass `force` .*appeared while this command ran"):
         artifacts.write_files([(onnx_path, b"two"), (json_path, b"{2}")])
     assert snapshot(tmp_path) == {Path("x.onnx"): b"one"}  # kept, and no x.json published alone
     artifacts.write_files([(onnx_path, b"two"), (json_path, b"{2}")], force=True)

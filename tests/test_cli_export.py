@@ -16,7 +16,7 @@ from mame_deploy.cli.main import main
 from mame_deploy.errors import UserError
 from mame_deploy.manifest import REQUIRED_KEYS
 from mame_deploy.models import create_model
-from mame_deploy.onnx_export import tensorrt_available
+from mame_deploy.plugins.trt_aot import tensorrt_available
 
 TINY = ["--override", "depth=2"]
 
@@ -254,7 +254,7 @@ def test_bench_torch_cuda_graph_targets_replay_graphs():
     else:  # the runner is made when timing starts; without a GPU that is the one-line error
         with pytest.raises(UserError, match="no CUDA device"):
             targets[0].make_runner()
-    with pytest.raises(UserError, match="--device cuda"):
+    with pytest.raises(UserError, match="`device` cuda"):
         bench.torch_target(source, "cpu", None, cuda_graph=True)
 
 

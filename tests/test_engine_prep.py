@@ -11,8 +11,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from mame_deploy import engine
+from mame_deploy.cli.common import parse_size
 from mame_deploy.errors import UserError
-from mame_deploy.ops.selective_scan import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE
+from mame_deploy.ops.selective_scan.contract import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE
 
 FLOAT32_INPUTS = ("A", "D", "delta_bias")
 
@@ -149,7 +150,7 @@ def test_a_model_without_scan_nodes_is_refused_with_the_fix():
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
-    with pytest.raises(UserError, match="--scan inline.*--scan plugin"):
+    with pytest.raises(UserError, match="`scan` inline.*`scan` plugin"):
         engine.prepare_onnx(helper.make_model(graph))
 
 
@@ -207,7 +208,7 @@ def test_batch_profile_static_and_dynamic():
     assert engine.BatchProfile(3, 3, 3).as_json() == 3
     with pytest.raises(UserError, match="static batch"):
         engine.batch_profile(scan_model(batch=3), max_batch=8)
-    with pytest.raises(UserError, match=r"1 <= --opt-batch \(9\) <= --max-batch \(8\)"):
+    with pytest.raises(UserError, match=r"1 <= `opt_batch` \(9\) <= `max_batch` \(8\)"):
         engine.batch_profile(dynamic, max_batch=8, opt_batch=9)
     with pytest.raises(UserError, match="dynamic axis 2"):
         engine.batch_profile(scan_model(batch="b", length="L"))
@@ -218,13 +219,13 @@ def test_batch_profile_static_and_dynamic():
     [("4G", 4 << 30), ("4GiB", 4 << 30), ("512M", 512 << 20), ("512mb", 512 << 20), ("2048", 2048 << 20), (None, None)],
 )
 def test_parse_size(text, size):
-    assert engine.parse_size(text) == size
+    assert parse_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["lots", "0", "-1G", "4X"])
 def test_parse_size_errors(text):
     with pytest.raises(UserError):
-        engine.parse_size(text)
+        parse_size(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def test_plan_defaults_to_the_onnx_stem_and_its_manifest(exported):
 
 def test_plan_refuses_to_overwrite_without_force(exported):
     exported.with_suffix(".plan").write_bytes(b"old")
-    with pytest.raises(UserError, match="net.plan already exists; pass --force"):
+    with pytest.raises(UserError, match="net.plan already exists; pass `force`"):
         engine.plan_build(exported)
     assert engine.plan_build(exported, force=True).output.read_bytes() == b"old"
     other = exported.parent / "other.plan"
@@ -286,7 +287,7 @@ def test_plan_refuses_to_overwrite_without_force(exported):
         (lambda p: p.unlink(), {}, "does not exist"),
         (lambda p: None, {"output": "x.engine"}, "must end in .plan"),
         (lambda p: None, {"precision": "int8"}, "unknown precision 'int8'"),
-        (lambda p: None, {"workspace": "big"}, "cannot read the size 'big'"),
+        (lambda p: None, {"workspace": "big"}, "`workspace` must be a positive number of bytes"),
     ],
 )
 def test_plan_errors_are_one_line(exported, setup, kwargs, message):
@@ -297,7 +298,7 @@ def test_plan_errors_are_one_line(exported, setup, kwargs, message):
 
 
 def test_engine_record_points_at_files_relative_to_the_manifest(exported):
-    plan = engine.plan_build(exported, precision="fp16", workspace="1G")
+    plan = engine.plan_build(exported, precision="fp16", workspace=1 << 30)
     record = engine.engine_record(plan, b"engine-bytes", "10.13.0", {"gpu": "NVIDIA H100", "compute_capability": "9.0"})
     assert record["path"] == "net.plan" and record["onnx"] == "net.onnx"
     from mame_deploy.artifacts import file_sha256
@@ -316,7 +317,7 @@ def test_a_network_without_a_plugin_layer_per_scan_node_is_refused():
     layers = ["conv", "plugin", "conv", "plugin"]
     network = SimpleNamespace(num_layers=len(layers), get_layer=lambda i: SimpleNamespace(type=layers[i]))
     engine.check_plugin_layers(trt, network, 2)
-    with pytest.raises(UserError, match="made 2 plugin layers for 3 mame::SelectiveScan nodes"):
+    with pytest.raises(UserError, match="made 2 plugin layers for 3 mame::SelectiveScan and mame::TokenMerge nodes"):
         engine.check_plugin_layers(trt, network, 3)
 
 
@@ -437,8 +438,8 @@ def test_build_plan_counts_merge_nodes_and_refuses_jit_bf16(tmp_path):
     record = engine.engine_record(plan, b"e", "10.13.0", {})
     assert record["merge_plugin"] == {"id": "mame::TokenMerge", "implementation": "aot", "nodes": 1}
     bf16 = write_export(tmp_path / "b.onnx", scan_model(dtype=TensorProto.BFLOAT16))
-    with pytest.raises(UserError, match="build --jit cannot run bf16") as err:
+    with pytest.raises(UserError, match="build `jit` cannot run bf16") as err:
         engine.plan_build(bf16, jit=True)
     assert "\n" not in str(err.value)
-    with pytest.raises(UserError, match="build --jit cannot run bf16"):
+    with pytest.raises(UserError, match="build `jit` cannot run bf16"):
         engine.plan_build(path, precision="bf16", jit=True, force=True)

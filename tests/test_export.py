@@ -19,9 +19,10 @@ import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
 
-from mame_deploy.manifest import Source, build_model
+from mame_deploy.manifest import Source
+from mame_deploy.source import build_model
 from mame_deploy.onnx_export import serialize, to_onnx
-from mame_deploy.scan_onnx import scan_nodes
+from mame_deploy.ops.onnx_functions import custom_nodes
 
 TINY = {"depth": 2}                                         # vim_t's widths and 197 tokens, 2 blocks
 SMALL = {"depth": 4, "img_size": 64}                        # 16 patches: room for merges, fast
@@ -123,7 +124,7 @@ def test_plugin_export_structure():
     data = exported("vim_t", tuple(TINY.items()), batch=3)
     model = onnx.ModelProto.FromString(data)
     onnx.checker.check_model(model, full_check=True)
-    nodes = scan_nodes(model)
+    nodes = custom_nodes(model, "SelectiveScan")
     assert len(nodes) == 2 * TINY["depth"]  # one node per scan: forward and backward per block
     for node in nodes:
         assert len(node.input) == 8 and len(node.output) == 1
@@ -224,7 +225,7 @@ def test_merged_static_export_structure_and_parity(method):
     data = exported("vim_t", overrides, method, 0.5, batch=3)
     model = onnx.ModelProto.FromString(data)
     onnx.checker.check_model(model, full_check=True)
-    assert len(scan_nodes(model)) == 2 * SMALL["depth"]
+    assert len(custom_nodes(model, "SelectiveScan")) == 2 * SMALL["depth"]
     assert not {"NonZero", "Loop", "If"} & all_op_types(model) - {"Scan"} - attribute_ifs(model)
     # The exporter declares every TokenMerge output's static shape (B, L - r, ...); ONNX's own
     # inference cannot derive them through the function from scratch (its r-dependent sizes

@@ -9,7 +9,8 @@ import pytest
 
 from mame_deploy import artifacts, onnx_export
 from mame_deploy.errors import UserError
-from mame_deploy.manifest import REQUIRED_KEYS, Source, build_model, read_manifest, source_from_manifest
+from mame_deploy.manifest import REQUIRED_KEYS, Source, source_from_manifest
+from mame_deploy.source import build_model, read_manifest
 
 
 def test_write_bytes_replaces_atomically(tmp_path):
@@ -45,7 +46,7 @@ def test_check_writable(tmp_path):
     taken.write_text("{}")
     artifacts.check_writable([free], force=False)
     artifacts.check_writable([free, taken], force=True)
-    with pytest.raises(UserError, match="taken.json already exists; pass --force"):
+    with pytest.raises(UserError, match="taken.json already exists; pass `force`"):
         artifacts.check_writable([free, taken], force=False)
     with pytest.raises(UserError, match="is a directory"):
         artifacts.check_writable([tmp_path], force=True)

@@ -9,10 +9,11 @@ import torch
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
-from mame_deploy.ops import selective_scan_ref
-from mame_deploy.ops.selective_scan import INPUT_NAMES
-from mame_deploy.onnx_functions import attach_functions, inline_functions
-from mame_deploy.scan_onnx import MIN_OPSET, scan_nodes, selective_scan_function
+from mame_deploy.ops.selective_scan import selective_scan_ref
+from mame_deploy.ops.selective_scan.contract import INPUT_NAMES
+from mame_deploy.ops.onnx_functions import attach_functions, inline_functions
+from mame_deploy.ops.onnx_functions import custom_nodes
+from mame_deploy.ops.selective_scan.onnx_function import MIN_OPSET, selective_scan_function
 
 
 def scan_model(batch, dim, dstate, length, delta_softplus, reverse, opset=20, output_shape=True):
@@ -99,7 +100,7 @@ def test_inlined_equals_node_and_has_no_custom_domain(reverse):
     model = scan_model(2, 6, 4, 11, 1, reverse)
     inlined = inline_functions(model)
     onnx.checker.check_model(inlined, full_check=True)
-    assert not inlined.functions and not scan_nodes(inlined)
+    assert not inlined.functions and not custom_nodes(inlined, "SelectiveScan")
     assert {entry.domain for entry in inlined.opset_import} == {""}
     assert all(node.domain == "" for node in inlined.graph.node)
     inputs = scan_inputs(2, 6, 4, 11, seed=7)

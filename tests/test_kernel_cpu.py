@@ -102,7 +102,7 @@ def test_kernel_signature_in_source_matches_kernel_args():
 def test_pack_args_points_at_each_value_in_order():
     values = {name: 1000 + i for i, name in enumerate(launch.KERNEL_ARGS)}
     values.update(batch=3, dim=768, length=197)
-    from mame_deploy.kernels import pack_args
+    from mame_deploy.ops.selective_scan.cuda import pack_args
 
     holders, array = pack_args(values)
     assert len(array) == len(launch.KERNEL_ARGS)
@@ -266,7 +266,7 @@ def _inputs(batch=2, dim=6, length=5, dstate=16):
 
 
 def test_op_runs_the_reference_on_cpu():
-    import mame_deploy.kernels  # noqa: F401  (registers the CUDA kernel; must not affect the CPU)
+    import mame_deploy.ops.selective_scan  # noqa: F401  (registers the CUDA kernel; must not affect the CPU)
 
     args = _inputs()
     for reverse in (False, True):
@@ -275,20 +275,21 @@ def test_op_runs_the_reference_on_cpu():
 
 
 def test_cuda_kernel_is_registered_for_the_op():
-    import mame_deploy.kernels  # noqa: F401
+    import mame_deploy.ops.selective_scan  # noqa: F401
 
     assert torch._C._dispatch_has_kernel_for_dispatch_key("mame::selective_scan", "CUDA")
 
 
 def test_kernel_entry_points_fail_clearly_without_gpu_or_cuda_python(monkeypatch):
-    from mame_deploy import kernels
+    from mame_deploy.ops import cuda_driver
+    from mame_deploy.ops.selective_scan.cuda import selective_scan_cuda
 
     with pytest.raises(UserError, match="CUDA tensors"):
-        kernels.selective_scan_cuda(*_inputs())
+        selective_scan_cuda(*_inputs())
     monkeypatch.setitem(sys.modules, "cuda", None)
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
     with pytest.raises(UserError, match="cuda-python"):
-        kernels._driver()
+        cuda_driver.driver()
     with pytest.raises(UserError, match="cuda-python"):
         launch._nvrtc()
 
@@ -304,7 +305,7 @@ def test_mamba_ssm_backend_needs_mamba_ssm(monkeypatch):
 
 
 def test_scan_inputs_are_vim_like_and_the_error_metric_is_normwise():
-    from mame_deploy.kernels import relative_error, scan_inputs
+    from mame_deploy.ops.fixtures import relative_error, scan_inputs
 
     args = scan_inputs(3, 12, 7, dstate=8, dtype=torch.bfloat16, seed=5, device="cpu")
     assert args["u"].shape == args["delta"].shape == args["z"].shape == (3, 12, 7)

@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from mame_deploy.kernels import relative_error, scan_inputs
+from mame_deploy.ops.fixtures import relative_error, scan_inputs
 from mame_deploy.ops.selective_scan import selective_scan_ref
 
 
@@ -51,7 +51,7 @@ def reference(args, softplus, reverse):
 
 
 def run_kernel(args, softplus, reverse, **kw):
-    from mame_deploy.kernels import selective_scan_cuda
+    from mame_deploy.ops.selective_scan.cuda import selective_scan_cuda
 
     u = args["u"]
     out = torch.full_like(u, float("nan"))
@@ -118,7 +118,7 @@ def test_op_dispatches_to_kernel_on_cuda_and_handles_views():
 
 
 def test_kernel_in_a_cuda_graph():
-    from mame_deploy.kernels import selective_scan_cuda
+    from mame_deploy.ops.selective_scan.cuda import selective_scan_cuda
 
     args = make_inputs(8, 768, 197)
     out = torch.empty_like(args["u"])

@@ -1,4 +1,4 @@
-"""Token merging: the merge step against a per-sample loop written from docs (mame.md), the
+"""Token merging: the merge step against a per-sample loop written from docs (docs/merging.md), the
 invariants the issue names, the patched model, and ONNX export of the merging ops."""
 
 import json
@@ -247,7 +247,7 @@ def test_patch_attributes_and_repatching():
     ({"ratio": 0.3, "alpha": 1}, "unknown merge option"),
     ({"ratio": 0.3, "split": "random"}, "split must be one of informativeness, alternate"),
     ({"ratio": 0.3, "lam": "x"}, "lam must be a number"),
-    ({"ratio": 1.2}, "--ratio must lie in"),
+    ({"ratio": 1.2}, "`ratio` must lie in"),
     ({"ratio": 0.3, "method": "prune", "lam": 1.0}, "option\\(s\\) lam do not apply to prune"),
     ({"schedule": "3:5"}, "merge layer 3 is out of range"),
 ])
@@ -297,7 +297,7 @@ def test_merge_steps_export_to_onnx(method, switches):
     from onnx.reference import ReferenceEvaluator
 
     from mame_deploy.merge import attributes
-    from mame_deploy.onnx_functions import attach_functions, inline_functions
+    from mame_deploy.ops.onnx_functions import attach_functions, inline_functions
 
     hidden, residual, score, _ = random_state(2, 25, 8, seed=7)
     opts = merge_options(method, **switches)
@@ -326,7 +326,7 @@ def test_merge_steps_export_to_onnx(method, switches):
 
 
 def test_patched_model_exports_and_runs_in_onnxruntime():
-    from mame_deploy.onnx_functions import attach_functions
+    from mame_deploy.ops.onnx_functions import attach_functions
 
     model = mame_deploy.patch(tiny_model(depth=3), ratio=0.5)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))

@@ -1,4 +1,4 @@
-"""The Vision Mamba zoo against the contract in shared docs/vim.md."""
+"""The Vision Mamba zoo against the contract in docs/vim.md."""
 
 import math
 
@@ -8,13 +8,13 @@ import torch.nn.functional as F
 
 import mame_deploy
 from mame_deploy.errors import UserError
-from mame_deploy.ops import selective_scan_ref
+from mame_deploy.ops.selective_scan import selective_scan_ref
 
 CONFIGS = {"vim_t": (192, 7_148_008), "vim_s": (384, 25_796_584), "vim_b": (768, 97_598_440)}
 
 
 def official_shapes(embed: int, depth: int = 24, n: int = 16, tokens: int = 197) -> dict:
-    """Key -> shape of an official checkpoint, written out from vim.md's table."""
+    """Key -> shape of an official checkpoint, written out from docs/vim.md's table."""
     di, r = 2 * embed, math.ceil(embed / 16)
     shapes = {
         "cls_token": (1, 1, embed), "pos_embed": (1, tokens, embed),
@@ -129,7 +129,7 @@ def test_forward_shape_and_batch_independence():
 
 
 def flip_formulation_mixer(mixer, h):
-    """The official bimamba-v2 forward in words of vim.md: the backward branch runs the
+    """The official bimamba-v2 forward in words of docs/vim.md: the backward branch runs the
     forward machinery on the flipped sequence and flips its output back."""
     L = h.shape[1]
     xz = mixer.in_proj(h).transpose(1, 2)

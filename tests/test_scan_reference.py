@@ -1,10 +1,10 @@
-"""The reference selective scan against a naive float64 loop written straight from vim.md."""
+"""The reference selective scan against a naive float64 loop written straight from docs/vim.md."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mame_deploy.ops import selective_scan, selective_scan_ref
+from mame_deploy.ops.selective_scan import selective_scan, selective_scan_ref
 
 
 def naive_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):

@@ -21,7 +21,7 @@ def test_parse_schedule():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("", "empty --schedule"),
+    ("", "empty `schedule`"),
     ("4-20", "malformed schedule step '4-20'"),
     ("4:20,", "malformed schedule step ''"),
     ("a:3", "malformed"),
@@ -34,13 +34,13 @@ def test_parse_schedule_errors(text, message):
 
 def test_parse_layers():
     assert parse_layers("2,5, 8") == [2, 5, 8]
-    with pytest.raises(UserError, match="malformed --layers"):
+    with pytest.raises(UserError, match="malformed `layers`"):
         parse_layers("2;5")
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 0.96, 1.0, float("nan")])
 def test_ratio_out_of_range(ratio):
-    with pytest.raises(UserError, match=r"--ratio must lie in \[0, 0.95\]"):
+    with pytest.raises(UserError, match=r"`ratio` must lie in \[0, 0.95\]"):
         schedule_from_ratio(VIM_T, ratio)
 
 
@@ -109,9 +109,9 @@ def test_explicit_schedule_errors(text, message):
 
 
 def test_ratio_and_schedule_are_exclusive():
-    with pytest.raises(UserError, match="either --ratio or --schedule"):
+    with pytest.raises(UserError, match="either `ratio` or `schedule`"):
         resolve_schedule(VIM_T, ratio=0.3, schedule="4:20")
-    with pytest.raises(UserError, match="--layers goes with --ratio"):
+    with pytest.raises(UserError, match="`layers` goes with `ratio`"):
         resolve_schedule(VIM_T, schedule="4:20", layers=[4])
     with pytest.raises(UserError, match="one count per block"):
         resolve_schedule(VIM_T, schedule=[1, 2])

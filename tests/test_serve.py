@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from mame_deploy import manifest as manifests
+from mame_deploy import source as sources
 from mame_deploy.cli.main import main
 from mame_deploy.errors import UserError
 
@@ -197,7 +198,7 @@ def digits_images(n: int) -> np.ndarray:
 
 
 def torch_logits(record: dict, images: np.ndarray) -> np.ndarray:
-    model = manifests.build_model(manifests.source_from_manifest(record), record["schedule"]).eval()
+    model = sources.build_model(manifests.source_from_manifest(record), record["schedule"]).eval()
     with torch.inference_mode():
         return model(torch.from_numpy(images)).numpy()
 
@@ -328,7 +329,7 @@ def test_loadtest_bounds_urls_and_server_statistics():
     infos = [info("m", "0.5"), info("u", "0.0"), ModelInfo("x", "in", "FP32", [3], 4, "out")]
     assert pair_baselines(infos) == {"m": "u"}
     assert pair_baselines(infos, baseline="x") == {"m": "x", "u": "x"}
-    with pytest.raises(UserError, match="--baseline 'y' is not among the models"):
+    with pytest.raises(UserError, match="`baseline` 'y' is not among the models"):
         pair_baselines(infos, baseline="y")
     with pytest.raises(UserError, match="over m's maximum batch of 8"):
         infos[0].request_shape(9)
@@ -384,7 +385,7 @@ def test_with_baseline_serves_the_unmerged_twin_and_names_must_differ(exports, t
         (TORCH, "torch", 4, True), (UNMERGED, "torch", 4, False)]
     assert models[0].parameters()["mame.schedule"] != models[1].parameters()["mame.schedule"]
     twice = [onnx_model(exports["unmerged"]), onnx_model(exports["unmerged"])]
-    with pytest.raises(UserError, match="two models would both be served as 'vim_digits'; give each its own --name"):
+    with pytest.raises(UserError, match="two models would both be served as 'vim_digits'; give each its own `name`"):
         Server(twice)
 
 
@@ -459,7 +460,7 @@ def test_triton_repository_for_a_dynamic_and_a_static_export(exports, tmp_path):
     merged = write_repository(exports["merged"], repo, max_batch=MAX_BATCH)
     unmerged = write_repository(exports["unmerged"], repo)
     assert [e.name for e in merged + unmerged] == [MERGED, UNMERGED]
-    record = manifests.read_manifest(exports["merged"])
+    record = sources.read_manifest(exports["merged"])
     config = parse_config((repo / MERGED / "config.pbtxt").read_text())
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == MAX_BATCH
     assert list(config.input[0].dims) == [1, 32, 32] and list(config.output[0].dims) == [10]
@@ -471,7 +472,7 @@ def test_triton_repository_for_a_dynamic_and_a_static_export(exports, tmp_path):
     assert static.max_batch_size == 0 and list(static.input[0].dims) == [STATIC_BATCH, 1, 32, 32]
     assert not static.HasField("dynamic_batching")
     assert "static batch of 4" in (repo / UNMERGED / "README.md").read_text()
-    with pytest.raises(UserError, match="already exists in the model repository; pass --force"):
+    with pytest.raises(UserError, match="already exists in the model repository; pass `force`"):
         write_repository(exports["merged"], repo)
     write_repository(exports["merged"], repo, force=True)
 
@@ -555,7 +556,7 @@ def test_serve_and_loadtest_errors_are_one_line(args, message, tmp_path, capsys,
     if args[0] == "serve" and not HAVE_PYTRITON:
         pytest.skip("serve checks its arguments after finding PyTriton")
     if args[-1].endswith(".plan"):
-        from mame_deploy.onnx_export import tensorrt_available
+        from mame_deploy.plugins.trt_aot import tensorrt_available
 
         if tensorrt_available():
             pytest.skip("TensorRT is installed: nothing to refuse")
@@ -590,7 +591,7 @@ def test_health_metadata_and_manifest_in_the_config(server, exports):
             assert meta["versions"] == ["1"]
             assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 32, 32]}]
             assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
-        record = manifests.read_manifest(exports["merged"])
+        record = sources.read_manifest(exports["merged"])
         config = client.get_model_config(MERGED)
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
         assert config["max_batch_size"] == MAX_BATCH and "dynamic_batching" in config
@@ -607,7 +608,7 @@ def test_health_metadata_and_manifest_in_the_config(server, exports):
 def test_served_logits_match_pytorch_over_http_and_grpc(server, exports):
     images = digits_images(6)
     for name, export in ((MERGED, exports["merged"]), (UNMERGED, exports["unmerged"])):
-        reference = torch_logits(manifests.read_manifest(export), images)
+        reference = torch_logits(sources.read_manifest(export), images)
         assert_close_to_torch(http_infer(server.url, name, images[:3]), reference[:3])  # 3 < static batch: padded
         assert_close_to_torch(grpc_infer(server.grpc, name, images[3:]), reference[3:])
 
@@ -719,7 +720,7 @@ def test_pytorch_runner_served_then_ctrl_c_stops_cleanly(tmp_path):
     import tritonclient.http as th
 
     from mame_deploy.manifest import Source
-    from mame_deploy.onnx_export import resolve_checkpoint
+    from mame_deploy.source import resolve_checkpoint
 
     proc = ServeProcess(["vim_digits", "--ratio", "0.3", "--threads", "1"], tmp_path / "serve.log",
                         metrics=False, session=True)
@@ -734,8 +735,8 @@ def test_pytorch_runner_served_then_ctrl_c_stops_cleanly(tmp_path):
     finally:
         proc.kill()
     assert params["mame.backend"] == "torch" and params["mame.ratio"] == "0.3"
-    model = manifests.build_model(resolve_checkpoint(Source("vim_digits", ratio=0.3))).eval()
-    assert json.loads(params["mame.schedule"]) == manifests.model_schedule(model)
+    model = sources.build_model(resolve_checkpoint(Source("vim_digits", ratio=0.3))).eval()
+    assert json.loads(params["mame.schedule"]) == sources.model_schedule(model)
     with torch.inference_mode():
         assert_close_to_torch(served, model(torch.from_numpy(images)).numpy())
     assert code == 0, proc.output()

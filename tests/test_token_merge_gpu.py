@@ -19,7 +19,8 @@ pytest.importorskip("cuda.bindings.driver", reason="needs cuda-python (pip insta
 
 from mame_deploy.errors import UserError  # noqa: E402
 from mame_deploy.ops.token_merge.contract import MergeAttributes  # noqa: E402
-from mame_deploy.ops.token_merge.cuda import merge_inputs, register_cuda, token_merge_cuda  # noqa: E402
+from mame_deploy.ops.fixtures import merge_inputs  # noqa
+from mame_deploy.ops.token_merge.cuda import register_cuda, token_merge_cuda  # noqa: E402
 from mame_deploy.ops.token_merge.reference import token_merge_ref  # noqa: E402
 from mame_deploy.plugins import merge_launch  # noqa: E402
 

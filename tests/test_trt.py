@@ -227,7 +227,7 @@ def test_ptx_and_launch_come_from_the_same_work_split(monkeypatch):
 
 
 def test_kernel_arguments_follow_tensorrts_aot_order():
-    from mame_deploy.ops.selective_scan import INPUT_NAMES
+    from mame_deploy.ops.selective_scan.contract import INPUT_NAMES
     from mame_deploy.plugins import launch
 
     # TensorRT passes the plugin's inputs, then the extra int32 arguments, then the outputs.

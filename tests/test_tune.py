@@ -154,7 +154,7 @@ def test_choice_honours_the_budget(points, max_drop, latency_ms):
 def test_budget_needs_a_limit_and_positive_values():
     with pytest.raises(UserError, match="needs a budget"):
         tune.Budget()
-    with pytest.raises(UserError, match="--latency-ms must be a positive number"):
+    with pytest.raises(UserError, match="`latency_ms` must be a positive number"):
         tune.Budget(latency_ms=0)
     assert tune.Budget(max_drop=1).objective == "latency"
     assert tune.Budget(max_drop=1, min_speedup=2).objective == "accuracy"

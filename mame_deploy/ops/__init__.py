@@ -1,5 +1,7 @@
-"""Operators the models call. The selective scan lives in ``selective_scan``."""
+"""The operators models call, one folder each: ``selective_scan`` (mame::SelectiveScan) and
+``token_merge`` (mame::TokenMerge). Importing this package defines both torch.library ops and
+registers their CUDA kernels, in this order; import the functions from the folders."""
 
-from .selective_scan import discretize, selective_scan, selective_scan_ref
+from . import selective_scan, token_merge  # noqa: F401  (defines and registers, in this order)
 
-__all__ = ["discretize", "selective_scan", "selective_scan_ref"]
+__all__ = ["selective_scan", "token_merge"]

@@ -40,6 +40,10 @@ INPUT_NAMES = ("hidden", "residual", "score", "size", "origin", "cls")
 OUTPUT_NAMES = ("hidden_out", "residual_out", "size_out", "origin_out", "cls_out")
 # Inputs whose element type is fixed whatever the model's precision.
 FIXED_TYPES = {"score": "float32", "size": "float32", "origin": "int64", "cls": "int64"}
+# Element types of hidden (and of residual, which may also be float32) that every face runs.
+DTYPES = ("float32", "float16", "bfloat16")
+RANKS = {"hidden": 3, "residual": 3, "score": 2, "size": 2, "origin": 2, "cls": 1}
+LAYOUT = "hidden, residual: batch x length x dim; score, size, origin: batch x length; cls: batch"
 # Integer attributes in declaration order, then the one float.
 INT_ATTRIBUTES = ("r", "prune", "split", "arrangement", "weighting", "metric")
 FLOAT_ATTRIBUTES = ("lam",)
@@ -90,3 +94,14 @@ def check_length(length: int, r: int) -> None:
     """One step removes at most half of the ``length - 1`` patches."""
     if r > (length - 1) // 2:
         raise ValueError(f"TokenMerge: r={r} exceeds half of the {length - 1} patches")
+
+
+def input_shapes(batch, length, dim) -> dict:
+    """Each input's shape in terms of the three sizes (any of them may be unknown)."""
+    return {"hidden": (batch, length, dim), "residual": (batch, length, dim), "score": (batch, length),
+            "size": (batch, length), "origin": (batch, length), "cls": (batch,)}
+
+
+def is_node(node) -> bool:
+    """Whether an ONNX ``NodeProto`` is a ``mame::TokenMerge`` node."""
+    return node.domain == ONNX_DOMAIN and node.op_type == ONNX_OP_TYPE

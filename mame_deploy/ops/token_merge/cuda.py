@@ -151,38 +151,10 @@ _registered = False
 
 def register_cuda() -> None:
     """Make the kernel the CUDA implementation of ``torch.ops.mame.token_merge`` (idempotent).
-    The op itself (``op.py``) must be defined first; inputs the kernel cannot run fall back to
+    The op (``op.py``) must be defined first (the package's ``__init__`` does); inputs the kernel cannot run fall back to
     the reference with a one-time warning."""
     global _registered
     with _lock:
         if not _registered:
-            from . import op  # noqa: F401  (defines the op the kernel registers for)
-
             torch.library.register_kernel(TORCH_NAME, "cuda")(_token_merge_cuda_op)
             _registered = True
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs shared by the GPU tests and the benchmarks.
-
-def merge_inputs(batch: int, length: int = 197, dim: int = 384, hidden_dtype: torch.dtype = torch.float32,
-                 residual_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cuda",
-                 merged_before: bool = True) -> dict:
-    """Random arguments of ``token_merge_ref`` with vim_s-like magnitudes (keyword names): unit
-    hidden, a residual stream ten times larger, scores like a mean step size (softplus range
-    0.001..0.1), and with ``merged_before`` the state of an earlier merge: sizes 1..4, origins a
-    permutation, the class token anywhere."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    residual_dtype = residual_dtype or hidden_dtype
-    hidden = torch.randn(batch, length, dim, generator=g, device=device).to(hidden_dtype)
-    residual = (10 * torch.randn(batch, length, dim, generator=g, device=device)).to(residual_dtype)
-    score = torch.exp(torch.rand(batch, length, generator=g, device=device) * 4.6 - 6.9)
-    if merged_before:
-        size = torch.randint(1, 5, (batch, length), generator=g, device=device).float()
-        origin = torch.argsort(torch.rand(batch, length, generator=g, device=device), dim=1)
-        cls = torch.randint(0, length, (batch,), generator=g, device=device)
-    else:
-        size = torch.ones(batch, length, device=device)
-        origin = torch.arange(length, device=device).expand(batch, length).contiguous()
-        cls = torch.full((batch,), length // 2, device=device, dtype=torch.long)
-    return dict(hidden=hidden, residual=residual, score=score, size=size, origin=origin, cls=cls)

@@ -16,18 +16,24 @@ import onnx.inliner
 import onnxscript.optimizer
 from onnx import helper
 
-from mame_deploy import scan_onnx
+from mame_deploy.ops.selective_scan import contract as scan_contract
+from mame_deploy.ops.selective_scan.onnx_function import MIN_OPSET as SCAN_MIN_OPSET
+from mame_deploy.ops.selective_scan.onnx_function import selective_scan_function
 from mame_deploy.ops.token_merge import contract as merge_contract
+from mame_deploy.ops.token_merge.onnx_function import MIN_OPSET as MERGE_MIN_OPSET
 from mame_deploy.ops.token_merge.onnx_function import token_merge_function
 
-DOMAIN = "mame"
-DOMAIN_VERSION = 1  # the "mame" opset version the exporter declares
-# op_type -> builder of its function at a default-domain opset.
+# Both operators live in one domain at one version (each contract says so).
+DOMAIN, DOMAIN_VERSION = scan_contract.ONNX_DOMAIN, scan_contract.FUNCTION_VERSION
+if (merge_contract.ONNX_DOMAIN, merge_contract.FUNCTION_VERSION) != (DOMAIN, DOMAIN_VERSION):
+    raise RuntimeError("the operator contracts disagree on the ONNX domain or its version")
+# op_type -> builder of its function at a default-domain opset. A new operator adds one line.
 FUNCTIONS: dict[str, Callable[[int], onnx.FunctionProto]] = {
-    scan_onnx.ONNX_OP_TYPE: scan_onnx.selective_scan_function,
+    scan_contract.ONNX_OP_TYPE: selective_scan_function,
     merge_contract.ONNX_OP_TYPE: token_merge_function,
 }
-MIN_OPSET = 18
+MIN_OPSET = max(SCAN_MIN_OPSET, MERGE_MIN_OPSET)  # the lowest default-domain opset every body runs on
+OPSETS = range(MIN_OPSET, 24)  # the default-domain opsets an export may target
 
 
 def custom_nodes(model: onnx.ModelProto, op_type: str) -> list[onnx.NodeProto]:

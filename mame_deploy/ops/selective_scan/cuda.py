@@ -1,17 +1,17 @@
-"""The selective-scan CUDA kernel on PyTorch tensors, and its registration as the CUDA
-implementation of ``torch.ops.mame.selective_scan``.
+"""The CUDA face of ``mame::SelectiveScan``: the kernel on PyTorch tensors, and its registration
+as the CUDA implementation of ``torch.ops.mame.selective_scan``.
 
 The kernel is ``plugins/selective_scan.cu``, compiled to PTX by ``mame_deploy.plugins.launch``
 (the same function the TensorRT plugin calls), loaded with the CUDA driver API (cuda-python) and
 launched on PyTorch's current stream with ``launch.launch_params`` -- so CUDA graphs capture it.
-Nothing here touches CUDA or imports cuda-python until a CUDA tensor reaches the op: importing
-this module on a machine without either is fine.
+Importing this module touches neither CUDA nor cuda-python; nothing is registered until
+:func:`register_cuda` is called (the package's ``__init__`` does, after defining the op).
 """
 
 from __future__ import annotations
 
 import ctypes
-import math
+import threading
 import warnings
 from typing import Optional
 
@@ -20,22 +20,17 @@ from torch import Tensor
 
 from mame_deploy.errors import UserError
 from mame_deploy.ops import cuda_driver
-from mame_deploy.ops.selective_scan import selective_scan_ref
 from mame_deploy.plugins import launch
+
+from .contract import INPUT_NAMES, TORCH_NAME, input_shapes
+from .reference import selective_scan_ref
 
 TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # Grid y is the channel-group count; CUDA caps it at 65535.
 _MAX_GRID_Y = 65535
 
 
-# The driver helpers live in mame_deploy.ops.cuda_driver (shared with the token-merge kernel);
-# these names stay for the scan's callers and tests.
-_driver = cuda_driver.driver
-_check = cuda_driver.check
-_Loaded = cuda_driver.Loaded
-
-
-def _kernel(device: torch.device, dtype: str, dstate: int, softplus: bool, reverse: bool, tuning) -> _Loaded:
+def _kernel(device: torch.device, dtype: str, dstate: int, softplus: bool, reverse: bool, tuning) -> cuda_driver.Loaded:
     def compile_variant():
         major, minor = torch.cuda.get_device_capability(device)
         return launch.compile_ptx(dtype, dstate, softplus, reverse, f"sm_{major}{minor}", tuning)
@@ -57,15 +52,12 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int, int, i
     if A.dim() != 2 or A.shape[0] != dim:
         raise UserError(f"selective scan: A must be (dim={dim}, dstate), got {tuple(A.shape)}")
     dstate = A.shape[1]
-    expected = {
-        "delta": (delta, (batch, dim, length)), "B": (B, (batch, dstate, length)),
-        "C": (C, (batch, dstate, length)), "z": (z, (batch, dim, length)),
-        "D": (D, (dim,)), "delta_bias": (delta_bias, (dim,)),
-    }
-    for name, (t, shape) in expected.items():
+    tensors = dict(zip(INPUT_NAMES, (u, delta, A, B, C, D, z, delta_bias)))
+    for name, shape in input_shapes(batch, dim, length, dstate).items():
+        t = tensors[name]
         if t is not None and tuple(t.shape) != shape:
             raise UserError(f"selective scan: {name} must have shape {shape}, got {tuple(t.shape)}")
-    for name, t in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), (u, delta, A, B, C, D, z, delta_bias)):
+    for name, t in tensors.items():
         if t is not None and t.device != u.device:
             raise UserError(f"selective scan: {name} is on {t.device}, u on {u.device}; move them to one GPU")
     return batch, dim, length, dstate
@@ -139,7 +131,6 @@ def _fallback(reason: str) -> None:
         warnings.warn(f"mame::selective_scan runs the PyTorch reference on the GPU: {reason}", stacklevel=3)
 
 
-@torch.library.register_kernel("mame::selective_scan", "cuda")
 def _selective_scan_cuda_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     if u.dtype not in TORCH_DTYPES:
@@ -149,49 +140,23 @@ def _selective_scan_cuda_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         _fallback(f"no kernel for d_state {A.shape[1]} (it has {', '.join(map(str, launch.DSTATES))})")
         return selective_scan_ref(*args)
     try:
-        _driver()
+        cuda_driver.driver()
     except UserError as exc:
         _fallback(str(exc))
         return selective_scan_ref(*args)
     return selective_scan_cuda(*args)
 
 
-# ---------------------------------------------------------------------------------------------
-# Inputs and error metric shared by the GPU tests and the benchmarks.
-
-def scan_inputs(
-    batch: int, dim: int, length: int, dstate: int = 16, dtype: torch.dtype = torch.float32,
-    softplus: bool = True, seed: int = 0, device="cuda",
-) -> dict:
-    """Random scan arguments (keyword names of ``selective_scan_ref``) with Vim-like magnitudes:
-    A = -exp(.) in [-16, -1], step sizes dt in [1e-3, 0.1] (delta_bias = inverse softplus, as
-    Vim's dt_proj.bias), unit-scale activations; u, delta, B, C, z in ``dtype``."""
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, device=device)
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=g, device=device)
-
-    A = -torch.exp(rand(dim, dstate) * math.log(16.0))
-    if softplus:
-        dt = torch.exp(rand(dim) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        delta_bias = dt + torch.log(-torch.expm1(-dt))
-        delta = 0.5 * randn(batch, dim, length)
-    else:  # dt = delta + delta_bias must stay positive
-        delta_bias = torch.full((dim,), 1e-3, device=device)
-        delta = 0.1 * rand(batch, dim, length)
-    args = dict(
-        u=randn(batch, dim, length), delta=delta, A=A, B=randn(batch, dstate, length),
-        C=randn(batch, dstate, length), D=randn(dim), z=randn(batch, dim, length), delta_bias=delta_bias,
-    )
-    for name in ("u", "delta", "B", "C", "z"):
-        args[name] = args[name].to(dtype)
-    return args
+_lock = threading.Lock()
+_registered = False
 
 
-def relative_error(out: Tensor, ref: Tensor) -> float:
-    """Norm-wise ||out - ref|| / ||ref||, in float64."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
+def register_cuda() -> None:
+    """Make the kernel the CUDA implementation of ``torch.ops.mame.selective_scan`` (idempotent).
+    The op (``op.py``) must be defined first; inputs the kernel cannot run fall back to the
+    reference with a one-time warning."""
+    global _registered
+    with _lock:
+        if not _registered:
+            torch.library.register_kernel(TORCH_NAME, "cuda")(_selective_scan_cuda_op)
+            _registered = True

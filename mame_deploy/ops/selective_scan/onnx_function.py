@@ -1,11 +1,11 @@
-"""The selective scan's ONNX face: the function body of ``mame::SelectiveScan``.
+"""The ONNX face of ``mame::SelectiveScan``: its function body (contract.py says what it is).
 
 An exported model keeps every scan as ONE node in the ``mame`` domain, so TensorRT's parser can
 bind it to the plugin, and carries this ONNX function (standard operators only) so that
 onnxruntime, ``onnx.reference`` or any other runtime executes the very same file.
-``inline_scan_functions`` expands the nodes for runtimes that want no custom domain at all.
+``mame_deploy.ops.onnx_functions.inline_functions`` expands the nodes for runtimes that want no custom domain at all.
 
-The body follows ``selective_scan_ref`` step for step (float32 whatever the input type):
+The body follows the reference (``reference.py``) step for step (float32 whatever the input type):
 
     dt    = softplus(delta + delta_bias)        (delta_softplus=1; else delta + delta_bias)
     a_t   = exp(dt_t * A),  b_t = dt_t * u_t * B_t         for all t at once, (L, batch, dim, N)
@@ -28,10 +28,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mame_deploy.ops.selective_scan import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE
+from .contract import ATTRIBUTES, INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE, OUTPUT_NAME
 
 MIN_OPSET = 18                # the body needs Shape(start, end), CastLike, axes-as-input Squeeze
-ATTRIBUTES = {"delta_softplus": 0, "reverse": 0}
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -129,27 +128,16 @@ def selective_scan_function(opset: int) -> onnx.FunctionProto:
     y = g.op("Add", [y, g.op("Mul", [g.op("Unsqueeze", [D, last], "D_col"), u], "D_u")], "y_skip")
     gate = g.op("Mul", [z, g.op("Sigmoid", [z], "z_sigmoid")], "z_silu")
     out = g.op("Mul", [y, gate], "out_f32")
-    g.op("CastLike", [out, "u"], "out")
+    g.op("CastLike", [out, "u"], OUTPUT_NAME)
 
     return helper.make_function(
         ONNX_DOMAIN,
         ONNX_OP_TYPE,
         list(INPUT_NAMES),
-        ["out"],
+        [OUTPUT_NAME],
         g.nodes,
         opset_imports=[helper.make_opsetid("", opset)],
         attribute_protos=[helper.make_attribute(name, value) for name, value in ATTRIBUTES.items()],
+        # Old path kept in this one commit so exports stay byte-identical across the layout change.
         doc_string="Selective scan (Mamba), float32 state; see mame_deploy/scan_onnx.py.",
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-
-def is_scan_node(node: onnx.NodeProto) -> bool:
-    return node.domain == ONNX_DOMAIN and node.op_type == ONNX_OP_TYPE
-
-
-def scan_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [node for node in model.graph.node if is_scan_node(node)]

@@ -1,0 +1,55 @@
+"""The contract of ``mame::SelectiveScan``: the one operator that ONNX and TensorRT lack.
+
+Every face reads this file and nothing restates it: the PyTorch op
+(``torch.ops.mame.selective_scan``), the ONNX node and its function body, the CUDA kernel's
+launcher, the TensorRT graph preparation and the TensorRT plugin.
+
+Inputs, in order (Vim's layout, as in mamba-ssm):
+    u, delta, z   (batch, dim, length)   T: float32 / float16 / bfloat16
+    A             (dim, dstate)          float32
+    B, C          (batch, dstate, length) T
+    D, delta_bias (dim,)                 float32
+Output: ``out`` (batch, dim, length) in T. D and delta_bias may be absent in PyTorch (zeros in
+the ONNX node, which always has all eight); the ONNX node needs the gate z.
+
+Attributes (integers 0 / 1): ``delta_softplus`` (dt = softplus(delta + delta_bias), else
+delta + delta_bias) and ``reverse`` (the recurrence runs from the last token to the first).
+
+Recurrence, per batch b, channel d, state n, step t:
+    h = exp(dt * A) * h + dt * B * u,    y = sum_n h * C + D * u,    out = y * silu(z)
+"""
+
+from __future__ import annotations
+
+TORCH_NAME = "mame::selective_scan"
+ONNX_DOMAIN = "mame"
+ONNX_OP_TYPE = "SelectiveScan"
+PLUGIN_ID = f"{ONNX_DOMAIN}::{ONNX_OP_TYPE}"
+PLUGIN_VERSION = "1"
+FUNCTION_VERSION = 1  # the "mame" opset version the node and its function are declared under
+
+INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+OUTPUT_NAME = "out"
+# Inputs that stay float32 whatever the model's precision (the kernel reads them as float).
+FLOAT32_INPUTS = ("A", "D", "delta_bias")
+# Element types of u, delta, B, C, z and the output that every face runs.
+DTYPES = ("float32", "float16", "bfloat16")
+# Attributes and their defaults (the ONNX function's defaults too).
+ATTRIBUTES = {"delta_softplus": 0, "reverse": 0}
+# Rank of each input.
+RANKS = {"u": 3, "delta": 3, "A": 2, "B": 3, "C": 3, "D": 1, "z": 3, "delta_bias": 1}
+LAYOUT = "u, delta, z: batch x dim x length; A: dim x dstate; B, C: batch x dstate x length; D, delta_bias: dim"
+
+
+def input_shapes(batch, dim, length, dstate) -> dict:
+    """Each input's shape in terms of the four sizes (any of them may be unknown)."""
+    return {
+        "u": (batch, dim, length), "delta": (batch, dim, length), "A": (dim, dstate),
+        "B": (batch, dstate, length), "C": (batch, dstate, length), "D": (dim,),
+        "z": (batch, dim, length), "delta_bias": (dim,),
+    }
+
+
+def is_node(node) -> bool:
+    """Whether an ONNX ``NodeProto`` is a ``mame::SelectiveScan`` node."""
+    return node.domain == ONNX_DOMAIN and node.op_type == ONNX_OP_TYPE
