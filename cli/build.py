@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mame_deploy.cli.common import add_parity_rows, parse_size, progress_bar, stages
+from mame_deploy.cli.common import parse_size, stages
 
 console = Console()
 
@@ -52,32 +52,3 @@ def build_cmd(
 
 def register(app: typer.Typer) -> None:
     app.command("build")(build_cmd)
-
-
-def validate_engine_report(
-    plan: Path, data: Optional[Path], samples: Optional[int], batch: Optional[int], seed: int,
-    json_path: Optional[Path], force: bool,
-) -> None:
-    """The --engine branch of `mame-deploy validate`: TensorRT vs the PyTorch source on CUDA."""
-    from rich.markup import escape
-
-    from mame_deploy import artifacts
-    from mame_deploy.engine_checks import validate_engine
-
-    if json_path is not None:
-        artifacts.check_writable([json_path], force)
-    with progress_bar(console) as bar:
-        task = bar.add_task("tensorrt + torch", total=None)
-        report = validate_engine(plan, data, samples, batch, seed, progress=lambda n: bar.advance(task, n))
-    table = Table(title=f"validate {escape(str(plan))}", show_header=False)
-    table.add_row("engine", f"{report['precision']}, TensorRT {report['tensorrt']}, {escape(report['gpu'])}")
-    table.add_row("PyTorch source", f"{report['model']}, {report['method']} ratio {report['ratio']:g} (CUDA)")
-    table.add_row("inputs", f"{report['samples']} x {escape(report['data'])}, batch {report['batch']}")
-    add_parity_rows(table, report, "TensorRT", "of max |logit|")
-    table.add_row("tolerance", ", ".join(f"{k} {v:g}" for k, v in report["tolerance"].items()))
-    table.add_row("result", "[green]PASS[/]" if report["passed"] else "[red]FAIL[/]")
-    console.print(table)
-    if json_path is not None:
-        artifacts.write_json(json_path, report)
-    if not report["passed"]:
-        raise typer.Exit(1)

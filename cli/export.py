@@ -175,32 +175,37 @@ def validate_cmd(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --json file."),
 ):
-    """Compare the ONNX file in onnxruntime with the PyTorch source its manifest describes."""
-    from mame_deploy.validate import REL_TOLERANCE, validate
-
+    """Compare the ONNX file (onnxruntime) or the engine (TensorRT, on the GPU) with the PyTorch
+    source its manifest describes."""
     from mame_deploy.runners import check_threads
+    from mame_deploy.validate import REL_TOLERANCE, validate
 
     if (onnx is None) == (engine is None):
         raise UserError("pass one of --onnx PATH.onnx or --engine PATH.plan")
     check_threads(threads)
+    path = onnx or engine
     if engine is not None:
-        from mame_deploy.cli.build import validate_engine_report
+        from mame_deploy.plugins.trt_aot import require_tensorrt
 
-        return validate_engine_report(engine, data, samples, batch, seed, json_path, force)
-
+        require_tensorrt("--engine")
     if json_path is not None:
         from mame_deploy import artifacts
 
         artifacts.check_writable([json_path], force)
+    runtime = "TensorRT" if engine is not None else "onnxruntime"
     with progress_bar(console) as bar:
-        task = bar.add_task("onnxruntime + torch", total=None)
-        report = validate(onnx, data, samples, batch, device, threads, seed,
-                          progress=lambda n: bar.advance(task, n))
-    table = Table(title=f"validate {escape(str(onnx))}", show_header=False)
+        task = bar.add_task(f"{runtime} + torch", total=None)
+        report = validate(path, data, samples, batch, device, threads, seed, progress=lambda n: bar.advance(task, n))
+    table = Table(title=f"validate {escape(str(path))}", show_header=False)
+    if report["runtime"] == "tensorrt":
+        table.add_row("engine", f"{report['precision']}, TensorRT {report['tensorrt']}, {escape(report['gpu'])}")
     table.add_row("PyTorch source", f"{report['model']}, {_merge_settings(report)}")
-    table.add_row("inputs", f"{report['samples']} x {escape(report['data'])}, batch {report['batch']}, {device}")
-    add_parity_rows(table, report, "onnxruntime", "of max |logit|, all samples")
+    table.add_row("inputs", f"{report['samples']} x {escape(report['data'])}, batch {report['batch']}, "
+                            f"{report['device']}")
+    add_parity_rows(table, report, runtime, "of max |logit|, all samples")
     add_decision_rows(table, report, REL_TOLERANCE)
+    if report["precision"] != "fp32":
+        table.add_row("tolerance", ", ".join(f"{k} {v:g}" for k, v in report["tolerance"].items()))
     table.add_row("result", "[green]PASS[/]" if report["passed"] else "[red]FAIL[/]")
     console.print(table)
     _write_report(json_path, report, force=True)
@@ -261,16 +266,10 @@ def bench_cmd(
         artifacts.check_writable([json_path], force)
 
     with bench.temporary_folder() as scratch:
-        targets = []
-        if onnx:
-            targets += bench.onnx_targets(onnx, device, threads, scratch, baseline, compare_torch,
-                                          status=lambda message: console.print(escape(message) + " ..."),
-                                          batch_sizes=sizes)
-        for path in engine:
-            from mame_deploy.engine_checks import engine_targets
-
-            targets += engine_targets(path, scratch, baseline, compare_torch,
-                                      status=lambda message: console.print(escape(message) + " ..."))
+        # ONNX files and engines alike: each is opened once and run by its runtime's runner.
+        targets = bench.artifact_targets(list(onnx) + list(engine), device, threads, scratch, baseline,
+                                         compare_torch, status=lambda message: console.print(escape(message) + " ..."),
+                                         batch_sizes=sizes)
         if torch_model is not None:
             source = source_from_flags(torch_model, ratio, schedule, method, option, checkpoint, seed, override, layers)
             targets += bench.torch_targets(source, device, threads, baseline, cuda_graph=cuda_graph)

@@ -23,6 +23,7 @@ console = Console()
 def _served_models(artifacts, names, with_baseline, scratch, device, threads, cuda_graph, max_batch, source_of):
     """ServedModel per ARTIFACT (file or model name), plus unmerged counterparts if asked."""
     from mame_deploy import bench, serve
+    from mame_deploy.runners import open_artifact
 
     if names and len(names) != len(artifacts):
         raise UserError(f"got {len(names)} --name for {len(artifacts)} artifacts; give one per artifact or none")
@@ -32,18 +33,16 @@ def _served_models(artifacts, names, with_baseline, scratch, device, threads, cu
     for i, artifact in enumerate(artifacts):
         name = names[i] if names else None
         path = Path(artifact)
-        if path.suffix == ".onnx":
-            model = serve.onnx_model(path, device, threads, max_batch, name)
+        if path.suffix in (".onnx", ".plan"):
+            opened = open_artifact(path, device, threads)
+            model = serve.artifact_model(opened, device, threads, max_batch, name)
+            if with_baseline and model.merged and opened.engine:
+                raise UserError("--with-baseline builds no engines; pass the unmerged .plan as a second ARTIFACT")
             models.append(model)
             if with_baseline and model.merged:
                 console.print(f"exporting the unmerged baseline of {escape(str(path))} ...")
-                base = bench.export_unmerged_baseline(path, scratch)
-                models.append(serve.onnx_model(base, device, threads, max_batch))
-        elif path.suffix == ".plan":
-            model = serve.engine_model(path, max_batch, name)
-            if with_baseline and model.merged:
-                raise UserError("--with-baseline builds no engines; pass the unmerged .plan as a second ARTIFACT")
-            models.append(model)
+                base = bench.make_unmerged_baseline(opened, scratch)
+                models.append(serve.artifact_model(base, device, threads, max_batch))
         elif path.suffix or path.exists():
             raise UserError(f"{artifact}: serve takes an .onnx, a .plan or a model name (see `mame-deploy models`)")
         else:

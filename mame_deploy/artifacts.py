@@ -26,7 +26,7 @@ from mame_deploy.errors import UserError
 
 PathLike = Union[str, Path]
 
-__all__ = ["check_writable", "file_sha256", "format_bytes", "load_onnx_file", "sha256_bytes", "write_bytes", "write_files",
+__all__ = ["check_writable", "file_sha256", "format_bytes", "load_onnx_file", "read_onnx", "sha256_bytes", "write_bytes", "write_files",
            "write_json"]
 
 # Filesystems without hard links (FAT, some network mounts) answer os.link with one of these.
@@ -229,19 +229,26 @@ def format_bytes(n: float) -> str:
 
 
 
-def load_onnx_file(path: Union[str, Path]) -> onnx.ModelProto:
-    """The model in ``path``, or a UserError saying why the file is not a usable ONNX model."""
+def read_onnx(path: Union[str, Path]) -> tuple[onnx.ModelProto, bytes]:
+    """The model in ``path`` and the file's bytes (read once: hash them, hand them to a runtime),
+    or a UserError saying why the file is not a usable ONNX model."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; export a model first with `mame-deploy export`")
     if not path.is_file():
         raise UserError(f"{path} is not a file; pass the .onnx file written by `mame-deploy export`")
     try:
-        model = onnx.load(str(path))
+        data = path.read_bytes()
+        model = onnx.load_from_string(data)
     except (OSError, DecodeError, ValueError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a readable ONNX model ({reason})") from None
     # Many non-ONNX files decode as an empty protobuf message: require an actual graph.
     if not model.graph.node or not model.opset_import:
         raise UserError(f"{path} is not an ONNX model (no graph inside); pass a file written by `mame-deploy export`")
-    return model
+    return model, data
+
+
+def load_onnx_file(path: Union[str, Path]) -> onnx.ModelProto:
+    """The model in ``path`` (``read_onnx`` without the bytes)."""
+    return read_onnx(path)[0]

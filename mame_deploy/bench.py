@@ -19,14 +19,13 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from mame_deploy import artifacts, manifest as manifests, memory
+from mame_deploy import manifest as manifests, memory
 from mame_deploy import source as sources
 from mame_deploy.errors import UserError
 from mame_deploy.flops import relative_gflops
 from mame_deploy.manifest import Source
 from mame_deploy.manifest import INPUT_NAME
-from mame_deploy.artifacts import load_onnx_file
-from mame_deploy.runners import TorchGraphRunner, TorchRunner, check_threads, onnxruntime_runner
+from mame_deploy.runners import Artifact, TorchGraphRunner, TorchRunner, check_threads, open_artifact
 
 DEFAULT_BATCH_SIZES = (1, 8)
 DEFAULT_WARMUP = 3
@@ -89,24 +88,6 @@ def torch_target(source: Source, device: str, threads: Optional[int],
     )
 
 
-def onnx_target(path: Union[str, Path], device: str, threads: Optional[int]) -> Target:
-    path = Path(path)
-    check_threads(threads)
-    proto = load_onnx_file(path)
-    record = sources.read_manifest(path, artifacts.file_sha256(path))
-    manifests.check_onnx_input(proto, record, path)
-    source = manifests.source_from_manifest(record)
-    channels, height, width = record["input_shape"][1:]
-    return Target(
-        label=path.name,
-        backend="onnxruntime", model=source.model, ratio=source.ratio, merged=is_merged(source),
-        tokens_per_layer=record["tokens_per_layer"], relative_gflops=float(record["relative_gflops"]),
-        fixed_batch=record["batch"], input_shape=(channels, height, width),
-        make_runner=lambda: onnxruntime_runner(path, device, threads),
-        config=sources.model_config(source), device=device, threads=threads,
-    )
-
-
 def _merge_label(source: Source) -> str:
     if not is_merged(source):
         return " (unmerged)"
@@ -114,50 +95,21 @@ def _merge_label(source: Source) -> str:
     return f" ({source.method}, {what})"
 
 
-def _baseline_key(record: dict) -> tuple:
-    """Files with equal keys differ at most in merging: one's unmerged form is the other's baseline."""
-    return (record["model"], record["checkpoint_sha256"], record["seed"], json.dumps(record.get("overrides") or {},
-            sort_keys=True), record["batch"], record["opset"], record["scan"])
-
-
-def onnx_targets(paths: Sequence[Union[str, Path]], device: str, threads: Optional[int], scratch: Union[str, Path],
-                 baseline: bool = True, compare_torch: bool = True,
-                 status: Callable[[str], object] = lambda message: None,
-                 batch_sizes: Optional[Sequence[int]] = None) -> list[Target]:
-    """onnxruntime on each file; with ``baseline`` the unmerged counterpart of merged ones (one of
-    ``paths`` if it is that, else exported into ``scratch``); with ``compare_torch`` the PyTorch
-    source(s) the manifests describe. With ``batch_sizes`` each file's memory need is checked
-    before any baseline is exported."""
-    records = {Path(p): sources.read_manifest(p) for p in paths}
-    unmerged_files = {_baseline_key(r): p for p, r in records.items()
-                      if not is_merged(manifests.source_from_manifest(r))}
-    targets = []
-    for path in records:
-        targets += _targets_of(path, records[path], unmerged_files, device, threads, scratch, baseline,
-                               compare_torch, status, batch_sizes)
-    return unique(targets)
-
-
-def _targets_of(path, record, unmerged_files, device, threads, scratch, baseline, compare_torch, status,
-                batch_sizes=None):
-    target = onnx_target(path, device, threads)
-    if batch_sizes is not None:
-        check_memory([target], batch_sizes)
-    source = manifests.source_from_manifest(record)
-    targets = [target]
-    if baseline and target.merged:
-        base = unmerged_files.get(_baseline_key(record))
-        if base is None:
-            status(f"exporting the unmerged baseline of {path}")
-            base = export_unmerged_baseline(path, scratch)
-            unmerged_files[_baseline_key(record)] = base
-        targets.append(onnx_target(base, device, threads))
-    if compare_torch:
-        batch = record["batch"]
-        targets.append(torch_target(source, device, threads, expected_schedule=record["schedule"], fixed_batch=batch))
-        if baseline and target.merged:
-            targets.append(torch_target(unmerged(source), device, threads, fixed_batch=batch))
-    return targets
+def artifact_target(artifact: Union[Artifact, str, Path], device: str = "cpu", threads: Optional[int] = None,
+                    baseline: bool = False) -> Target:
+    """The bench target of an exported file or engine (``artifact``, or its path to open)."""
+    if not isinstance(artifact, Artifact):
+        artifact = open_artifact(artifact, device, threads)
+    record, source = artifact.record, artifact.source
+    channels, height, width = record["input_shape"][1:]
+    label = artifact.path.name + (f" ({artifact.precision})" if artifact.engine else "")
+    return Target(
+        label=label + (" (unmerged)" if baseline else ""),
+        backend=artifact.runtime, model=source.model, ratio=source.ratio, merged=is_merged(source),
+        tokens_per_layer=record["tokens_per_layer"], relative_gflops=float(record["relative_gflops"]),
+        fixed_batch=artifact.fixed_batch, input_shape=(channels, height, width), make_runner=artifact.runner,
+        config=sources.model_config(source), device=artifact.device, threads=artifact.threads,
+    )
 
 
 def torch_targets(source: Source, device: str, threads: Optional[int], baseline: bool = True,
@@ -168,6 +120,72 @@ def torch_targets(source: Source, device: str, threads: Optional[int], baseline:
     return targets
 
 
+def _baseline_key(record: dict) -> tuple:
+    """Files with equal keys differ at most in merging: one's unmerged form is the other's baseline."""
+    engine = record.get("engine") or {}
+    return (record["model"], record["checkpoint_sha256"], record["seed"], json.dumps(record.get("overrides") or {},
+            sort_keys=True), record["batch"], record["opset"], record["scan"],
+            engine.get("precision"), json.dumps(engine.get("batch")))
+
+
+def artifact_targets(paths: Sequence[Union[str, Path]], device: str, threads: Optional[int],
+                     scratch: Union[str, Path], baseline: bool = True, compare_torch: bool = True,
+                     status: Callable[[str], object] = lambda message: None,
+                     batch_sizes: Optional[Sequence[int]] = None) -> list[Target]:
+    """Each file (ONNX or engine) in its runtime; with ``baseline`` the unmerged counterpart of
+    merged ones (one of ``paths`` if it is that, else exported -- and for an engine built -- into
+    ``scratch`` with the same settings); with ``compare_torch`` the PyTorch source(s) the manifests
+    describe, on the artifact's device (eager and CUDA graph for engines). With ``batch_sizes``
+    each file's memory need is checked before any baseline is made. Each file is read once."""
+    opened = [open_artifact(p, device, threads) for p in paths]
+    unmerged_files = {_baseline_key(a.record): a for a in opened if not is_merged(a.source)}
+    targets = []
+    for artifact in opened:
+        target = artifact_target(artifact)
+        if batch_sizes is not None:
+            check_memory([target], batch_sizes)
+        targets.append(target)
+        merged = baseline and target.merged
+        if merged:
+            base = unmerged_files.get(_baseline_key(artifact.record))
+            if base is None:
+                status(f"exporting{' and building' if artifact.engine else ''} the unmerged baseline of "
+                       f"{artifact.path}")
+                base = open_artifact(make_unmerged_baseline(artifact, scratch), device, threads)
+                unmerged_files[_baseline_key(artifact.record)] = base
+            targets.append(artifact_target(base, baseline=bool(artifact.engine)))
+        if compare_torch:
+            source, fixed = artifact.source, artifact.fixed_batch
+            graphs = (False, True) if artifact.engine else (False,)
+            for cuda_graph in graphs:
+                targets.append(torch_target(source, artifact.device, artifact.threads, artifact.record["schedule"],
+                                            fixed, cuda_graph=cuda_graph))
+            if merged:
+                for cuda_graph in graphs:
+                    targets.append(torch_target(unmerged(source), artifact.device, artifact.threads,
+                                                fixed_batch=fixed, cuda_graph=cuda_graph))
+    return unique(targets)
+
+
+def make_unmerged_baseline(artifact: Artifact, folder: Union[str, Path]) -> Path:
+    """Export the unmerged counterpart of ``artifact`` into ``folder`` (same model, weights, batch,
+    opset, scan) and, for an engine, build it with the same precision, workspace and profile."""
+    from mame_deploy.engine import build_engine
+    from mame_deploy.onnx_export import export
+
+    record = artifact.record
+    output = Path(folder) / f"{artifact.path.stem}-unmerged.onnx"
+    onnx_path = export(unmerged(artifact.source), output, batch=record["batch"], opset=record["opset"],
+                       scan=record["scan"]).onnx_path
+    if not artifact.engine:
+        return onnx_path
+    engine = artifact.engine
+    profile = engine["batch"]
+    dynamic = {} if isinstance(profile, int) else {"max_batch": profile["max"], "opt_batch": profile["opt"]}
+    return build_engine(onnx_path, precision=engine["precision"], workspace=engine["workspace_bytes"], force=True,
+                        **dynamic)
+
+
 def unique(targets: Iterable[Target]) -> list[Target]:
     """Drop repeats (e.g. the same unmerged PyTorch model asked for by two files)."""
     seen, out = set(), []
@@ -176,16 +194,6 @@ def unique(targets: Iterable[Target]) -> list[Target]:
             seen.add((target.backend, target.label))
             out.append(target)
     return out
-
-
-def export_unmerged_baseline(onnx_path: Union[str, Path], folder: Union[str, Path]) -> Path:
-    """Export the unmerged counterpart of ``onnx_path`` (same model, weights, batch, opset, scan)."""
-    from mame_deploy.onnx_export import export
-
-    record = sources.read_manifest(onnx_path)
-    source = unmerged(manifests.source_from_manifest(record))
-    output = Path(folder) / f"{Path(onnx_path).stem}-unmerged.onnx"
-    return export(source, output, batch=record["batch"], opset=record["opset"], scan=record["scan"]).onnx_path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -397,13 +397,12 @@ def resolve_precision(requested: Optional[str], file_dtype: str) -> tuple[str, b
 # Files
 
 
-def load_onnx(path: Path) -> onnx.ModelProto:
-    return artifacts.load_onnx_file(path)
-
-
-def read_source_manifest(onnx_path: Path) -> dict:
-    """The export's manifest, checked to describe this very ONNX file."""
-    return sources.read_manifest(onnx_path, artifacts.file_sha256(onnx_path))
+def read_export(onnx_path: Path) -> tuple[onnx.ModelProto, str, dict]:
+    """The exported graph, its sha256 and its manifest (checked to describe this very file):
+    the file is read and hashed once."""
+    model, data = artifacts.read_onnx(onnx_path)
+    sha256 = artifacts.sha256_bytes(data)
+    return model, sha256, sources.read_manifest(onnx_path, sha256)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,6 +424,9 @@ class BuildPlan:
     nodes: tuple[ScanNode, ...]
     jit: bool
     merge_nodes: tuple[MergeNode, ...] = ()
+    onnx_sha256: str = ""
+    manifest: dict = field(default_factory=dict, repr=False)  # the export's, which the build extends
+    model: Optional[onnx.ModelProto] = field(default=None, repr=False, compare=False)  # parsed once
 
 
 def plan_build(
@@ -436,7 +438,6 @@ def plan_build(
     max_batch: Optional[int] = None,
     opt_batch: Optional[int] = None,
     jit: bool = False,
-    model: Optional[onnx.ModelProto] = None,
 ) -> BuildPlan:
     """Check the inputs of a build and decide its settings (no TensorRT needed)."""
     onnx_path = Path(onnx_path)
@@ -450,8 +451,7 @@ def plan_build(
     artifacts.check_writable([output] + ([manifest_out] if manifest_out != manifest_in else []), force)
     if workspace is not None and (not isinstance(workspace, int) or workspace <= 0):
         raise UserError(f"`workspace` must be a positive number of bytes, got {workspace!r}")
-    model = load_onnx(onnx_path) if model is None else model
-    read_source_manifest(onnx_path)
+    model, sha256, manifest = read_export(onnx_path)
     nodes = tuple(scan_nodes(model))
     merges = tuple(merge_nodes(model))
     file_dtype = next((n.dtype for n in nodes if n.dtype is not None), "float32")
@@ -462,9 +462,8 @@ def plan_build(
             "__cuda_array_interface__, which has no bfloat16; build bf16 engines without `jit`"
         )
     batch = batch_profile(model, max_batch, opt_batch)
-    return BuildPlan(
-        onnx_path, output, manifest_in, manifest_out, precision, strongly_typed, workspace, batch, nodes, jit, merges
-    )
+    return BuildPlan(onnx_path, output, manifest_in, manifest_out, precision, strongly_typed, workspace, batch, nodes,
+                     jit, merges, sha256, manifest, model)
 
 
 def gpu_info() -> dict:
@@ -506,7 +505,7 @@ def engine_record(plan: BuildPlan, engine: bytes, trt_version: str, gpu: dict) -
         "sha256": artifacts.sha256_bytes(engine),
         "bytes": len(engine),
         "onnx": os.path.relpath(plan.onnx_path, base),
-        "onnx_sha256": artifacts.file_sha256(plan.onnx_path),
+        "onnx_sha256": plan.onnx_sha256,
         "tensorrt": trt_version,
         "precision": plan.precision,
         "strongly_typed": plan.strongly_typed,
@@ -585,16 +584,14 @@ def build_engine(
     """
     onnx_path = Path(onnx_path)
     trt = require_tensorrt("building an engine")
-    model = load_onnx(onnx_path)
-    plan = plan_build(onnx_path, output, precision, workspace, force, max_batch, opt_batch, jit, model=model)
+    plan = plan_build(onnx_path, output, precision, workspace, force, max_batch, opt_batch, jit)
 
     from mame_deploy import plugins
 
     plugins.register(jit=jit)
-    engine = _build_bytes(trt, plan, prepare_onnx(model, jit=jit))
+    engine = _build_bytes(trt, plan, prepare_onnx(plan.model, jit=jit))
 
-    manifest = read_source_manifest(plan.onnx_path)
-    manifest["engine"] = engine_record(plan, engine, trt.__version__, gpu_info())
+    manifest = {**plan.manifest, "engine": engine_record(plan, engine, trt.__version__, gpu_info())}
     artifacts.write_bytes(plan.output, engine)
     artifacts.write_json(plan.manifest_out, manifest)
     return plan.output

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -21,9 +22,12 @@ from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 
 from mame_deploy.decisions import TRACED, trace_name
-from mame_deploy.artifacts import load_onnx_file
+from mame_deploy import manifest as manifests
+from mame_deploy import source as sources
+from mame_deploy.artifacts import read_onnx, sha256_bytes
+from mame_deploy.engine import read_engine_manifest
 from mame_deploy.errors import UserError
-from mame_deploy.manifest import INPUT_NAME, OUTPUT_NAME
+from mame_deploy.manifest import INPUT_NAME, OUTPUT_NAME, Source
 
 DEVICES = ("cpu", "cuda")
 
@@ -63,13 +67,6 @@ def onnxruntime_session(model: Union[str, Path, bytes], device: str = "cpu", thr
         options.intra_op_num_threads = threads
     source = str(model) if isinstance(model, Path) else model
     return ort.InferenceSession(source, options, providers=providers)
-
-
-def onnxruntime_runner(path: Union[str, Path], device: str = "cpu", threads: Optional[int] = None,
-                       name: Optional[str] = None) -> OnnxrtRunner:
-    path = Path(path)
-    load_onnx_file(path)  # a clear error for missing or foreign files before onnxruntime's own
-    return OnnxrtRunner(lambda: onnxruntime_session(path, device, threads), name=name or f"onnxruntime:{path.name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,3 +183,90 @@ class TorchGraphRunner(TorchRunner):
     def deactivate_impl(self):
         self.graphs.clear()
         super().deactivate_impl()
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts: what validate and bench check, whichever runtime runs it
+
+
+ENGINE_SUFFIX = ".plan"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One exported file to check -- an ONNX file (onnxruntime) or a TensorRT engine -- with its
+    manifest read, and an ONNX file parsed, once. validate and bench treat both alike; what
+    differs is here: which runner runs it, on which device, at which batch sizes, in which
+    precision."""
+
+    path: Path
+    runtime: str                 # "onnxruntime" or "tensorrt"
+    record: dict                 # the manifest
+    device: str
+    threads: Optional[int] = None
+    proto: Optional[onnx.ModelProto] = None   # ONNX files: the graph
+    data: Optional[bytes] = None               # ONNX files: the file's bytes (what onnxruntime loads)
+
+    @property
+    def source(self) -> Source:
+        return manifests.source_from_manifest(self.record)
+
+    @property
+    def engine(self) -> Optional[dict]:
+        """The manifest's engine record (engines only)."""
+        return self.record.get("engine") if self.runtime == "tensorrt" else None
+
+    @property
+    def precision(self) -> str:
+        return self.engine["precision"] if self.engine else "fp32"
+
+    @property
+    def fixed_batch(self) -> Optional[int]:
+        """The only batch size a static file or engine runs (None: several)."""
+        batch = self.engine["batch"] if self.engine else self.record["batch"]
+        return batch if isinstance(batch, int) else None
+
+    def batch_for(self, requested: Optional[int], samples: int) -> int:
+        """The batch to run ``samples`` images in: the static batch, else ``requested`` (checked
+        against an engine's optimisation profile), else a default."""
+        fixed, built = self.fixed_batch, "engine was built" if self.engine else "file was exported"
+        if fixed is not None:
+            if requested is not None and requested != fixed:
+                raise UserError(f"the {built} for batch {fixed}, not {requested}; drop `batch` or "
+                                f"re-export with `batch` {requested} (or `dynamic_batch`)")
+            return fixed
+        if requested is not None and requested < 1:
+            raise UserError(f"`batch` must be at least 1, got {requested}")
+        if self.engine:
+            low, opt, high = (self.engine["batch"][k] for k in ("min", "opt", "max"))
+            if requested is None:
+                return max(low, min(samples, opt))
+            if not low <= requested <= high:
+                raise UserError(f"`batch` {requested} is outside the engine's profile ({low}..{high})")
+            return requested
+        return requested or min(samples, 8)
+
+    def runner(self, proto: Optional[onnx.ModelProto] = None) -> BaseRunner:
+        """A polygraphy runner for the file (``proto``: run this graph instead, e.g. the file
+        with decision outputs added)."""
+        name = f"{self.runtime}:{self.path.name}"
+        if self.runtime == "tensorrt":
+            from mame_deploy.trt_runner import TrtRunner  # polygraphy's TensorRT backend: only when used
+
+            return TrtRunner(self.path, name=name)
+        data = self.data if proto is None else proto.SerializeToString()
+        return OnnxrtRunner(lambda: onnxruntime_session(data, self.device, self.threads), name=name)
+
+
+def open_artifact(path: Union[str, Path], device: str = "cpu", threads: Optional[int] = None) -> Artifact:
+    """Read ``path`` -- NAME.onnx or NAME.plan -- and its manifest, checked to belong together
+    (the file is read and hashed once). An engine runs on the GPU whatever ``device`` says."""
+    path = Path(path)
+    check_threads(threads)
+    if path.suffix == ENGINE_SUFFIX:  # TensorRT is needed to run it, not to read it (see Artifact.runner)
+        return Artifact(path, "tensorrt", read_engine_manifest(path), "cuda", None)
+    device = check_device(device)
+    proto, data = read_onnx(path)
+    record = sources.read_manifest(path, sha256_bytes(data))
+    manifests.check_onnx_input(proto, record, path)
+    return Artifact(path, "onnxruntime", record, device, threads, proto, data)

@@ -47,6 +47,7 @@ from mame_deploy import manifest as manifests
 from mame_deploy import source as sources
 from mame_deploy.errors import UserError
 from mame_deploy.manifest import INPUT_NAME, OUTPUT_NAME
+from mame_deploy.runners import Artifact, open_artifact
 from mame_deploy.triton_repo import (DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, check_name, manifest_parameters,
                                      model_name)
 
@@ -138,46 +139,25 @@ def _check_max_batch(max_batch: Optional[int]) -> int:
     return value
 
 
-def onnx_model(path: Union[str, Path], device: str = "cpu", threads: Optional[int] = None,
-               max_batch: Optional[int] = None, name: Optional[str] = None) -> ServedModel:
-    """An exported ``.onnx`` in onnxruntime (the manifest beside it must describe this file)."""
-    from mame_deploy.bench import onnx_target
-
-    path = Path(path)
-    target = onnx_target(path, device, threads)  # checks the file and that its manifest matches it
-    record = sources.read_manifest(path)
-    fixed = record["batch"]  # a static-batch file is served with its own batch as the maximum
+def artifact_model(artifact: Union[Artifact, str, Path], device: str = "cpu", threads: Optional[int] = None,
+                   max_batch: Optional[int] = None, name: Optional[str] = None) -> ServedModel:
+    """An exported ``.onnx`` (onnxruntime) or a ``.plan`` built by ``mame-deploy build``
+    (TensorRT, on the GPU), served through the same runner validate and bench use. A static
+    batch is served with that batch as the maximum; an engine's profile bounds ``max_batch``."""
+    if not isinstance(artifact, Artifact):
+        artifact = open_artifact(artifact, device, threads)  # checks the file against its manifest
+    record, fixed = artifact.record, artifact.fixed_batch
+    if artifact.engine and fixed is None:
+        top = int(artifact.engine["batch"]["max"])
+        if max_batch is not None and max_batch > top:
+            raise UserError(f"{artifact.path} was built for batches up to {top}; pass `max_batch` {top} or less, "
+                            "or rebuild it with a larger `max_batch`")
+        max_batch = max_batch or top
     return ServedModel(
-        name=check_name(name or model_name(record)), backend="onnxruntime", record=record,
-        input_shape=tuple(target.input_shape), num_classes=int(record["num_classes"]),
+        name=check_name(name or model_name(record)), backend=artifact.runtime, record=record,
+        input_shape=tuple(record["input_shape"][1:]), num_classes=int(record["num_classes"]),
         max_batch=fixed if fixed is not None else _check_max_batch(max_batch), fixed_batch=fixed,
-        make_runner=target.make_runner, device=device,
-    )
-
-
-def engine_model(path: Union[str, Path], max_batch: Optional[int] = None,
-                 name: Optional[str] = None) -> ServedModel:
-    """A TensorRT ``.plan`` built by ``mame-deploy build`` (needs TensorRT and a GPU)."""
-    from mame_deploy.engine import read_engine_manifest
-    from mame_deploy.plugins.trt_aot import require_tensorrt
-
-    require_tensorrt("serving an engine")
-    from mame_deploy.engine_checks import engine_target
-
-    path = Path(path)
-    record = read_engine_manifest(path)
-    target = engine_target(path)
-    batch = record["engine"]["batch"]
-    fixed = batch if isinstance(batch, int) else None
-    top = fixed if fixed is not None else int(batch["max"])
-    if max_batch is not None and max_batch > top:
-        raise UserError(f"{path} was built for batches up to {top}; pass `max_batch` {top} or less, "
-                        "or rebuild it with a larger `max_batch`")
-    return ServedModel(
-        name=check_name(name or model_name(record)), backend="tensorrt", record=record,
-        input_shape=tuple(target.input_shape), num_classes=int(record["num_classes"]),
-        max_batch=top if fixed is not None else (max_batch or top), fixed_batch=fixed,
-        make_runner=target.make_runner, device="cuda",
+        make_runner=artifact.runner, device=artifact.device,
     )
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from mame_deploy import artifacts, manifest as manifests
+from mame_deploy import artifacts
 from mame_deploy import source as sources
 from mame_deploy.errors import UserError
 

@@ -464,12 +464,7 @@ def measure_latency(setup: Setup, record: dict, scratch: Path, cache: dict) -> d
         if path is None:
             path = _export(setup, source, scratch / f"c{len(cache)}.onnx")
             cache[record["key"]] = path
-        if setup.runtime == "onnxruntime":
-            target = bench.onnx_target(path, setup.device, setup.threads)
-        else:
-            from mame_deploy.engine_checks import engine_target
-
-            target = engine_target(path)
+        target = bench.artifact_target(path, setup.device, setup.threads)
     load = bench.load_average()  # other work on the cores inflates CPU timings: keep the evidence
     row = bench.bench([target], [setup.batch], setup.warmup, setup.iters, seed=setup.seed)[0]
     return {**{k: row[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "iters")}, "load_1min": load}

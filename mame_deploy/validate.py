@@ -1,4 +1,6 @@
-"""Accuracy parity of an exported file against the PyTorch source its manifest describes.
+"""Accuracy parity of an exported file -- ONNX in onnxruntime, or a TensorRT engine -- against
+the PyTorch source its manifest describes. Both kinds go through the same steps; how each is
+run is ``runners.Artifact``'s business.
 
 Both run the same images (random ones from a seed, a labelled image folder, or the model's
 bundled labelled data such as vim_digits' test split). Merged models are compared decision
@@ -18,19 +20,22 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
-from polygraphy.backend.onnxrt import OnnxrtRunner
 
-from mame_deploy import artifacts, decisions, manifest as manifests
+from mame_deploy import decisions, memory
 from mame_deploy import source as sources
-from mame_deploy import memory
 from mame_deploy.errors import UserError
 from mame_deploy.manifest import INPUT_NAME, OUTPUT_NAME
 from mame_deploy.ops.onnx_functions import custom_nodes
 from mame_deploy.ops.token_merge.contract import ONNX_OP_TYPE as MERGE_OP
-from mame_deploy.artifacts import load_onnx_file
-from mame_deploy.runners import TorchRunner, onnxruntime_runner, onnxruntime_session
+from mame_deploy.runners import TorchRunner, open_artifact
 
 REL_TOLERANCE = 1e-4  # of the largest |logit| of the reference
+# Reduced-precision engines cannot meet the fp32 rule (max abs error <= 1e-4 * max |logit|);
+# they pass on the direction of the logits and the predicted class.
+REDUCED_PRECISION_TOLERANCE = {
+    "fp16": {"mean_cosine": 0.999, "top1_agreement": 0.99},
+    "bf16": {"mean_cosine": 0.995, "top1_agreement": 0.97},
+}
 DEFAULT_SAMPLES = 16
 
 
@@ -161,8 +166,17 @@ def run(runner, batches: Batches, batch: int, progress: Optional[Callable[[int],
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
+def passed(report: dict, precision: str) -> bool:
+    """fp32: the parity rule of ``compare`` (already in ``report``); fp16/bf16 engines: the
+    direction of the logits and the predicted class (``REDUCED_PRECISION_TOLERANCE``)."""
+    rule = REDUCED_PRECISION_TOLERANCE.get(precision)
+    if rule is None:
+        return bool(report["passed"])
+    return all(report[key] >= floor for key, floor in rule.items())
+
+
 def validate(
-    onnx_path: Union[str, Path],
+    path: Union[str, Path],
     data_dir: Union[str, Path, None] = None,
     samples: Optional[int] = None,
     batch: Optional[int] = None,
@@ -171,38 +185,38 @@ def validate(
     seed: int = 0,
     progress: Optional[Callable[[int], None]] = None,
 ) -> dict:
-    """Run ``onnx_path`` in onnxruntime and its rebuilt PyTorch source on the same inputs,
-    merge decisions traced in both (when the file has TokenMerge nodes) and compared first."""
-    onnx_path = Path(onnx_path)
-    proto = load_onnx_file(onnx_path)
-    record = sources.read_manifest(onnx_path, artifacts.file_sha256(onnx_path))
-    manifests.check_onnx_input(proto, record, onnx_path)
-    source = manifests.source_from_manifest(record)
+    """Run the artifact at ``path`` (an ONNX file in onnxruntime, or a TensorRT engine) and its
+    rebuilt PyTorch source on the same inputs. Where the runtime can report them (ONNX files
+    with TokenMerge nodes), merge decisions are traced in both and compared first."""
+    artifact = open_artifact(path, device, threads)
+    record, source, device = artifact.record, artifact.source, artifact.device
     model = sources.build_model(source, record["schedule"])
     cfg = model.config
     if data_dir is not None or has_bundled_data(source.model):
         batches = folder_images(data_dir, source.model, cfg, samples)
     else:
         batches = random_images(cfg, samples or DEFAULT_SAMPLES, seed)
-    batch = _batch_size(record, batch, len(batches))
+    batch = artifact.batch_for(batch, len(batches))
     memory.check_forward(cfg, batch, device, "`batch`", source.model)
 
     layers = model.token_merge.layers if hasattr(model, "token_merge") else []
-    traced = bool(layers) and len(custom_nodes(proto, MERGE_OP)) == len(layers)
-    ort_runner = onnxruntime_runner(onnx_path, device, threads)
-    if traced:  # the same file, with each merge node's decision as an extra output
-        data = decisions.with_decision_outputs(proto, layers).SerializeToString()
-        ort_runner = OnnxrtRunner(lambda: onnxruntime_session(data, device, threads), name=ort_runner.name)
-    onnx_out = run(ort_runner, batches, batch, progress)
-    torch_out = run(TorchRunner(model, device, threads, trace_merges=traced), batches, batch, progress)
-    flips = decisions.compare_decisions(onnx_out, torch_out, layers if traced else [])
+    traced = (artifact.proto is not None and bool(layers)
+              and len(custom_nodes(artifact.proto, MERGE_OP)) == len(layers))
+    # Traced: the same file, with each merge node's decision as an extra output.
+    runner = artifact.runner(decisions.with_decision_outputs(artifact.proto, layers) if traced else None)
+    outputs = run(runner, batches, batch, progress)
+    reference = run(TorchRunner(model, device, threads, trace_merges=traced), batches, batch, progress)
+    flips = decisions.compare_decisions(outputs, reference, layers if traced else [])
     near_ties = None
     if traced:
         near_ties = np.zeros(len(batches), bool)
         for i in np.flatnonzero(flips["flipped"]):
             near_ties[i] = decisions.near_tie(model, batches.read(i, i + 1)[0], int(flips["first_step"][i]))
     report = {
-        "onnx": str(onnx_path),
+        "artifact": str(artifact.path),
+        "runtime": artifact.runtime,
+        "precision": artifact.precision,
+        **({key: artifact.engine[key] for key in ("tensorrt", "gpu")} if artifact.engine else {}),
         "model": source.model,
         "method": source.method,
         "ratio": source.ratio,
@@ -213,18 +227,8 @@ def validate(
         "device": device,
         "data": batches.name,
         "decisions": {k: v for k, v in flips.items() if k not in ("flipped", "first_step")},
-        **compare(onnx_out[OUTPUT_NAME], torch_out[OUTPUT_NAME], batches.labels, flips["flipped"], near_ties),
+        **compare(outputs[OUTPUT_NAME], reference[OUTPUT_NAME], batches.labels, flips["flipped"], near_ties),
     }
+    report["passed"] = passed(report, artifact.precision)
+    report["tolerance"] = REDUCED_PRECISION_TOLERANCE.get(artifact.precision, {"max_rel_err": REL_TOLERANCE})
     return report
-
-
-def _batch_size(record: dict, requested: Optional[int], samples: int) -> int:
-    fixed = record["batch"]
-    if fixed is not None:
-        if requested is not None and requested != fixed:
-            raise UserError(f"the file was exported for batch {fixed}, not {requested}; drop `batch` or "
-                            f"re-export with `batch` {requested} (or `dynamic_batch`)")
-        return int(fixed)
-    if requested is not None and requested < 1:
-        raise UserError(f"`batch` must be at least 1, got {requested}")
-    return requested or min(samples, 8)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from mame_deploy.errors import UserError
 
-from .checkpoint import file_sha256, load_checkpoint, read_state_dict
+from .checkpoint import load_checkpoint, read_state_dict
 from .registry import ModelSpec, get_spec, list_models, register
 from .vim import VimConfig, VisionMamba, init_weights
 
@@ -79,6 +79,6 @@ def create_model(
 
 
 __all__ = [
-    "ModelSpec", "VimConfig", "VisionMamba", "create_model", "file_sha256", "get_spec",
+    "ModelSpec", "VimConfig", "VisionMamba", "create_model", "get_spec",
     "init_weights", "list_models", "load_checkpoint", "model_config", "read_state_dict", "register",
 ]

@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from mame_deploy.artifacts import file_sha256
 from mame_deploy.errors import UserError
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema")

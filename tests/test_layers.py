@@ -30,7 +30,7 @@ LAYERS = [
     ("export", ["mame_deploy.onnx_export", "mame_deploy.decisions", "mame_deploy.engine", "mame_deploy.runners",
                 "mame_deploy.trt_runner", "mame_deploy.triton_repo", "mame_deploy.memory"]),
     ("checks", ["mame_deploy.validate", "mame_deploy.bench", "mame_deploy.evaluate", "mame_deploy.train",
-                "mame_deploy.tune", "mame_deploy.serve", "mame_deploy.loadtest", "mame_deploy.engine_checks"]),
+                "mame_deploy.tune", "mame_deploy.serve", "mame_deploy.loadtest"]),
     # The package's own __init__: the public API (create_model, patch), above what it re-exports.
     ("api", ["mame_deploy"]),
     ("cli", ["mame_deploy.cli", "mame_deploy.cli.*"]),

@@ -377,14 +377,14 @@ def test_leftovers_of_a_forced_exit_are_found_and_removed_only_for_this_server(t
 def test_with_baseline_serves_the_unmerged_twin_and_names_must_differ(exports, tmp_path):
     from mame_deploy.cli.serve import _served_models
     from mame_deploy.manifest import Source
-    from mame_deploy.serve import Server, onnx_model
+    from mame_deploy.serve import Server, artifact_model
 
     models = _served_models(["vim_digits"], [], True, tmp_path, "cpu", 1, False, 4,
                             lambda name: Source(name, ratio=0.3))
     assert [(m.name, m.backend, m.max_batch, m.merged) for m in models] == [
         (TORCH, "torch", 4, True), (UNMERGED, "torch", 4, False)]
     assert models[0].parameters()["mame.schedule"] != models[1].parameters()["mame.schedule"]
-    twice = [onnx_model(exports["unmerged"]), onnx_model(exports["unmerged"])]
+    twice = [artifact_model(exports["unmerged"]), artifact_model(exports["unmerged"])]
     with pytest.raises(UserError, match="two models would both be served as 'vim_digits'; give each its own `name`"):
         Server(twice)
 
@@ -435,7 +435,7 @@ def test_the_libpython_trap_is_detected_when_left_unfixed(exports, monkeypatch):
     monkeypatch.setenv("LD_LIBRARY_PATH", "")
     before = leftover_state()
     http, grpc = free_ports(2)
-    model = serve.onnx_model(exports["unmerged"], threads=1)
+    model = serve.artifact_model(exports["unmerged"], threads=1)
     server = serve.Server([model], serve.ServerConfig(host=HOST, http_port=http, grpc_port=grpc, metrics_port=None))
     try:
         server.start()

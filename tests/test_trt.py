@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 from dataclasses import replace
 
@@ -257,7 +258,11 @@ def test_plugin_ptx_entry_takes_pointers_then_int32s_then_the_output(dtype, reve
 
 
 def test_engine_batch_static_and_profile():
-    from mame_deploy.engine_checks import engine_batch
+    from mame_deploy.runners import Artifact
+
+    def engine_batch(engine, requested, samples):
+        artifact = Artifact(Path("x.plan"), "tensorrt", {"batch": None, "engine": engine}, "cuda")
+        return artifact.batch_for(requested, samples)
 
     assert engine_batch({"batch": 8}, None, 3) == 8
     assert engine_batch({"batch": 8}, 8, 3) == 8
@@ -283,7 +288,7 @@ def test_engine_batch_static_and_profile():
     ],
 )
 def test_reduced_precision_engines_pass_on_cosine_and_top1(report, precision, expected):
-    from mame_deploy.engine_checks import passed
+    from mame_deploy.validate import passed
 
     assert passed(report, precision) is expected
 
@@ -329,7 +334,7 @@ def vim_export(trt, tmp_path_factory):
 @needs_trt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_vim_engine_validates_against_pytorch(trt, vim_export, precision):
-    from mame_deploy.engine_checks import validate_engine
+    from mame_deploy.validate import validate
 
     skip_without_weak_typing(trt, precision)
     plan = engine.build_engine(vim_export, output=vim_export.with_name(f"vim_{precision}.plan"),
@@ -337,7 +342,7 @@ def test_vim_engine_validates_against_pytorch(trt, vim_export, precision):
     record = engine.read_engine_manifest(plan)["engine"]
     assert record["batch"] == {"min": 1, "opt": 2, "max": 4}
     assert record["plugin"]["nodes"] == 8
-    report = validate_engine(plan, samples=6, batch=3)
+    report = validate(plan, samples=6, batch=3)
     assert report["batch"] == 3 and report["samples"] == 6
     assert report["passed"], report
 
@@ -345,10 +350,9 @@ def test_vim_engine_validates_against_pytorch(trt, vim_export, precision):
 @needs_trt
 def test_vim_engine_bench_rows(trt, vim_export, tmp_path):
     from mame_deploy import bench
-    from mame_deploy.engine_checks import engine_targets
 
     plan = engine.build_engine(vim_export, output=tmp_path / "vim.plan", max_batch=2, force=True)
-    targets = engine_targets(plan, tmp_path, baseline=True, compare_torch=True)
+    targets = bench.artifact_targets([plan], "cuda", None, tmp_path, baseline=True, compare_torch=True)
     assert [t.backend for t in targets] == ["tensorrt", "tensorrt", "torch", "torch-graph", "torch", "torch-graph"]
     rows = bench.bench(targets, [1, 2], warmup=1, iters=3)
     assert len(rows) == 12 and all(r["p50_ms"] > 0 for r in rows)
@@ -360,10 +364,10 @@ def test_cuda_graph_runner_replays_the_eager_model():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from mame_deploy import manifest
+    from mame_deploy import manifest, source
     from mame_deploy.runners import TorchGraphRunner, TorchRunner
 
-    model = manifest.build_model(manifest.Source(model="vim_t", overrides={"depth": 2}, ratio=0.5))
+    model = source.build_model(manifest.Source(model="vim_t", overrides={"depth": 2}, ratio=0.5))
     rng = np.random.default_rng(0)
     first, second = (rng.standard_normal((2, 3, 224, 224), dtype=np.float32) for _ in range(2))
     with TorchRunner(model, "cuda") as eager:
@@ -380,8 +384,7 @@ def test_cuda_graph_runner_replays_the_eager_model():
 def test_engine_bench_targets_pair_the_engine_with_its_pytorch_source(tmp_path):
     """What `bench --engine` times, composed from the plan's manifest (no TensorRT needed to
     compose; the unmerged engine, which needs a build, is left out here)."""
-    from mame_deploy import artifacts, manifest
-    from mame_deploy.engine_checks import engine_targets
+    from mame_deploy import artifacts, bench, manifest
     from mame_deploy.onnx_export import export
 
     result = export(manifest.Source(model="vim_t", overrides={"depth": 2}, ratio=0.5), tmp_path / "net.onnx")
@@ -391,7 +394,7 @@ def test_engine_bench_targets_pair_the_engine_with_its_pytorch_source(tmp_path):
     record["engine"] = engine.engine_record(engine.plan_build(result.onnx_path, force=True), b"engine", "10.13.0", {})
     artifacts.write_json(result.manifest_path, record)
 
-    targets = engine_targets(plan, tmp_path, baseline=False, compare_torch=True)
+    targets = bench.artifact_targets([plan], "cpu", None, tmp_path, baseline=False, compare_torch=True)
     assert [(t.backend, t.merged, t.fixed_batch) for t in targets] == [
         ("tensorrt", True, 1), ("torch", True, 1), ("torch-graph", True, 1)
     ]
