@@ -17,6 +17,9 @@ from mame_deploy.source import model_config, resolve_checkpoint
 RATIO_HELP = f"Fraction of patch tokens removed by merging, in [0, {MAX_RATIO}]."
 SCHEDULE_HELP = "Explicit merges LAYER:COUNT,... instead of --ratio (the two exclude each other)."
 LAYERS_HELP = "Blocks after which --ratio merges, e.g. 2,5,8 (default: every block but the last)."
+MERGE_HELP = "Merge method: mame (default), tome or prune."
+OPTION_HELP = "Merge option KEY=VALUE passed to mame_deploy.patch (repeatable)."
+OVERRIDE_HELP = "Change a model config field, KEY=VALUE (repeatable; e.g. depth=2 for a quick check)."
 
 
 _PARAMETER = re.compile(r"`([a-z][a-z0-9]*(?:_[a-z0-9]+)*)`")
@@ -175,3 +178,23 @@ def source_from_flags(model, ratio, schedule, method, options, checkpoint, seed,
     resolve_schedule(model_config(source), ratio, schedule, layer_list)  # bad layers/schedule: fail now
     # Fine-tuned weights bring the merging they were trained with when the flags name none.
     return with_checkpoint_merge(resolve_checkpoint(source))
+
+
+def merge_settings(record: dict) -> str:
+    """'mame, ratio 0.5' or 'tome, schedule 4:20,8:20' (an explicit schedule overrides the ratio)."""
+    spec = record.get("schedule_spec")
+    layers = (record.get("options") or {}).get("layers")
+    where = f" after blocks {','.join(map(str, layers))}" if layers and not spec else ""
+    return f"{record['method']}, " + (f"schedule {spec}" if spec else f"ratio {record['ratio']:g}{where}")
+
+
+def write_report(console, path, report) -> None:
+    """Write a command's JSON report (its path was checked writable before the work began)."""
+    if path is None:
+        return
+    from rich.markup import escape
+
+    from mame_deploy import artifacts
+
+    artifacts.write_json(path, report)
+    console.print(f"wrote {escape(str(path))}")

@@ -89,6 +89,10 @@ from mame_deploy.cli import export  # noqa: E402
 
 export.register(app)
 
+from mame_deploy.cli import check  # noqa: E402
+
+check.register(app)
+
 from mame_deploy.cli import evaluate  # noqa: E402
 
 evaluate.register(app)
