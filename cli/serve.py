@@ -23,6 +23,7 @@ console = Console()
 def _served_models(artifacts, names, with_baseline, scratch, device, threads, cuda_graph, max_batch, source_of):
     """ServedModel per ARTIFACT (file or model name), plus unmerged counterparts if asked."""
     from mame_deploy import bench, serve
+    from mame_deploy.plugins.trt_aot import require_tensorrt
     from mame_deploy.runners import open_artifact
 
     if names and len(names) != len(artifacts):
@@ -34,6 +35,8 @@ def _served_models(artifacts, names, with_baseline, scratch, device, threads, cu
         name = names[i] if names else None
         path = Path(artifact)
         if path.suffix in (".onnx", ".plan"):
+            if path.suffix == ".plan":
+                require_tensorrt("serving an engine")
             opened = open_artifact(path, device, threads)
             model = serve.artifact_model(opened, device, threads, max_batch, name)
             if with_baseline and model.merged and opened.engine:

@@ -217,9 +217,12 @@ def test_finetuning_records_its_merging_and_export_rebuilds_it(tmp_path, capsys)
     assert main(["validate", "--onnx", str(onnx_path), "--samples", "8", "--json", str(report)]) == 0
     assert json.loads(report.read_text())["top1_agreement"] == 1.0
     # bench's unmerged baseline of that export is unmerged: the record fills only what the flags leave open.
-    from mame_deploy.bench import export_unmerged_baseline
+    from mame_deploy.bench import make_unmerged_baseline
+    from mame_deploy.runners import open_artifact
 
-    baseline = json.loads(export_unmerged_baseline(onnx_path, tmp_path / "base").with_suffix(".json").read_text())
+    (tmp_path / "base").mkdir()
+    baseline = json.loads(make_unmerged_baseline(open_artifact(onnx_path), tmp_path / "base")
+                          .with_suffix(".json").read_text())
     assert baseline["ratio"] == 0 and not any(baseline["schedule"])
     # Asked for another merging explicitly, the export takes it (the weights at another ratio).
     source = Source("vim_fashion", checkpoint=str(path), overrides=TINY, ratio=0.3)
