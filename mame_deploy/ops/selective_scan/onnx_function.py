@@ -138,6 +138,5 @@ def selective_scan_function(opset: int) -> onnx.FunctionProto:
         g.nodes,
         opset_imports=[helper.make_opsetid("", opset)],
         attribute_protos=[helper.make_attribute(name, value) for name, value in ATTRIBUTES.items()],
-        # Old path kept in this one commit so exports stay byte-identical across the layout change.
-        doc_string="Selective scan (Mamba), float32 state; see mame_deploy/scan_onnx.py.",
+        doc_string="Selective scan (Mamba), float32 state; see mame_deploy/ops/selective_scan.",
     )
