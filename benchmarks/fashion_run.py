@@ -6,6 +6,7 @@
     sweep   --checkpoint W      the off-the-shelf sweep and MaMe's ablations on the TEST split,
                                 with the choice made by `choose`; also the 1,000-image CI subset
     finetuned W...              test top-1 of fine-tuned weights at the merging they carry
+                                (unmerged for weights that carry none: the control)
     replot  --sweep JSON        the plot of a sweep's records again
 
 Everything runs through the library calls the CLI uses (mame_deploy.evaluate.sweep,
@@ -203,11 +204,12 @@ def finetuned(args) -> None:
     rows = []
     for path in args.weights:
         record = read_merge_record(path)
-        if record is None:
-            raise SystemExit(f"{path} carries no merge record")
-        options = dict(record["options"])
-        layers = options.pop("layers", None)
-        setting = Setting(record["method"], record["ratio"], record["schedule_spec"], layers, options)
+        if record is None:  # fine-tuned with no merging (the control): evaluated unmerged
+            setting = Setting("mame", 0.0)
+        else:
+            options = dict(record["options"])
+            layers = options.pop("layers", None)
+            setting = Setting(record["method"], record["ratio"], record["schedule_spec"], layers, options)
         model = _model(path, args.device, args.backend)
         r = evaluate_setting(model, test, setting, args.batch_size, args.limit)
         r["checkpoint"] = Path(path).name

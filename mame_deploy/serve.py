@@ -20,6 +20,12 @@ over the maximum, an unknown model -- before batching. The callable rejects empt
 non-finite pixels. PyTriton answers one formed batch with one result, so a request with NaN/Inf
 fails the requests batched with it (all get the message, which names the bad request).
 
+The backend stub: Triton runs the Python backend in a stub process with an interpreter of its own
+that links ``libpythonX.Y.so.1.0`` by name and ignores PYTHONPATH; it must import NumPy 1.x and
+zmq from this environment's site-packages, or from the folders of $MAME_SERVE_STUB_PYTHONPATH,
+handed to it by a ``.pth`` hook (:func:`install_stub_hook`) -- so this process can keep NumPy 2.
+:func:`check_stub` and :func:`stub_libpython_missing` say before start-up what would fail.
+
 Shutdown (:func:`serve`): Ctrl-C or SIGTERM stop accepting, let Triton finish the
 requests in flight (up to the drain timeout), unload the models and remove the workspace. Triton
 forced to exit (clients holding connections past the timeout) leaves shared memory, temporary
@@ -29,10 +35,13 @@ folders and backend stubs behind; :class:`Leftovers` removes exactly those of th
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -249,23 +258,137 @@ class BatchInference:
 # PyTriton's environment
 
 
-def require_pytriton():
-    """Import PyTriton, or one line saying how to get it and what it needs."""
+def require_pytriton(stub_pythonpath: Optional[Sequence[str]] = None):
+    """Import PyTriton, or one line saying how to get it and what it needs -- here and in the
+    Python of Triton's backend stub, which must import NumPy 1.x and zmq. ``stub_pythonpath``
+    (default: $MAME_SERVE_STUB_PYTHONPATH) are folders the stub looks in first."""
     try:
         import pytriton.triton  # noqa: F401
     except ImportError:
         raise UserError(f"serving needs PyTriton and tritonclient; {SERVE_HINT}") from None
-    check_numpy()
+    if stub_pythonpath is None:
+        stub_pythonpath = check_stub_pythonpath(env_stub_pythonpath())
+    check_stub(tuple(stub_pythonpath))
     return pytriton.triton
 
 
-def check_numpy(version: Optional[str] = None) -> None:
-    """PyTriton 0.7's Python-backend stub is built against NumPy 1.x: under NumPy 2 every
-    response comes back empty ('output tensor shape does not match size of output')."""
+# Triton's Python-backend stub runs its own interpreter that ignores PYTHONPATH (as ``python -E``
+# does): it imports from the standard library and this environment's site-packages only. Folders
+# it should look in first reach it through STUB_SYSPATH_ENV, which ``serve`` sets for tritonserver
+# alone, and a one-line ``.pth`` hook in site-packages (:func:`install_stub_hook`) that reads it.
+STUB_PYTHONPATH_ENV = "MAME_SERVE_STUB_PYTHONPATH"     # what a user sets (os.pathsep-separated)
+STUB_SYSPATH_ENV = "MAME_SERVE_STUB_SYSPATH"           # what tritonserver and its stubs get
+STUB_HOOK_NAME = "mame_deploy_stub_path.pth"
+STUB_HOOK = (f"import os, sys; sys.path[:0] = [p for p in os.environ.get('{STUB_SYSPATH_ENV}', '').split(os.pathsep) "
+             "if p and p not in sys.path]\n")
+INSTALL_HOOK = "python3 -c 'from mame_deploy.serve import install_stub_hook; install_stub_hook()'"
+STUB_NUMPY_HINT = (f"or keep this environment's NumPy and give the backend stub its own: pip install --target DIR "
+                   f"'numpy<2', set {STUB_PYTHONPATH_ENV}=DIR and run {INSTALL_HOOK}")
+
+
+def env_stub_pythonpath(environ=os.environ) -> tuple[str, ...]:
+    return tuple(p for p in environ.get(STUB_PYTHONPATH_ENV, "").split(os.pathsep) if p)
+
+
+def check_stub_pythonpath(folders: Sequence[Union[str, Path]]) -> tuple[str, ...]:
+    out = []
+    for folder in folders:
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise UserError(f"{STUB_PYTHONPATH_ENV}: {folder} is not a folder")
+        out.append(str(path.resolve()))
+    return tuple(out)
+
+
+def install_stub_hook(site_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Write the ``.pth`` hook into ``site_dir`` (default: this environment's site-packages).
+    It does nothing unless STUB_SYSPATH_ENV is set, which only ``serve`` does, for tritonserver."""
+    folder = Path(site_dir or sysconfig.get_paths()["purelib"])
+    path = folder / STUB_HOOK_NAME
+    path.write_text(STUB_HOOK)
+    return path
+
+
+def check_numpy(version: Optional[str] = None, for_stub: bool = False) -> None:
+    """PyTriton 0.7's Python-backend stub is built against NumPy 1.x (its pybind11 predates
+    NumPy 2's array-descriptor layout): under NumPy 2 every response comes back empty ('output
+    tensor shape does not match size of output'). ``version`` is the NumPy the stub imports."""
     version = version or np.__version__
     if int(version.split(".")[0]) >= 2:
-        raise UserError(f"PyTriton's Triton Python backend needs NumPy 1.x (this is NumPy {version}: "
-                        "responses come back empty); pip install 'numpy<2'")
+        where = "Triton's Python-backend stub would import" if for_stub else "this is"
+        raise UserError(f"PyTriton's Triton Python backend needs NumPy 1.x ({where} NumPy {version}: "
+                        f"responses come back empty); pip install 'numpy<2', {STUB_NUMPY_HINT}")
+
+
+_PROBE = """import json, os, sys
+want = [p for p in os.environ.get(%r, "").split(os.pathsep) if p]
+out = {"applied": all(p in sys.path for p in want)}
+for name in ("numpy", "zmq"):
+    try:
+        module = __import__(name)
+        out[name] = getattr(module, "__version__", "?")
+    except Exception as exc:
+        out[name] = None
+        out[name + "_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+print(json.dumps(out))
+""" % STUB_SYSPATH_ENV
+
+
+def stub_probe(stub_pythonpath: Sequence[str] = (), site_dir: Optional[Union[str, Path]] = None) -> dict:
+    """What the stub's interpreter imports: this python3 (the stub finds the same first on PATH)
+    with ``-E`` (PYTHONPATH ignored, as in the stub) and the stub's STUB_SYSPATH_ENV. ``site_dir``:
+    one more site folder to process first (tests use it for a hook of their own)."""
+    env = dict(os.environ)
+    env.pop(STUB_SYSPATH_ENV, None)
+    if stub_pythonpath:
+        env[STUB_SYSPATH_ENV] = os.pathsep.join(stub_pythonpath)
+    code = _PROBE if site_dir is None else f"import site; site.addsitedir({str(site_dir)!r})\n" + _PROBE
+    try:
+        done = subprocess.run([sys.executable, "-E", "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        raise UserError(f"could not check what Triton's Python-backend stub imports ({sys.executable} -E: "
+                        f"{exc})") from None
+
+
+def check_stub(stub_pythonpath: Sequence[str] = (), site_dir: Optional[Union[str, Path]] = None) -> dict:
+    """One line for each way the backend stub would fail: the stub folders not reaching it (no
+    hook), NumPy or zmq missing there (PYTHONPATH does not count), NumPy 2."""
+    probe = _cached_probe(tuple(stub_pythonpath), None if site_dir is None else str(site_dir))
+    if stub_pythonpath and not probe["applied"]:
+        raise UserError(f"{STUB_PYTHONPATH_ENV} is set, but Triton's Python-backend stub ignores PYTHONPATH and "
+                        f"this environment has no hook to hand it the folders: run {INSTALL_HOOK} (it writes "
+                        f"{STUB_HOOK_NAME} into {sysconfig.get_paths()['purelib']})")
+    for name in ("numpy", "zmq"):
+        if probe.get(name) is None:
+            raise UserError(f"Triton's Python-backend stub cannot import {name} ({probe.get(name + '_error')}): it "
+                            f"ignores PYTHONPATH, so install {name} into {sysconfig.get_paths()['purelib']} or put its "
+                            f"folder in {STUB_PYTHONPATH_ENV} (with the hook: {INSTALL_HOOK})")
+    check_numpy(probe["numpy"], for_stub=True)
+    return probe
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_probe(stub_pythonpath: tuple, site_dir: Optional[str]) -> dict:
+    return stub_probe(stub_pythonpath, site_dir)
+
+
+@contextlib.contextmanager
+def stub_environment(stub_pythonpath: Sequence[str]):
+    """While tritonserver is started (its backend stubs inherit its environment), STUB_SYSPATH_ENV
+    holds ``stub_pythonpath``; this process's own imports are not affected."""
+    if not stub_pythonpath:
+        yield
+        return
+    before = os.environ.get(STUB_SYSPATH_ENV)
+    os.environ[STUB_SYSPATH_ENV] = os.pathsep.join(stub_pythonpath)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(STUB_SYSPATH_ENV, None)
+        else:
+            os.environ[STUB_SYSPATH_ENV] = before
 
 
 def python_library_dir() -> Optional[str]:
@@ -288,6 +411,46 @@ def fix_library_path(environ=os.environ) -> Optional[str]:
     if parts[:1] != [libdir]:
         environ["LD_LIBRARY_PATH"] = ":".join([libdir] + [p for p in parts if p != libdir])
     return libdir
+
+
+STUB_LIBPYTHON = f"libpython{sys.version_info[0]}.{sys.version_info[1]}.so.1.0"  # what the stub links
+_SYSTEM_LIB_DIRS = ("/lib", "/usr/lib", "/lib64", "/usr/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu",
+                    "/lib/aarch64-linux-gnu", "/usr/lib/aarch64-linux-gnu")
+
+
+def _ldconfig_cache() -> Optional[str]:
+    for tool in (shutil.which("ldconfig"), "/sbin/ldconfig", "/usr/sbin/ldconfig"):
+        if tool and Path(tool).is_file():
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                return subprocess.run([tool, "-p"], capture_output=True, text=True, timeout=20).stdout
+    return None
+
+
+def stub_libpython_missing(environ=os.environ, system_dirs: Sequence[str] = _SYSTEM_LIB_DIRS,
+                           ldconfig_cache: Callable[[], Optional[str]] = _ldconfig_cache) -> Optional[str]:
+    """The libpython the Python-backend stub links (``libpython3.X.so.1.0``) when the dynamic
+    loader would not find it -- not on LD_LIBRARY_PATH, not in its cache, not in the system's
+    folders; None when it is found or this cannot be told (not Linux, no ldconfig)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    dirs = [p for p in environ.get("LD_LIBRARY_PATH", "").split(":") if p] + list(system_dirs)
+    if any((Path(d) / STUB_LIBPYTHON).exists() for d in dirs):
+        return None
+    cache = ldconfig_cache()
+    if cache is None or STUB_LIBPYTHON in cache:
+        return None
+    return STUB_LIBPYTHON
+
+
+def explain_missing_libpython(soname: str) -> str:
+    libdir = sysconfig.get_config_var("LIBDIR")
+    how = (f"has no {soname} in {libdir}" if sysconfig.get_config_var("Py_ENABLE_SHARED")
+           else "links libpython statically")
+    ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return (f"Triton's Python-backend stub links {soname}, which the dynamic loader cannot find: this python3 "
+            f"({sys.executable}, Python {sys.version.split()[0]}) {how}; install the system's libpython{ver} "
+            f"package (Debian/Ubuntu: apt install libpython{ver}) or put a folder holding {soname} of Python "
+            f"{sys.version.split()[0]} first on LD_LIBRARY_PATH")
 
 
 LIBPYTHON_SIGNS = ("_recursion_count", "No module named 'numpy'", "No module named 'zmq'",
@@ -395,6 +558,8 @@ class ServerConfig:
     drain_s: int = DEFAULT_DRAIN_S
     instances: int = 1
     triton_log: Optional[Path] = None                     # keep Triton's own log there
+    # first on the Python path of the backend stub alone (default: $MAME_SERVE_STUB_PYTHONPATH)
+    stub_pythonpath: tuple = field(default_factory=env_stub_pythonpath)
 
     def check(self) -> "ServerConfig":
         check_host(self.host)
@@ -410,6 +575,7 @@ class ServerConfig:
                             f"for Triton after 30 s), got {self.drain_s}")
         if not 1 <= self.instances <= 64:
             raise UserError(f"`instances` must be in 1..64, got {self.instances}")
+        self.stub_pythonpath = check_stub_pythonpath(self.stub_pythonpath)
         return self
 
     @property
@@ -449,11 +615,14 @@ class Server:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> "Server":
-        pytriton = require_pytriton()
+        pytriton = require_pytriton(self.config.stub_pythonpath)
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
         from pytriton.triton import TritonSecurityConfig
 
         fix_library_path()
+        missing = stub_libpython_missing()
+        if missing:
+            raise UserError(explain_missing_libpython(missing))
         logging.getLogger("pytriton").setLevel(logging.ERROR)  # its INFO lines are not for users
         self._scratch = tempfile.TemporaryDirectory(prefix="mame-deploy-serve-")
         workspace = Path(self._scratch.name) / "workspace"
@@ -489,7 +658,8 @@ class Server:
                     ),
                 )
             self._add_parameters()
-            self.triton.run()  # starts tritonserver and loads every bound model
+            with stub_environment(c.stub_pythonpath):
+                self.triton.run()  # starts tritonserver and loads every bound model
         except BaseException as exc:
             detail = self._server_log_tail()
             self.stop()

@@ -57,7 +57,7 @@ class Recipe:
 # fine-tuning with merging changes in it: a lower peak learning rate, a short warm-up, few epochs.
 RECIPES = {
     "vim_digits": Recipe(),
-    "vim_fashion": Recipe(epochs=7, batch_size=256, lr=2e-3, weight_decay=0.05, warmup_epochs=1.0,
+    "vim_fashion": Recipe(epochs=30, batch_size=256, lr=2e-3, weight_decay=0.05, warmup_epochs=1.0,
                           label_smoothing=0.1, shift=2, flip=True, clip_grad=1.0, amp=True, eval_batch_size=1000),
 }
 FINETUNE = {

@@ -9,6 +9,7 @@ or tritonclient skip with the reason where they are not installed.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -421,6 +422,65 @@ def test_numpy_2_and_missing_pytriton_are_one_line_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "pytriton.triton", None)
     with pytest.raises(UserError, match=r"pip install 'mame-deploy\[serve\]'"):
         serve.require_pytriton()
+
+
+def test_a_missing_stub_libpython_is_found_before_starting(tmp_path):
+    """The stub links libpython3.X.so.1.0 by name: where the loader would find none (a python3
+    linked statically, the system's library not installed), serve says so in one line."""
+    from mame_deploy import serve
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the dynamic loader's search is Linux's")
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / serve.STUB_LIBPYTHON).write_bytes(b"")
+    nothing = dict(system_dirs=(), ldconfig_cache=lambda: "\tlibfoo.so.1 (libc6,x86-64) => /lib/libfoo.so.1\n")
+    assert serve.stub_libpython_missing({"LD_LIBRARY_PATH": f"/nonexistent:{lib}"}, **nothing) is None
+    assert serve.stub_libpython_missing({}, **nothing) == serve.STUB_LIBPYTHON
+    cached = f"\t{serve.STUB_LIBPYTHON} (libc6,x86-64) => /usr/lib/{serve.STUB_LIBPYTHON}\n"
+    assert serve.stub_libpython_missing({}, system_dirs=(), ldconfig_cache=lambda: cached) is None
+    assert serve.stub_libpython_missing({}, system_dirs=[str(lib)], ldconfig_cache=lambda: "") is None
+    assert serve.stub_libpython_missing({}, system_dirs=(), ldconfig_cache=lambda: None) is None  # cannot tell
+    line = serve.explain_missing_libpython(serve.STUB_LIBPYTHON)
+    assert serve.STUB_LIBPYTHON in line and "LD_LIBRARY_PATH" in line and "\n" not in line
+
+
+def _fake_numpy(folder: Path, version: str) -> Path:
+    (folder / "numpy").mkdir(parents=True)
+    (folder / "numpy" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    return folder
+
+
+@pytest.mark.skipif(importlib.util.find_spec("zmq") is None, reason="zmq (PyTriton's proxy needs it) not installed")
+def test_the_stub_ignores_pythonpath_and_the_hook_hands_it_folders(tmp_path, monkeypatch):
+    """Triton's backend stub runs an interpreter that ignores PYTHONPATH; folders reach it through
+    $MAME_SERVE_STUB_PYTHONPATH and the .pth hook, which NumPy 2 there or no hook make one line."""
+    from mame_deploy import serve
+
+    numpy2 = _fake_numpy(tmp_path / "numpy2", "2.0.0")
+    numpy1 = _fake_numpy(tmp_path / "numpy1", "1.26.0")
+    monkeypatch.setenv("PYTHONPATH", str(numpy2))
+    assert serve.stub_probe()["numpy"] == np.__version__  # the stub's view: PYTHONPATH does not count
+    (tmp_path / "site").mkdir()
+    hook = serve.install_stub_hook(tmp_path / "site")  # a site folder of the probe's own, not site-packages
+    assert hook.name == serve.STUB_HOOK_NAME and hook.read_text() == serve.STUB_HOOK
+    probe = serve.check_stub((str(numpy1),), site_dir=tmp_path / "site")
+    assert probe["applied"] and probe["numpy"] == "1.26.0" and probe["zmq"]
+    with pytest.raises(UserError, match=r"stub would import NumPy 2.0.0.*pip install --target DIR 'numpy<2'") as exc:
+        serve.check_stub((str(numpy2),), site_dir=tmp_path / "site")
+    assert "\n" not in str(exc.value)
+    if not serve.stub_probe((str(numpy1),))["applied"]:  # no hook in this environment's site-packages
+        with pytest.raises(UserError, match=r"ignores PYTHONPATH and this environment has no hook"):
+            serve.check_stub((str(numpy1),))
+    monkeypatch.delenv(serve.STUB_SYSPATH_ENV, raising=False)
+    with serve.stub_environment((str(numpy1),)):
+        assert os.environ[serve.STUB_SYSPATH_ENV] == str(numpy1)
+    assert serve.STUB_SYSPATH_ENV not in os.environ
+    monkeypatch.setenv(serve.STUB_PYTHONPATH_ENV, f"{numpy1}{os.pathsep}{numpy2}")
+    assert serve.ServerConfig().check().stub_pythonpath == (str(numpy1.resolve()), str(numpy2.resolve()))
+    monkeypatch.setenv(serve.STUB_PYTHONPATH_ENV, str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="MAME_SERVE_STUB_PYTHONPATH: .* is not a folder"):
+        serve.ServerConfig().check()
 
 
 @needs_server
