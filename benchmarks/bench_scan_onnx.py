@@ -1,9 +1,9 @@
-"""ONNX formulations of the selective scan in onnxruntime (CPU): why mame_deploy.scan_onnx uses a
+"""ONNX formulations of the selective scan in onnxruntime (CPU): why ops/selective_scan/onnx_function.py uses a
 per-step Scan.
 
     python benchmarks/bench_scan_onnx.py --threads 2 --batch 1 8 [--dim 768 --length 197]
 
-"shipped" is the function of mame_deploy.scan_onnx (one mame::SelectiveScan node). The others
+"shipped" is the function of ops/selective_scan/onnx_function.py (one mame::SelectiveScan node). The others
 are alternatives for the recurrence h_t = a_t * h_{t-1} + b_t, forward direction, softplus on,
 built here only to be timed: the input term or the decay computed inside the step, and two
 chunked forms (a Scan over chunks of T steps unrolled in the body; a doubling parallel scan

@@ -1,6 +1,6 @@
 """How the selective-scan kernel (``selective_scan.cu`` beside this file) is built and launched.
 
-The one launch contract, shared unchanged by the PyTorch launcher (``mame_deploy.kernels``) and
+The one launch contract, shared unchanged by the PyTorch launcher (``mame_deploy.ops.selective_scan.cuda``) and
 the TensorRT plugin (``mame_deploy.plugins.trt_plugin``):
 
 * :func:`compile_ptx` -- NVRTC (cuda-python) turns the source into PTX for one variant

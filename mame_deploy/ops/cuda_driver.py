@@ -2,7 +2,7 @@
 modules loaded into PyTorch's context once per device, kernel arguments packed for
 ``cuLaunchKernel``, and the launch on PyTorch's current stream (so CUDA graphs capture it).
 
-Used by the selective scan (``mame_deploy.kernels``) and the token merge
+Used by the selective scan (``mame_deploy.ops.selective_scan.cuda``) and the token merge
 (``mame_deploy.ops.token_merge.cuda``). Nothing imports cuda-python until a kernel runs.
 """
 
