@@ -58,10 +58,12 @@ def validate_cmd(
     table = Table(title=f"validate {escape(str(path))}", show_header=False)
     if report["runtime"] == "tensorrt":
         table.add_row("engine", f"{report['precision']}, TensorRT {report['tensorrt']}, {escape(report['gpu'])}")
+    elif report["precision"] != "fp32":
+        table.add_row("file", f"exported in {report['precision']}; PyTorch runs in {report['precision']} too")
     table.add_row("PyTorch source", f"{report['model']}, {merge_settings(report)}")
     table.add_row("inputs", f"{report['samples']} x {escape(report['data'])}, batch {report['batch']}, "
                             f"{report['device']}")
-    add_parity_rows(table, report, runtime, "of max |logit|, all samples")
+    add_parity_rows(table, report, report["runtime"] if engine is None else runtime, "of max |logit|, all samples")
     add_decision_rows(table, report, REL_TOLERANCE)
     if report["precision"] != "fp32":
         table.add_row("tolerance", ", ".join(f"{k} {v:g}" for k, v in report["tolerance"].items()))

@@ -158,6 +158,12 @@ def add_decision_rows(table, report: dict, tolerance: float) -> None:
         table.add_row("differing per block", ", ".join(per_step))
         table.add_row("effect of the flips", f"top-1 changed on {report['top1_changed_by_flips']} of the "
                                              f"{flipped} samples")
+    if report.get("precision", "fp32") != "fp32":  # held to the reduced-precision rule (tolerance row)
+        table.add_row("same-decision samples", f"{report['agreeing_samples']}: mean cosine "
+                                               f"{report['mean_cosine_agreeing']:.8f}, max rel error "
+                                               f"{report['max_rel_err_agreeing']:.3e}, top-1 agreement "
+                                               f"{report['top1_agreement_agreeing']:.2%}")
+        return
     table.add_row("same-decision samples", f"{report['agreeing_samples']}: max rel error "
                                            f"{report['max_rel_err_agreeing']:.3e} (tolerance {tolerance:g}), top-1 "
                                            f"agreement {report['top1_agreement_agreeing']:.2%}")

@@ -34,7 +34,11 @@ def export_cmd(
     override: list[str] = typer.Option([], "--override", help=OVERRIDE_HELP),
     batch: Optional[int] = typer.Option(None, help="Static batch size of the graph (default 1)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Leave the batch axis symbolic."),
-    opset: int = typer.Option(20, help="ONNX opset of the default domain (18..23)."),
+    opset: Optional[int] = typer.Option(None, help="ONNX opset of the default domain (18..23; default 20, "
+                                                    "22 for --dtype bf16)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Precision the model runs in inside the file: fp32, fp16 or "
+                                                      "bf16 (a half file is what TensorRT builds half engines from; "
+                                                      "images in and logits out stay float32)."),
     scan: str = typer.Option("plugin", help="plugin: one mame::SelectiveScan node per scan, carrying its "
                                             "function; inline: the function body inlined, no custom domain."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="ONNX file (default ./MODEL.onnx)."),
@@ -53,7 +57,7 @@ def export_cmd(
     if batch is not None and dynamic_batch:
         raise UserError("--batch and --dynamic-batch exclude each other; pass one")
     batch = None if dynamic_batch else (batch if batch is not None else 1)
-    onnx_export.check_options(batch, opset, scan)
+    onnx_export.check_options(batch, opset, scan, dtype)
     want_engine = _engine_requested(engine, scan)
     target, manifest = onnx_export.output_paths(model, output)
     # Every output is checked (exists? folder writable?) before anything is hashed or built.
@@ -69,7 +73,7 @@ def export_cmd(
     serve_cli.check_triton_repo(triton_repo, source, force)
 
     with stages(console) as stage:
-        result = onnx_export.export(source, target, batch=batch, opset=opset, scan=scan, tuned=tuned_record,
+        result = onnx_export.export(source, target, batch=batch, opset=opset, scan=scan, dtype=dtype, tuned=tuned_record,
                                     force=force, status=stage)
     _print_export_summary(result)
 
@@ -124,7 +128,7 @@ def _print_export_summary(result) -> None:
     table.add_row("GFLOPs / image", f"{m['gflops']:.3f} ({m['relative_gflops']:.3f} of unmerged)")
     table.add_row("input", f"{m['input_name']} {tuple(m['input_shape'])} float32 -> {m['output_name']}")
     scan = f"{m['scan_nodes']} mame::SelectiveScan nodes + function" if m["scan"] == "plugin" else "inlined"
-    table.add_row("graph", f"opset {m['opset']}, scan {m['scan']} ({scan})")
+    table.add_row("graph", f"opset {m['opset']}, {m['dtype']}, scan {m['scan']} ({scan})")
     table.add_row("ONNX", f"{escape(str(result.onnx_path))} ({format_bytes(result.onnx_bytes)})")
     table.add_row("manifest", f"{escape(str(result.manifest_path))} ({format_bytes(result.manifest_path.stat().st_size)})")
     console.print(table)

@@ -169,14 +169,14 @@ def artifact_targets(paths: Sequence[Union[str, Path]], device: str, threads: Op
 
 def make_unmerged_baseline(artifact: Artifact, folder: Union[str, Path]) -> Path:
     """Export the unmerged counterpart of ``artifact`` into ``folder`` (same model, weights, batch,
-    opset, scan) and, for an engine, build it with the same precision, workspace and profile."""
+    opset, scan, dtype) and, for an engine, build it with the same precision, workspace and profile."""
     from mame_deploy.engine import build_engine
     from mame_deploy.onnx_export import export
 
     record = artifact.record
     output = Path(folder) / f"{artifact.path.stem}-unmerged.onnx"
     onnx_path = export(unmerged(artifact.source), output, batch=record["batch"], opset=record["opset"],
-                       scan=record["scan"]).onnx_path
+                       scan=record["scan"], dtype=record.get("dtype", "fp32")).onnx_path
     if not artifact.engine:
         return onnx_path
     engine = artifact.engine

@@ -28,6 +28,8 @@ REQUIRED_KEYS = (
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 SCAN_MODES = ("plugin", "inline")
+# Precisions of an export (`export --dtype`): the float type the model runs in inside the file.
+DTYPES = ("fp32", "fp16", "bf16")
 _TOOLS = ("mame-deploy", "torch", "onnx", "onnxruntime", "onnxscript", "polygraphy", "numpy")
 
 
@@ -115,6 +117,7 @@ def _field_rules() -> dict:
         "schedule_spec": (lambda v: v is None or isinstance(v, str), "a layer:count text or null"),
         "relative_gflops": (lambda v: _is_number(v) and v > 0, "a positive number"),
         "input_name": (lambda v: isinstance(v, str) and v != "", "a tensor name"),
+        "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     }
 
 

@@ -31,6 +31,8 @@ from mame_deploy.ops.onnx_functions import OPSETS
 BATCH_DIM = "batch"
 DEFAULT_OPSET = 20
 # The scan function needs opset 18; torch's exporter and onnxruntime 1.2x/1.3x go up to 23.
+# ONNX Conv takes bfloat16 from opset 22 on (Conv-22), so a bf16 export defaults to 22.
+BF16_MIN_OPSET = 22
 
 
 @dataclass(frozen=True)
@@ -46,14 +48,26 @@ class ExportResult:
 # Model -> ModelProto
 
 
-def check_options(batch: Optional[int], opset: int, scan: str) -> None:
+def resolve_opset(opset: Optional[int], dtype: str = "fp32") -> int:
+    """The opset to export at: ``opset``, or the default for ``dtype`` (None)."""
+    if opset is None:
+        return BF16_MIN_OPSET if dtype == "bf16" else DEFAULT_OPSET
+    return opset
+
+
+def check_options(batch: Optional[int], opset: Optional[int], scan: str, dtype: str = "fp32") -> None:
     if batch is not None and batch < 1:
         raise UserError(f"`batch` must be at least 1, got {batch}")
+    sources.check_dtype(dtype)
+    opset = resolve_opset(opset, dtype)
     if opset not in OPSETS:
         raise UserError(f"`opset` {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1} "
                         f"(default {DEFAULT_OPSET})")
     if scan not in SCAN_MODES:
         raise UserError(f"`scan` must be one of {', '.join(SCAN_MODES)}, got {scan!r}")
+    if dtype == "bf16" and opset < BF16_MIN_OPSET:
+        raise UserError(f"`dtype` bf16 needs `opset` {BF16_MIN_OPSET} or later (ONNX Conv takes bfloat16 from "
+                        f"opset 22), got {opset}; drop `opset` or pass {BF16_MIN_OPSET}")
 
 
 @contextlib.contextmanager
@@ -105,12 +119,20 @@ def _tidy(model) -> None:
     )(model)
 
 
-def to_onnx(model: torch.nn.Module, batch: Optional[int] = 1, opset: int = DEFAULT_OPSET,
-            scan: str = "plugin") -> onnx.ModelProto:
-    """Export ``model`` for ``batch`` images (None: a symbolic batch axis, nothing else dynamic)."""
-    check_options(batch, opset, scan)
+def to_onnx(model: torch.nn.Module, batch: Optional[int] = 1, opset: Optional[int] = None,
+            scan: str = "plugin", dtype: str = "fp32") -> onnx.ModelProto:
+    """Export ``model`` for ``batch`` images (None: a symbolic batch axis, nothing else dynamic).
+
+    ``dtype`` fp16 / bf16: the model is converted in place (``source.in_dtype``) and the file
+    runs in that type, taking float32 images and giving float32 logits (Casts at both ends).
+    """
+    check_options(batch, opset, scan, dtype)
+    opset = resolve_opset(opset, dtype)
+    model = sources.in_dtype(model, dtype)
     cfg = model.config
-    # torch.export specialises size-1 dims, so a dynamic batch is traced with 2 images.
+    # torch.export specialises size-1 dims, so a dynamic batch is traced with 2 images. The
+    # example is float32 whatever ``dtype``: the model casts it (PatchEmbed), so the graph's
+    # input stays float32 (a half example into a float32 graph input would be refused too).
     example = torch.zeros(batch or 2, cfg.in_chans, cfg.img_size, cfg.img_size)
     dynamic = None if batch else {INPUT_NAME: {0: torch.export.Dim(BATCH_DIM)}}
     with torch.no_grad(), _quiet_exporter():
@@ -152,8 +174,9 @@ def export(
     source: Source,
     output: Union[str, Path, None] = None,
     batch: Optional[int] = 1,
-    opset: int = DEFAULT_OPSET,
+    opset: Optional[int] = None,  # default: DEFAULT_OPSET, BF16_MIN_OPSET for bf16
     scan: str = "plugin",
+    dtype: str = "fp32",          # the precision the model runs in inside the file (manifest "dtype")
     tuned: Optional[dict] = None,  # mame_deploy.tune.apply_tuned's record, kept as "tuned"
     force: bool = False,
     status: Callable[[str], object] = lambda message: None,
@@ -165,7 +188,8 @@ def export(
     ``status`` hears each stage. The pair is published together (``artifacts.write_files``):
     without ``force`` an output that appeared meanwhile is an error, never replaced.
     """
-    check_options(batch, opset, scan)
+    check_options(batch, opset, scan, dtype)
+    opset = resolve_opset(opset, dtype)
     onnx_path, json_path = output_paths(source.model, output)
     artifacts.check_writable([onnx_path, json_path], force)
     memory.check_export(sources.model_config(source), batch, source.model)
@@ -177,8 +201,9 @@ def export(
     # Record the merge switches as resolved (defaults included), so a later default change
     # cannot alter what validate/bench rebuild.
     source = replace(source, options=dict(getattr(model, "mame_options", None) or source.options))
-    status(f"exporting {source.model} to ONNX (torch.onnx.export with dynamo, then folding and checking the graph)")
-    data = serialize(to_onnx(model, batch, opset, scan))
+    status(f"exporting {source.model} to ONNX in {dtype} (torch.onnx.export with dynamo, then folding and checking "
+           "the graph)")
+    data = serialize(to_onnx(model, batch, opset, scan, dtype))
     schedule = sources.model_schedule(model)
     tokens = sources.tokens_per_layer(model)
     cfg = model.config
@@ -196,6 +221,7 @@ def export(
         "dynamic_batch": batch is None,
         "num_classes": cfg.num_classes,
         "opset": opset,
+        "dtype": dtype,
         "scan": scan,
         "scan_nodes": 2 * cfg.depth if scan == "plugin" else 0,
         "onnx_file": onnx_path.name,

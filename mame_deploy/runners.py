@@ -69,6 +69,38 @@ def onnxruntime_session(model: Union[str, Path, bytes], device: str = "cpu", thr
     return ort.InferenceSession(source, options, providers=providers)
 
 
+class ReferenceRunner(BaseRunner):
+    """``onnx.reference`` (ONNX's Python reference evaluator) as a polygraphy runner: what runs a
+    bf16 file on the CPU, which onnxruntime's CPU provider cannot (``Artifact.onnxruntime_lacks_dtype``).
+    A Python interpreter of the graph: for parity, not for timing."""
+
+    def __init__(self, data: bytes, name: Optional[str] = None):
+        super().__init__(name=name, prefix="onnx-reference-runner")
+        self.data = data
+
+    def activate_impl(self):
+        from onnx.reference import ReferenceEvaluator
+
+        self.proto = onnx.load_from_string(self.data)
+        self.evaluator = ReferenceEvaluator(self.proto)
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        for value in self.proto.graph.input:
+            dims = value.type.tensor_type.shape.dim
+            meta.add(value.name, dtype=np.float32, shape=tuple(d.dim_value or None for d in dims))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        begin = time.perf_counter()
+        values = self.evaluator.run(None, dict(feed_dict))
+        self.inference_time = time.perf_counter() - begin
+        return OrderedDict((out.name, np.asarray(v)) for out, v in zip(self.proto.graph.output, values))
+
+    def deactivate_impl(self):
+        del self.evaluator, self.proto
+
+
 # ---------------------------------------------------------------------------------------------
 # PyTorch
 
@@ -218,7 +250,9 @@ class Artifact:
 
     @property
     def precision(self) -> str:
-        return self.engine["precision"] if self.engine else "fp32"
+        """An engine's build precision, or the float type an ONNX file runs in (its manifest's
+        ``dtype``; files exported before the field are fp32)."""
+        return self.engine["precision"] if self.engine else self.record.get("dtype", "fp32")
 
     @property
     def fixed_batch(self) -> Optional[int]:
@@ -246,15 +280,28 @@ class Artifact:
             return requested
         return requested or min(samples, 8)
 
-    def runner(self, proto: Optional[onnx.ModelProto] = None) -> BaseRunner:
+    @property
+    def onnxruntime_lacks_dtype(self) -> bool:
+        """A bf16 ONNX file on the CPU: onnxruntime's CPU provider has no bfloat16 kernels."""
+        return self.runtime == "onnxruntime" and self.device == "cpu" and self.precision == "bf16"
+
+    def runner(self, proto: Optional[onnx.ModelProto] = None, reference: bool = False) -> BaseRunner:
         """A polygraphy runner for the file (``proto``: run this graph instead, e.g. the file
-        with decision outputs added)."""
+        with decision outputs added). ``reference``: where onnxruntime cannot run the file
+        (``onnxruntime_lacks_dtype``), run it in onnx.reference instead of refusing."""
         name = f"{self.runtime}:{self.path.name}"
         if self.runtime == "tensorrt":
             from mame_deploy.trt_runner import TrtRunner  # polygraphy's TensorRT backend: only when used
 
             return TrtRunner(self.path, name=name)
         data = self.data if proto is None else proto.SerializeToString()
+        if self.onnxruntime_lacks_dtype:
+            if reference:
+                return ReferenceRunner(data, name=f"onnx.reference:{self.path.name}")
+            raise UserError(f"{self.path} runs in bf16, which onnxruntime's CPU provider cannot run (it has no "
+                            "bfloat16 kernels: Conv(22) is the first it lacks); build a TensorRT engine from it "
+                            "(`mame-deploy build`), or export in fp16 or fp32 for onnxruntime (mame-deploy validate checks "
+                            "a bf16 file with onnx.reference)")
         return OnnxrtRunner(lambda: onnxruntime_session(data, self.device, self.threads), name=name)
 
 

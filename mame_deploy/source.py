@@ -13,12 +13,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
 import torch.nn as nn
 
 from mame_deploy import artifacts
 from mame_deploy import manifest as manifests
 from mame_deploy.errors import UserError
-from mame_deploy.manifest import Source
+from mame_deploy.manifest import DTYPES, Source
 from mame_deploy.merge import METHODS
 from mame_deploy.models import create_model, get_spec, list_models
 from mame_deploy.models import model_config as config_of
@@ -29,8 +30,23 @@ from mame_deploy.schedule import MAX_RATIO
 from mame_deploy.schedule import tokens_per_layer as schedule_tokens
 
 
-def build_model(source: Source, expected_schedule: Optional[list[int]] = None) -> nn.Module:
-    """Create, load and patch the model ``source`` describes (eval mode, on the CPU).
+TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.float16, torch.bfloat16)))
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise UserError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def in_dtype(model: nn.Module, dtype: str) -> nn.Module:
+    """``model`` (in place) running in ``dtype`` (fp32 / fp16 / bf16), with what the design keeps
+    float32 kept so (``VisionMamba.to_dtype``); it still takes and returns float32."""
+    check_dtype(dtype)
+    return model if dtype == "fp32" else model.to_dtype(TORCH_DTYPES[dtype])
+
+
+def build_model(source: Source, expected_schedule: Optional[list[int]] = None, dtype: str = "fp32") -> nn.Module:
+    """Create, load and patch the model ``source`` describes (eval mode, on the CPU), in ``dtype``.
 
     ``expected_schedule`` (from a manifest) guards against a rebuild that merges differently
     from the export, e.g. after the default merge placement changed.
@@ -52,7 +68,7 @@ def build_model(source: Source, expected_schedule: Optional[list[int]] = None) -
     if expected_schedule is not None and list(expected_schedule) != schedule:
         raise UserError(f"the manifest's merge schedule {expected_schedule} differs from the one this version "
                         f"builds ({schedule}); re-export the model with this version")
-    return model
+    return in_dtype(model, dtype)
 
 
 def model_config(source: Source):

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from mame_deploy.errors import UserError
 from mame_deploy.ops.selective_scan import discretize, selective_scan
+from mame_deploy.ops.selective_scan.contract import FLOAT32_INPUTS as SCAN_FLOAT32_INPUTS
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,18 @@ class PatchEmbed(nn.Module):
                 f"{self.img_size}), got {tuple(x.shape)}; resize the input to "
                 f"{self.img_size}x{self.img_size}"
             )
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, patches, E), row-major
+        # Images arrive in any float type (float32 from every runner); the model runs in its own.
+        return self.proj(x.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)  # (B, patches, E), row-major
 
 
 class BiMambaMixer(nn.Module):
     """Mamba with bimamba "v2": separate backward parameters, outputs averaged."""
+
+    # The parameters behind the scan's float32 inputs (its contract's FLOAT32_INPUTS), per input:
+    # they stay float32 when the model runs in a half type (``VisionMamba.to_dtype``).
+    SCAN_FLOAT32_PARAMETERS = {"A": ("A_log", "A_b_log"), "D": ("D", "D_b"),
+                               "delta_bias": ("dt_proj.bias", "dt_proj_b.bias")}
+    assert tuple(SCAN_FLOAT32_PARAMETERS) == SCAN_FLOAT32_INPUTS
 
     def __init__(self, cfg: VimConfig):
         super().__init__()
@@ -210,7 +218,20 @@ class VisionMamba(nn.Module):
         return merge.class_token(out, tokens)  # the class token moves when tokens merge
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.forward_features(images))
+        """float32 logits whatever the model's own precision (a no-op for a float32 model)."""
+        return self.head(self.forward_features(images)).float()
+
+    def to_dtype(self, dtype: torch.dtype) -> "VisionMamba":
+        """The model in ``dtype`` (in place): weights and streams in ``dtype``, except what the
+        design keeps float32: the scan's A, D and delta_bias parameters (SCAN_FLOAT32_PARAMETERS)
+        here; the residual stream, the norms' arithmetic, the merge scores and sizes by the code."""
+        kept = [(param, param.detach().float().clone()) for layer in self.layers
+                for names in BiMambaMixer.SCAN_FLOAT32_PARAMETERS.values()
+                for param in map(layer.mixer.get_parameter, names)]
+        self.to(dtype)
+        for param, value in kept:  # the values as they were, not rounded to dtype and back
+            param.data = value
+        return self
 
     def set_scan_backend(self, backend: str) -> "VisionMamba":
         if backend not in ("op", "mamba_ssm"):
