@@ -26,7 +26,7 @@ from mame_deploy.errors import UserError
 
 PathLike = Union[str, Path]
 
-__all__ = ["check_writable", "file_sha256", "format_bytes", "load_onnx_file", "read_onnx", "sha256_bytes", "write_bytes", "write_files",
+__all__ = ["check_writable", "file_sha256", "format_bytes", "read_onnx", "sha256_bytes", "write_bytes", "write_files",
            "write_json"]
 
 # Filesystems without hard links (FAT, some network mounts) answer os.link with one of these.
@@ -247,8 +247,3 @@ def read_onnx(path: Union[str, Path]) -> tuple[onnx.ModelProto, bytes]:
     if not model.graph.node or not model.opset_import:
         raise UserError(f"{path} is not an ONNX model (no graph inside); pass a file written by `mame-deploy export`")
     return model, data
-
-
-def load_onnx_file(path: Union[str, Path]) -> onnx.ModelProto:
-    """The model in ``path`` (``read_onnx`` without the bytes)."""
-    return read_onnx(path)[0]

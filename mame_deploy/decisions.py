@@ -30,10 +30,6 @@ def trace_name(layer: int, output: str = "origin_out") -> str:
     return f"{TRACE_PREFIX}{layer}_{output}"
 
 
-def is_trace(name: str) -> bool:
-    return name.startswith(TRACE_PREFIX)
-
-
 def with_decision_outputs(model: onnx.ModelProto, layers: Sequence[int]) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs each TokenMerge node's ``origin`` and ``size`` (graph
     order is merge order, so node i follows block ``layers[i]``); the file itself stays as it is."""

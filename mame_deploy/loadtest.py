@@ -12,7 +12,6 @@ unmerged model of the same network, each level compares their throughput.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -419,7 +418,3 @@ def loadtest(url: str, models: Sequence[str] = (), levels: Sequence[int] = DEFAU
         "batch": batch, "duration_s": duration_s, "max_requests": max_requests, "timeout_s": timeout_s,
         "rows": rows, "comparison": comparison, "failed": sum(r["failed"] for r in rows),
     }
-
-
-def to_json(report: dict) -> str:
-    return json.dumps(report, indent=2, sort_keys=True)
