@@ -24,6 +24,7 @@ import torch
 from mame_deploy.ops.fixtures import relative_error, scan_inputs
 from mame_deploy.ops.selective_scan.cuda import TORCH_DTYPES, selective_scan_cuda
 from mame_deploy.ops.selective_scan import selective_scan_ref
+from mame_deploy.ops.selective_scan.contract import dt_groups
 from mame_deploy.plugins.launch import Tuning, tuning_for
 from mame_deploy.runners import capture_cuda_graph
 
@@ -100,11 +101,12 @@ def main(argv=None) -> int:
                 dtype = DTYPES[dtype_name]
                 args = scan_inputs(batch, opts.dim, length, opts.dstate, dtype)
                 out = torch.empty_like(args["u"])
+                dt_sums = torch.empty(batch, dt_groups(opts.dim), length, device=out.device)
                 row = dict(dtype=dtype_name, batch=batch, dim=opts.dim, length=length, dstate=opts.dstate)
                 ref = selective_scan_ref(**{k: v.float() for k, v in args.items()}, delta_softplus=True, reverse=opts.reverse)
                 for tuning in tunings:
                     def ours(tuning=None if tuning == "auto" else tuning):
-                        return selective_scan_cuda(**args, delta_softplus=True, reverse=opts.reverse, out=out, tuning=tuning)
+                        return selective_scan_cuda(**args, delta_softplus=True, reverse=opts.reverse, out=out, dt_sums=dt_sums, tuning=tuning)
 
                     out.fill_(float("nan"))
                     ours()

@@ -174,8 +174,10 @@ def scan_nodes(model: onnx.ModelProto) -> list[ScanNode]:
         names = scan_contract.INPUT_NAMES
         if len(node.input) != len(names) or not all(node.input):
             raise UserError(f"{label} has inputs {list(node.input)}; the plugin takes all of {', '.join(names)}")
-        if len(node.output) != 1 or not node.output[0]:
-            raise UserError(f"{label} must have exactly one output")
+        outputs = scan_contract.OUTPUT_NAMES
+        if len(node.output) != len(outputs) or not all(node.output):
+            raise UserError(f"{label} has outputs {list(node.output)}; the plugin writes {', '.join(outputs)}: "
+                            "re-export the model with this version of mame-deploy")
         attrs = _check_attributes(node, label)
         named = dict(zip(names, node.input))
         dtype = _check_types(label, {k: values.get(v, (None, None))[0] for k, v in named.items()})

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mame_deploy.errors import UserError
-from mame_deploy.ops.selective_scan import discretize, selective_scan
+from mame_deploy.ops.selective_scan import scan_dt_sums, selective_scan
 from mame_deploy.ops.selective_scan.contract import FLOAT32_INPUTS as SCAN_FLOAT32_INPUTS
 
 
@@ -116,7 +116,8 @@ class BiMambaMixer(nn.Module):
         self.scan_backend = "op"
 
     def _branch(self, x: Tensor, z: Tensor, reverse: bool):
-        """One direction: the scan output and its (delta, delta_bias), for the informativeness."""
+        """One direction: the scan output and its step sizes summed over channel groups
+        (the scan's ``dt_sums``), for the informativeness."""
         sfx = "_b" if reverse else ""
         conv: nn.Conv1d = getattr(self, "conv1d" + sfx)
         x_proj: nn.Linear = getattr(self, "x_proj" + sfx)
@@ -135,14 +136,14 @@ class BiMambaMixer(nn.Module):
         delta = (dt_low @ dt_proj.weight.t()).transpose(1, 2)  # bias goes to the scan
         Bm, Cm = Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous()
         delta_bias = dt_proj.bias.float()
-        y = self._scan(x, delta, A, Bm, Cm, D, z, delta_bias, reverse)
-        return y, delta, delta_bias
+        return self._scan(x, delta, A, Bm, Cm, D, z, delta_bias, reverse)
 
     def _scan(self, x, delta, A, Bm, Cm, D, z, delta_bias, reverse):
         if self.scan_backend == "mamba_ssm":
             from mame_deploy.ops.mamba_ssm_backend import mamba_ssm_scan
 
-            return mamba_ssm_scan(x, delta, A, Bm, Cm, D, z, delta_bias, reverse)
+            y = mamba_ssm_scan(x, delta, A, Bm, Cm, D, z, delta_bias, reverse)
+            return y, scan_dt_sums(delta, delta_bias, True)  # mamba-ssm has no such output
         return selective_scan(x, delta, A, Bm, Cm, D, z, delta_bias, True, reverse)
 
     def forward(self, h: Tensor, return_score: bool = False):
@@ -150,13 +151,14 @@ class BiMambaMixer(nn.Module):
         the mean over channels of the two branches' step sizes, each at its own token."""
         xz = self.in_proj(h).transpose(1, 2)  # (B, 2*Di, L)
         x, z = xz.chunk(2, dim=1)
-        y_f, delta_f, bias_f = self._branch(x, z, reverse=False)
-        y_b, delta_b, bias_b = self._branch(x, z, reverse=True)
+        y_f, dt_sums_f = self._branch(x, z, reverse=False)
+        y_b, dt_sums_b = self._branch(x, z, reverse=True)
         out = self.out_proj(((y_f + y_b) / 2).transpose(1, 2))
         if not return_score:
             return out
-        dt_sum = discretize(delta_f, bias_f, True) + discretize(delta_b, bias_b, True)
-        return out, dt_sum.mean(dim=1) / 2
+        # The scans already summed dt over channel groups: a (B, dim / 8, L) add and reduction
+        # here instead of softplus passes over both (B, dim, L) deltas.
+        return out, (dt_sums_f + dt_sums_b).sum(dim=1) * (0.5 / self.d_inner)
 
 
 class Block(nn.Module):

@@ -12,10 +12,11 @@ the TensorRT plugin (``mame_deploy.plugins.trt_plugin``):
   :data:`DEFAULT_TUNING`); a caller that picks another (e.g. :func:`tuning_for` a known small
   batch) must pass the same one to both.
 * :data:`KERNEL_ARGS` -- the kernel's parameters in order (TensorRT's AOT convention: input
-  tensors, then int32 scalars, then the output); :data:`KERNEL_ARG_TYPES` gives each one's C type.
+  tensors, then int32 scalars, then the outputs); :data:`KERNEL_ARG_TYPES` gives each one's C type.
 
 Layouts (contiguous): u, delta, z, out (batch, dim, length); B, C (batch, dstate, length);
-A (dim, dstate) float32; D, delta_bias (dim,) float32. D, z and delta_bias may be null pointers.
+A (dim, dstate) float32; D, delta_bias (dim,) float32; dt_sums (batch, ceil(dim / 8), length)
+float32. D, z and delta_bias may be null pointers.
 """
 
 from __future__ import annotations
@@ -26,17 +27,19 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 from mame_deploy.errors import UserError
-from mame_deploy.ops.selective_scan.contract import FLOAT32_INPUTS, INPUT_NAMES, OUTPUT_NAME
+from mame_deploy.ops.selective_scan.contract import (
+    DT_GROUP, DT_SUMS_NAME, FLOAT32_INPUTS, INPUT_NAMES, OUTPUT_NAME, OUTPUT_NAMES,
+)
 from mame_deploy.plugins import nvrtc
 
 KERNEL_SOURCE = Path(__file__).with_name("selective_scan.cu")
 
 # Kernel parameters, in order, and their C types ("elem" is the variant's dtype).
 SCALAR_ARGS = ("batch", "dim", "length")
-KERNEL_ARGS = INPUT_NAMES + SCALAR_ARGS + (OUTPUT_NAME,)  # TensorRT's AOT order
+KERNEL_ARGS = INPUT_NAMES + SCALAR_ARGS + OUTPUT_NAMES  # TensorRT's AOT order
 KERNEL_ARG_TYPES = {
     **{name: "const float*" if name in FLOAT32_INPUTS else "const elem*" for name in INPUT_NAMES},
-    **{name: "int32" for name in SCALAR_ARGS}, OUTPUT_NAME: "elem*",
+    **{name: "int32" for name in SCALAR_ARGS}, OUTPUT_NAME: "elem*", DT_SUMS_NAME: "float*",
 }
 MAX_SHARED_BYTES = 48 * 1024  # static shared memory: no opt-in attribute, which TensorRT cannot set
 
@@ -65,6 +68,9 @@ class Tuning:
             (self.chunk % 4 or self.chunk % self.lanes or (self.lanes * self.channels) % self.chunk)
             and "chunk must be a multiple of 4 and of lanes, and divide lanes * channels",
             self.min_blocks < 1 and "min_blocks must be at least 1",
+            # dt_sums: each group of DT_GROUP channels must lie in one block, or start one.
+            (self.channels % DT_GROUP and DT_GROUP % self.channels)
+            and f"channels must be a multiple or a divisor of {DT_GROUP} (the dt_sums groups)",
         ]
         problems = [p for p in problems if p]
         if problems:

@@ -19,6 +19,11 @@
 //   dt = softplus(delta + delta_bias[d]);  h[n] = exp(dt * A[d, n]) * h[n] + dt * B[n, t] * u
 //   out = (sum_n h[n] * C[n, t] + D[d] * u) * silu(z)
 // D, z and delta_bias may be null pointers (no skip term, no gate, no bias).
+// Second output, for MaMe's informativeness: dt_sums[b, g, t] = sum of dt over the channels
+// 8g .. 8g + 7 (those below dim), added pairwise in one fixed order. A block with whole groups
+// (8, 16, 32 channels, one pass over time) adds them from its dt tile; in a split with fewer
+// channels per block (or segments) the block holding channel 8g computes the group's dt from
+// delta once more. Both use the same float operations, so every split writes the same bits.
 //
 // Work split (why it is fast for short sequences and many channels): block (batch, channel
 // group); each channel is scanned by LANES threads of one warp, each keeping N / LANES states
@@ -69,6 +74,11 @@ constexpr int ROW_STEP = SEG_THREADS / CHUNK;
 constexpr int TILE_PER_THREAD = CHANNELS / ROW_STEP;
 constexpr int BC_PER_THREAD = (N + ROW_STEP - 1) / ROW_STEP;
 constexpr float LOG2E = 1.4426950408889634f;
+constexpr int DT_GROUP = 8;  // channels per dt_sums group (contract.DT_GROUP)
+// dt_sums from the dt tiles (whole groups per block, one pass over time), else recomputed.
+constexpr bool TILE_DT_SUMS = SEGMENTS == 1 && CHANNELS % DT_GROUP == 0;
+static_assert(CHANNELS % DT_GROUP == 0 || DT_GROUP % CHANNELS == 0,
+              "SCAN_CHANNELS must be a multiple or a divisor of 8 (the dt_sums groups)");
 
 static_assert(LANES == 1 || LANES == 2 || LANES == 4 || LANES == 8 || LANES == 16 || LANES == 32,
               "SCAN_LANES must be a power of two up to 32");
@@ -229,7 +239,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, SCAN_MIN_BLOCKS) SCAN_KERN
     const elem_t* __restrict__ z,           // (batch, dim, length) or null
     const float* __restrict__ delta_bias,   // (dim,) or null
     int batch, int dim, int length,
-    elem_t* __restrict__ out)               // (batch, dim, length)
+    elem_t* __restrict__ out,               // (batch, dim, length)
+    float* __restrict__ dt_sums)            // (batch, ceil(dim / 8), length)
 {
     __shared__ __align__(16) float s_dt[SEGMENTS][CHANNELS][ROW];   // dt of each staged step
     __shared__ __align__(16) float s_dtu[SEGMENTS][CHANNELS][ROW];  // dt * u
@@ -245,6 +256,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, SCAN_MIN_BLOCKS) SCAN_KERN
     const int b = blockIdx.x;                // grid: (batch, ceil(dim / CHANNELS), 1)
     const int d0 = blockIdx.y * CHANNELS;
     if (b >= batch) return;  // whole block: no barrier is skipped by part of it
+    const int groups = (dim + DT_GROUP - 1) / DT_GROUP;  // rows of dt_sums per sample
+
+    // dt of channel d at time t, as staging computes it (one definition: the same bits).
+    auto step_size = [&](float delta_v, float bias_v) {
+        const float dt = delta_v + bias_v;
+        return SCAN_DELTA_SOFTPLUS ? softplus(dt) : dt;
+    };
 
     if (tid < CHANNELS) {
         const int d = d0 + tid;
@@ -327,9 +345,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, SCAN_MIN_BLOCKS) SCAN_KERN
         for (int k = 0; k < TILE_PER_THREAD; ++k) {
             const int cc = row_mine + k * ROW_STEP;
             const float uf = to_float(ru[k]);
-            float dt = to_float(rdelta[k]) + s_bias[cc];
-            if (SCAN_DELTA_SOFTPLUS) dt = softplus(dt);
-            dt = step_ok ? dt : 0.f;
+            const float dt = step_ok ? step_size(to_float(rdelta[k]), s_bias[cc]) : 0.f;
             t_dt[cc][s_mine] = dt;
             t_dtu[cc][s_mine] = dt * uf;
             if (full) {
@@ -403,6 +419,20 @@ extern "C" __global__ void __launch_bounds__(THREADS, SCAN_MIN_BLOCKS) SCAN_KERN
                 }
                 if (READ_AHEAD && g + 4 < CHUNK) cur = next;
             }
+            if constexpr (EMIT && TILE_DT_SUMS) {
+                // The tile is read-only until the barrier below: each (group, step) of the chunk.
+                for (int i = lt; i < (CHANNELS / DT_GROUP) * CHUNK; i += SEG_THREADS) {
+                    const int gi = i / CHUNK, st = i % CHUNK;
+                    if (s0 + st < length) {
+                        float v[DT_GROUP];
+#pragma unroll
+                        for (int k = 0; k < DT_GROUP; ++k)
+                            v[k] = d0 + gi * DT_GROUP + k < dim ? t_dt[gi * DT_GROUP + k][st] : 0.f;
+                        const size_t row = (size_t)b * groups + d0 / DT_GROUP + gi;
+                        if (d0 + gi * DT_GROUP < dim) dt_sums[row * length + time_index(s0 + st, length)] = tree_sum<DT_GROUP>(v);
+                    }
+                }
+            }
             __syncthreads();
 
             // Epilogue on the staging layout: y = sum of the LANES partials; coalesced stores of
@@ -449,4 +479,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, SCAN_MIN_BLOCKS) SCAN_KERN
         }
     }
     scan_pass(Flag<true>{}, !one_chunk, SEGMENTED && !one_chunk);
+
+    if constexpr (!TILE_DT_SUMS) {
+        // The groups whose first channel is in this block: dt from delta, for every step.
+        const int g0 = (d0 + DT_GROUP - 1) / DT_GROUP;
+        const int g_end = min((d0 + CHANNELS + DT_GROUP - 1) / DT_GROUP, groups);
+        for (int i = tid; i < (g_end - g0) * length; i += THREADS) {
+            const int g = g0 + i / length, t = i % length;
+            float v[DT_GROUP];
+#pragma unroll
+            for (int k = 0; k < DT_GROUP; ++k) {
+                const int d = g * DT_GROUP + k;
+                const float bias_v = delta_bias != nullptr && d < dim ? delta_bias[d] : 0.f;
+                v[k] = d < dim ? step_size(to_float(delta[((size_t)b * dim + d) * length + t]), bias_v) : 0.f;
+            }
+            dt_sums[((size_t)b * groups + g) * length + t] = tree_sum<DT_GROUP>(v);
+        }
+    }
 }

@@ -9,7 +9,7 @@ parameters come from ``launch.launch_params`` -- the very functions the PyTorch 
 tests use, so what TensorRT launches is what was tested.
 
 TensorRT's AOT convention for kernel arguments is: input tensors in the order the plugin declares
-them, then the scalar ``extra_args``, then the output tensors. ``launch.KERNEL_ARGS`` spells
+them, then the scalar ``extra_args``, then the output tensors (``out``, ``dt_sums``). ``launch.KERNEL_ARGS`` spells
 the kernel's signature; ``kernel_scalars`` checks it against that convention. Names, inputs,
 attributes, dtypes and version come from the operator's contract
 (``mame_deploy/ops/selective_scan/contract.py``).
@@ -30,7 +30,7 @@ import numpy.typing as npt
 from mame_deploy.errors import UserError
 from mame_deploy.ops.selective_scan.contract import (
     ATTRIBUTES, DTYPES as KERNEL_DTYPES, FLOAT32_INPUTS, INPUT_NAMES, ONNX_DOMAIN as PLUGIN_NAMESPACE,
-    ONNX_OP_TYPE as PLUGIN_NAME, OUTPUT_NAME, PLUGIN_ID, PLUGIN_VERSION, RANKS,
+    ONNX_OP_TYPE as PLUGIN_NAME, DT_SUMS_NAME, OUTPUT_NAMES, PLUGIN_ID, PLUGIN_VERSION, RANKS, dt_groups,
 )
 from mame_deploy.plugins import launch
 from mame_deploy.plugins.trt_aot import AotKernel, Registration, aot_result, constant_dim, static_dim
@@ -43,24 +43,24 @@ Flag = npt.NDArray[np.int32]
 
 
 def kernel_scalars(batch, dim, length, dstate) -> Tuple[Any, ...]:
-    """The int32 arguments between the input tensors and the output, in kernel order.
+    """The int32 arguments between the input tensors and the outputs, in kernel order.
 
     Reads ``launch.KERNEL_ARGS`` and checks it follows TensorRT's AOT convention (the plugin's
-    inputs, then scalars, then the output), so a change of the kernel signature fails here with
+    inputs, then scalars, then the outputs), so a change of the kernel signature fails here with
     a message rather than as a wrong launch inside an engine.
     """
     kernel_args = tuple(launch.KERNEL_ARGS)
-    n_in = len(INPUT_NAMES)
-    if kernel_args[:n_in] != INPUT_NAMES or kernel_args[-1] != OUTPUT_NAME:
+    n_in, n_out = len(INPUT_NAMES), len(OUTPUT_NAMES)
+    if kernel_args[:n_in] != INPUT_NAMES or kernel_args[-n_out:] != OUTPUT_NAMES:
         raise RuntimeError(
             f"launch.KERNEL_ARGS {kernel_args} does not follow TensorRT's AOT order "
-            f"{INPUT_NAMES} + scalars + ({OUTPUT_NAME!r},)"
+            f"{INPUT_NAMES} + scalars + {OUTPUT_NAMES}"
         )
     values = {"batch": batch, "dim": dim, "length": length, "dstate": dstate}
-    unknown = [name for name in kernel_args[n_in:-1] if name not in values]
+    unknown = [name for name in kernel_args[n_in:-n_out] if name not in values]
     if unknown:
         raise RuntimeError(f"launch.KERNEL_ARGS has scalars the plugin cannot supply: {unknown}")
-    return tuple(values[name] for name in kernel_args[n_in:-1])
+    return tuple(values[name] for name in kernel_args[n_in:-n_out])
 
 
 def _triple(value) -> Tuple[Any, Any, Any]:
@@ -146,7 +146,7 @@ def _bind_aot() -> None:
     def _describe(
         u: Desc, delta: Desc, A: Desc, B: Desc, C: Desc, D: Desc, z: Desc, delta_bias: Desc,
         delta_softplus: Flag, reverse: Flag,
-    ) -> Tuple[Desc]:
+    ) -> Tuple[Desc, Desc]:
         descs = dict(zip(INPUT_NAMES, (u, delta, A, B, C, D, z, delta_bias)))
         for name, desc in descs.items():
             expected = trt.float32 if name in FLOAT32_INPUTS else u.dtype
@@ -157,17 +157,19 @@ def _bind_aot() -> None:
         for name, rank in RANKS.items():
             if len(descs[name].shape_expr) != rank:
                 raise ValueError(f"SelectiveScan input {name} must have rank {rank}")
-        return (u.like(),)
+        batch, dim, length = (u.shape_expr[i] for i in range(3))
+        return u.like(), trtp.from_shape_expr((batch, dt_groups(dim), length), dtype=trt.float32)
 
     @trtp.autotune(PLUGIN_ID)
     def _formats(
         u: Desc, delta: Desc, A: Desc, B: Desc, C: Desc, D: Desc, z: Desc, delta_bias: Desc,
         outputs: Tuple[Desc],
     ) -> List[trtp.AutoTuneCombination]:
-        # u, delta, B, C, z and the output share one dtype ("|": chosen together); A, D and
-        # delta_bias are always float32. Linear (contiguous) layouts only.
+        # u, delta, B, C, z and out share one dtype ("|": chosen together); A, D, delta_bias
+        # and dt_sums are always float32. Linear (contiguous) layouts only.
         shared = "FP32|FP16|BF16"
-        types = ", ".join("FP32" if n in FLOAT32_INPUTS else shared for n in INPUT_NAMES + (OUTPUT_NAME,))
+        float32 = FLOAT32_INPUTS + (DT_SUMS_NAME,)
+        types = ", ".join("FP32" if n in float32 else shared for n in INPUT_NAMES + OUTPUT_NAMES)
         # Each work split is a tactic, so a dynamic-batch engine gets the fastest at its optimum.
         return [trtp.AutoTuneCombination(types, "LINEAR", list(range(1, len(scan_tactics()) + 1)))]
 
@@ -198,14 +200,14 @@ def _bind_jit() -> None:
     ) -> None:
         import torch
 
-        from mame_deploy.ops.selective_scan.reference import selective_scan_ref
+        from mame_deploy.ops.selective_scan.reference import scan_ref_outputs
 
         # TensorRT's buffers through __cuda_array_interface__ (it has no bfloat16: build --jit
         # refuses bf16), made and used on TensorRT's stream, as NVIDIA's sample does.
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             args = [torch.as_tensor(t, device="cuda") for t in (u, delta, A, B, C, D, z, delta_bias)]
-            out = torch.as_tensor(outputs[0], device="cuda")
-            out.copy_(selective_scan_ref(*args, _flag(delta_softplus), _flag(reverse)))
+            for out, value in zip(outputs, scan_ref_outputs(*args, _flag(delta_softplus), _flag(reverse))):
+                torch.as_tensor(out, device="cuda").copy_(value)
 
 
 # Bound to TensorRT once per process, by register_plugin.

@@ -6,8 +6,8 @@ same ``scan_nodes`` the engine build uses), as a static engine and as a dynamic-
 ``aot_impl``: take the PTX NVRTC compiled from the one kernel source, load it with
 ``cuModuleLoadData``, and ``cuLaunchKernel`` it with the plugin's grid, block, shared memory
 and argument list -- input pointers in the plugin's input order, then the int32 extra
-arguments, then the output pointer -- on device buffers. The output (poisoned with NaN before)
-is compared with ``selective_scan_ref``.
+arguments, then the two output pointers -- on device buffers. The outputs (poisoned with NaN
+before) are compared with the reference (``out`` and ``dt_sums``).
 
 The ONNX file: ``MAME_AOT_ONNX=path`` (weights may be absent: only shapes are read), else the
 test exports vim_s at ratio 0.5 itself.
@@ -31,7 +31,9 @@ driver = pytest.importorskip("cuda.bindings.driver", reason="needs cuda-python (
 from shape_expr import Sym, evaluate  # noqa: E402
 
 from mame_deploy.engine import scan_nodes  # noqa: E402
-from mame_deploy.ops.selective_scan import INPUT_NAMES, selective_scan_ref  # noqa: E402
+from mame_deploy.ops.selective_scan import INPUT_NAMES  # noqa: E402
+from mame_deploy.ops.selective_scan.contract import dt_groups  # noqa: E402
+from mame_deploy.ops.selective_scan.reference import scan_ref_outputs  # noqa: E402
 from mame_deploy.plugins.trt_plugin import KERNEL_DTYPES, aot_kernel  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -107,11 +109,11 @@ class PluginLauncher:
             self.functions[key] = _check(driver.cuModuleGetFunction(module, kernel.name.encode()))
         return self.functions[key]
 
-    def launch(self, kernel, inputs, out):
+    def launch(self, kernel, inputs, outputs):
         # One host slot per argument, then the array of their addresses (CUDA's void** params).
         slots = [np.array([t.data_ptr()], dtype=np.uint64) for t in inputs]
         slots += [np.array([int(s)], dtype=np.int32) for s in kernel.scalars]
-        slots += [np.array([out.data_ptr()], dtype=np.uint64)]
+        slots += [np.array([t.data_ptr()], dtype=np.uint64) for t in outputs]
         params = np.array([s.ctypes.data for s in slots], dtype=np.uint64)
         stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
         _check(driver.cuLaunchKernel(
@@ -161,13 +163,16 @@ def test_aot_launch_matches_the_reference(engine_scans, launcher, dtype, dynamic
         kernel = plugin_kernel(dtype, batch, dim, length, dstate, softplus, reverse, dynamic_batch)
         args = _inputs(batch, dim, length, dstate, dtype, seed=i)
         out = torch.full((batch, dim, length), float("nan"), device="cuda", dtype=TORCH_DTYPES[dtype])
-        launcher.launch(kernel, list(args.values()), out)
-        want = selective_scan_ref(*args.values(), delta_softplus=softplus, reverse=reverse).float()
-        got = out.float()
-        assert torch.isfinite(got).all(), f"unwritten or non-finite output at {(batch, dim, length, reverse)}"
-        err = (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want)).item()
-        worst.append((err, (batch, dim, length, softplus, reverse)))
-        assert err < TOLERANCE[dtype], f"{dtype} {(batch, dim, length, softplus, reverse)}: rel err {err:.2e}"
+        dt_sums = torch.full((batch, dt_groups(dim), length), float("nan"), device="cuda")
+        launcher.launch(kernel, list(args.values()), [out, dt_sums])
+        wants = scan_ref_outputs(*args.values(), delta_softplus=softplus, reverse=reverse)
+        for name, got, want in (("out", out.float(), wants[0].float()), ("dt_sums", dt_sums, wants[1])):
+            where = (name, batch, dim, length, softplus, reverse)
+            assert torch.isfinite(got).all(), f"unwritten or non-finite {where}"
+            err = (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want)).item()
+            worst.append((err, where))
+            # dt_sums is float32 from the same (rounded) delta: float32 accuracy in every dtype
+            assert err < (TOLERANCE[dtype] if name == "out" else 1e-5), f"{dtype} {where}: rel err {err:.2e}"
     err, shape = max(worst)
     kind = "dynamic-batch" if dynamic_batch else "static"
     print(f"\n{dtype} {kind}: {len(worst)} shapes, worst norm-wise relative error {err:.2e} at {shape}")

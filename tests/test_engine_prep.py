@@ -28,6 +28,7 @@ def scan_model(
     shapes=None,
     types=None,
     inputs=INPUT_NAMES,
+    outputs=("y", "y_dt_sums"),
     with_function=True,
     extra_function=False,
     opset_mame=1,
@@ -47,15 +48,17 @@ def scan_model(
         helper.make_tensor(n, types[n], shapes[n], [0.5] * _numel(shapes[n])) for n in FLOAT32_INPUTS
     ]
     attrs = {"delta_softplus": 1, "reverse": 0} if attrs is None else attrs
-    node = helper.make_node(ONNX_OP_TYPE, list(inputs), ["y"], domain=ONNX_DOMAIN, name="scan0", **attrs)
-    out = helper.make_tensor_value_info("y", types["u"], shapes["u"])
-    graph = helper.make_graph([node], "g", graph_inputs, [out], initializer=weights)
+    node = helper.make_node(ONNX_OP_TYPE, list(inputs), list(outputs), domain=ONNX_DOMAIN, name="scan0", **attrs)
+    out_shapes = (shapes["u"], [batch, (dim + 7) // 8 if isinstance(dim, int) else "G", length])
+    out = [helper.make_tensor_value_info(name, types["u"] if k == 0 else TensorProto.FLOAT, out_shapes[k])
+           for k, name in enumerate(outputs)]
+    graph = helper.make_graph([node], "g", graph_inputs, out, initializer=weights)
     functions = []
     if with_function:
-        body = [helper.make_node("Identity", ["u"], ["out"])]
+        body = [helper.make_node("Identity", ["u"], ["out"]), helper.make_node("Identity", ["delta"], ["dt_sums"])]
         functions.append(
             helper.make_function(
-                ONNX_DOMAIN, ONNX_OP_TYPE, list(INPUT_NAMES), ["out"], body,
+                ONNX_DOMAIN, ONNX_OP_TYPE, list(INPUT_NAMES), ["out", "dt_sums"], body,
                 [helper.make_opsetid("", 20)], attributes=["delta_softplus", "reverse"],
             )
         )
@@ -126,6 +129,7 @@ def test_scan_nodes_reads_attributes_dtype_and_shapes():
         (dict(attrs={"delta_softplus": 1, "reverse": 0, "chunk": 64}), "does not know: ['chunk']"),
         (dict(inputs=INPUT_NAMES[:7]), "the plugin takes all of u, delta, A, B, C, D, z, delta_bias"),
         (dict(inputs=INPUT_NAMES[:5] + ("",) + INPUT_NAMES[6:]), "the plugin takes all of"),
+        (dict(outputs=("y",)), "has outputs ['y']; the plugin writes out, dt_sums: re-export the model"),
         (dict(types={"A": TensorProto.FLOAT16}), "input A is float16, the plugin expects float32"),
         (dict(types={"delta": TensorProto.FLOAT16}), "input delta is float16, the plugin expects float32"),
         (dict(dtype=TensorProto.DOUBLE), "u is double; the kernel supports float32, float16, bfloat16"),

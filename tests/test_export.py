@@ -127,7 +127,7 @@ def test_plugin_export_structure():
     nodes = custom_nodes(model, "SelectiveScan")
     assert len(nodes) == 2 * TINY["depth"]  # one node per scan: forward and backward per block
     for node in nodes:
-        assert len(node.input) == 8 and len(node.output) == 1
+        assert len(node.input) == 8 and len(node.output) == 2  # out, dt_sums
         attrs = {a.name: a.i for a in node.attribute}
         assert attrs["delta_softplus"] == 1 and attrs["reverse"] in (0, 1)
     assert sorted(a.i for n in nodes for a in n.attribute if a.name == "reverse") == sorted([0, 1] * TINY["depth"])

@@ -16,6 +16,7 @@ import torch
 
 from mame_deploy.errors import UserError
 from mame_deploy.ops.selective_scan import INPUT_NAMES, selective_scan_ref
+from mame_deploy.ops.selective_scan.reference import scan_ref_outputs
 from mame_deploy.plugins import launch
 
 
@@ -81,14 +82,24 @@ def test_launch_params_on_symbolic_shapes_match_ints():
 
 
 def test_kernel_args_follow_tensorrt_aot_order():
-    # Input tensors in the ONNX node's order, then int32 scalars, then the output.
+    # Input tensors in the ONNX node's order, then int32 scalars, then the outputs.
     args = launch.KERNEL_ARGS
     assert args[: len(INPUT_NAMES)] == INPUT_NAMES
-    assert args[-1] == "out"
-    assert launch.SCALAR_ARGS == args[len(INPUT_NAMES):-1] == ("batch", "dim", "length")
+    assert args[-2:] == ("out", "dt_sums")
+    assert launch.SCALAR_ARGS == args[len(INPUT_NAMES):-2] == ("batch", "dim", "length")
     assert set(launch.KERNEL_ARG_TYPES) == set(args)
     float_inputs = {n for n in INPUT_NAMES if launch.KERNEL_ARG_TYPES[n] == "const float*"}
     assert float_inputs == {"A", "D", "delta_bias"}
+    assert launch.KERNEL_ARG_TYPES["dt_sums"] == "float*"  # float32 whatever the scan's dtype
+
+
+def test_tunings_keep_each_dt_sums_group_in_one_block():
+    # A block holds whole groups of 8 channels, or part of one (then one block computes it).
+    for split in ("4x32x32x4", "8x16x32x2", "16x8x32x1", "16x4x32x1", "4x24x32x4", "16x2x32x4x4", "16x1x16x3x16"):
+        launch.Tuning.parse(split)
+    for split in ("16x6x32x1", "8x12x32x2"):
+        with pytest.raises(UserError, match="multiple or a divisor of 8"):
+            launch.Tuning.parse(split)
 
 
 def test_kernel_signature_in_source_matches_kernel_args():
@@ -271,7 +282,7 @@ def test_op_runs_the_reference_on_cpu():
     args = _inputs()
     for reverse in (False, True):
         got = torch.ops.mame.selective_scan(*args, True, reverse)
-        torch.testing.assert_close(got, selective_scan_ref(*args, True, reverse), rtol=0, atol=0)
+        torch.testing.assert_close(got, scan_ref_outputs(*args, True, reverse), rtol=0, atol=0)
 
 
 def test_cuda_kernel_is_registered_for_the_op():

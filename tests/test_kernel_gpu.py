@@ -1,7 +1,7 @@
 """The CUDA selective-scan kernel against the PyTorch reference, on the GPU.
 
-Fresh random inputs for every case; the output is poisoned with NaN first so an element the
-kernel never wrote fails the check. Error is norm-wise: ||out - ref|| / ||ref|| in float64, with
+Fresh random inputs for every case; both outputs (``out`` and ``dt_sums``) are poisoned with NaN
+first so an element the kernel never wrote fails the check. Error is norm-wise: ||out - ref|| / ||ref|| in float64, with
 the reference computed in float32 from the very inputs the kernel saw (half inputs upcast).
 """
 
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from mame_deploy.ops.fixtures import relative_error, scan_inputs
-from mame_deploy.ops.selective_scan import selective_scan_ref
+from mame_deploy.ops.selective_scan.contract import dt_groups
+from mame_deploy.ops.selective_scan.reference import scan_ref_outputs
 
 
 def _gpu_ready() -> str:
@@ -46,28 +47,34 @@ def make_inputs(batch, dim, length, dstate=16, dtype=torch.float32, softplus=Tru
 
 
 def reference(args, softplus, reverse):
+    """(out, dt_sums) of the reference on the kernel's very inputs, upcast."""
     up = {k: (v.float() if v is not None else None) for k, v in args.items()}
-    return selective_scan_ref(**up, delta_softplus=softplus, reverse=reverse)
+    return scan_ref_outputs(**up, delta_softplus=softplus, reverse=reverse)
 
 
 def run_kernel(args, softplus, reverse, **kw):
+    """(out, dt_sums) from the kernel, both NaN-poisoned before the launch."""
     from mame_deploy.ops.selective_scan.cuda import selective_scan_cuda
 
-    u = args["u"]
-    out = torch.full_like(u, float("nan"))
-    selective_scan_cuda(**args, delta_softplus=softplus, reverse=reverse, out=out, **kw)
+    batch, dim, length = args["u"].shape
+    out = torch.full_like(args["u"], float("nan"))
+    dt_sums = torch.full((batch, dt_groups(dim), length), float("nan"), device="cuda")
+    selective_scan_cuda(**args, delta_softplus=softplus, reverse=reverse, out=out, dt_sums=dt_sums, **kw)
     torch.cuda.synchronize()
-    return out
+    return out, dt_sums
 
 
 def check(args, softplus, reverse, dtype_name, **kw):
-    out = run_kernel(args, softplus, reverse, **kw)
-    assert not torch.isnan(out).any(), "some outputs were never written (NaN poison left)"
-    ref = reference(args, softplus, reverse)
-    assert torch.isfinite(ref).all()
-    err = relative_error(out, ref)
-    assert err < TOL[dtype_name], f"relative error {err:.2e} >= {TOL[dtype_name]}"
-    return err
+    """Both outputs against the reference; dt_sums (float32 from the same delta) to 1e-5 in
+    every dtype. Returns the kernel's dt_sums."""
+    got = run_kernel(args, softplus, reverse, **kw)
+    for name, value, ref, tol in zip(("out", "dt_sums"), got, reference(args, softplus, reverse),
+                                     (TOL[dtype_name], 1e-5)):
+        assert not torch.isnan(value).any(), f"some of {name} was never written (NaN poison left)"
+        assert torch.isfinite(ref).all()
+        err = relative_error(value, ref)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+    return got[1]
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -113,27 +120,28 @@ def test_op_dispatches_to_kernel_on_cuda_and_handles_views():
     order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     got = torch.ops.mame.selective_scan(*(args[k] for k in order), True, True)
     direct = run_kernel(args, True, True)
-    assert torch.equal(got, direct)
-    assert relative_error(got, reference(args, True, True)) < 1e-5
+    assert all(torch.equal(g, d) for g, d in zip(got, direct, strict=True))
+    assert relative_error(got[0], reference(args, True, True)[0]) < 1e-5
 
 
 def test_kernel_in_a_cuda_graph():
     from mame_deploy.ops.selective_scan.cuda import selective_scan_cuda
 
     args = make_inputs(8, 768, 197)
-    out = torch.empty_like(args["u"])
-    selective_scan_cuda(**args, delta_softplus=True, out=out)  # warm-up: compile and load
+    out, dt_sums = selective_scan_cuda(**args, delta_softplus=True)  # warm-up: compile and load
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        selective_scan_cuda(**args, delta_softplus=True, out=out)
+        selective_scan_cuda(**args, delta_softplus=True, out=out, dt_sums=dt_sums)
     fresh = make_inputs(8, 768, 197)
     for name, t in args.items():
         t.copy_(fresh[name])
     out.fill_(float("nan"))
+    dt_sums.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    assert relative_error(out, reference(fresh, True, False)) < 1e-5
+    want = reference(fresh, True, False)
+    assert relative_error(out, want[0]) < 1e-5 and relative_error(dt_sums, want[1]) < 1e-5
 
 
 def test_repeated_runs_are_identical():
@@ -141,7 +149,7 @@ def test_repeated_runs_are_identical():
     args = make_inputs(64, 768, 197, dtype=torch.float16)
     first = run_kernel(args, True, False)
     for _ in range(3):
-        assert torch.equal(run_kernel(args, True, False), first)
+        assert all(torch.equal(a, b) for a, b in zip(run_kernel(args, True, False), first, strict=True))
 
 
 TUNINGS = ["4x32x32x4", "16x8x32x1", "8x16x32x2", "8x8x64x1", "16x4x32x1", "2x64x32x1",
@@ -153,8 +161,10 @@ TUNINGS = ["4x32x32x4", "16x8x32x1", "8x16x32x2", "8x8x64x1", "16x4x32x1", "2x64
 
 @pytest.mark.parametrize("tuning", TUNINGS)
 def test_other_tunings_compute_the_same_function(tuning):
-    """The benchmark compares work splits; each must be correct before it is timed."""
-    from mame_deploy.plugins.launch import Tuning
+    """The benchmark compares work splits; each must be correct before it is timed, and each
+    writes dt_sums bit for bit as the default split does (whole groups from the tile, or
+    recomputed by the block that starts a group), so the merge decides alike whatever the split."""
+    from mame_deploy.plugins.launch import DEFAULT_TUNING, Tuning
 
     for (batch, dim, length), dtype_name, reverse in (
         ((3, 768, 197), "float32", False), ((3, 768, 197), "float16", True), ((1, 384, 3), "float32", True),
@@ -162,7 +172,8 @@ def test_other_tunings_compute_the_same_function(tuning):
         ((1, 37, 50), "float32", True),  # channels not a multiple of the block's
     ):
         args = make_inputs(batch, dim, length, dtype=DTYPES[dtype_name])
-        check(args, True, reverse, dtype_name, tuning=Tuning.parse(tuning))
+        dt_sums = check(args, True, reverse, dtype_name, tuning=Tuning.parse(tuning))
+        assert torch.equal(dt_sums, run_kernel(args, True, reverse, tuning=DEFAULT_TUNING)[1])
 
 
 def test_vim_forward_with_kernel_matches_reference():
@@ -175,7 +186,7 @@ def test_vim_forward_with_kernel_matches_reference():
         import mame_deploy.models.vim as vim
 
         original = vim.selective_scan
-        vim.selective_scan = lambda *a: selective_scan_ref(*a)
+        vim.selective_scan = lambda *a: scan_ref_outputs(*a)
         try:
             ref = model(images)
         finally:

@@ -165,3 +165,24 @@ def test_informativeness_does_not_change_the_mixer_output():
         out, score = mixer(h, return_score=True)
         torch.testing.assert_close(out, mixer(h), rtol=0, atol=0)
     assert score.shape == (2, 20) and (score > 0).all()
+
+
+def test_informativeness_is_the_mean_step_size_of_both_branches(monkeypatch):
+    """The score comes from the scans' dt_sums; it must equal MaMe's definition, the mean over
+    channels of softplus(delta + delta_bias), averaged over the two branches."""
+    import mame_deploy.models.vim as vim
+
+    seen, scan = [], vim.selective_scan
+
+    def recording_scan(*args):
+        seen.append((args[1], args[7]))  # delta, delta_bias
+        return scan(*args)
+
+    monkeypatch.setattr(vim, "selective_scan", recording_scan)
+    mixer = mame_deploy.create_model("vim_t", depth=1, seed=3).layers[0].mixer
+    with torch.no_grad():
+        _, score = mixer(torch.randn(2, 21, 192), return_score=True)
+    (delta_f, bias_f), (delta_b, bias_b) = seen
+    step = lambda delta, bias: F.softplus(delta + bias[None, :, None])  # noqa: E731
+    want = (step(delta_f, bias_f).mean(1) + step(delta_b, bias_b).mean(1)) / 2
+    torch.testing.assert_close(score, want, rtol=1e-6, atol=0)

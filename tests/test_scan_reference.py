@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from mame_deploy.ops.selective_scan import selective_scan, selective_scan_ref
+from mame_deploy.ops.selective_scan.contract import DT_GROUP, output_shapes
+from mame_deploy.ops.selective_scan.reference import scan_ref_outputs
 
 
 def naive_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
@@ -90,5 +92,38 @@ def test_registered_op_is_the_reference_on_cpu():
     inputs = random_inputs(2, 4, 16, 9, seed=5)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     op = torch.ops.mame.selective_scan(*args, True, True)
-    torch.testing.assert_close(op, selective_scan_ref(*args, True, True), rtol=0, atol=0)
+    torch.testing.assert_close(op, scan_ref_outputs(*args, True, True), rtol=0, atol=0)
     torch.testing.assert_close(selective_scan(*args, True, True), op, rtol=0, atol=0)
+    torch.testing.assert_close(op[0], selective_scan_ref(*args, True, True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dim", [8, 20, 3])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_dt_sums_are_step_sizes_summed_over_groups_of_8_channels(dim, softplus):
+    inputs = random_inputs(2, dim, 16, 7, seed=dim, dtype=torch.float16)
+    _, dt_sums = scan_ref_outputs(**inputs, delta_softplus=softplus, reverse=True)
+    assert dt_sums.dtype == torch.float32
+    assert tuple(dt_sums.shape) == output_shapes(2, dim, 7)["dt_sums"] == (2, -(-dim // DT_GROUP), 7)
+    dt = inputs["delta"].double() + inputs["delta_bias"].double()[:, None]
+    dt = F.softplus(dt) if softplus else dt
+    want = torch.stack([dt[:, g:g + DT_GROUP].sum(1) for g in range(0, dim, DT_GROUP)], dim=1)
+    torch.testing.assert_close(dt_sums.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_dt_sums_carry_gradients_for_training():
+    inputs = random_inputs(1, 8, 16, 5, seed=2)
+    inputs["delta"].requires_grad_(True)
+    _, dt_sums = selective_scan(*inputs.values(), True, False)
+    dt_sums.sum().backward()
+    want = torch.sigmoid(inputs["delta"] + inputs["delta_bias"][:, None]).detach()  # d softplus
+    torch.testing.assert_close(inputs["delta"].grad, want)
+
+
+def test_op_passes_torch_library_checks_with_strided_inputs():
+    """Fake and real outputs agree in shape, dtype and strides (torch.compile asserts them), also
+    for a transposed u and delta as the model passes them."""
+    inputs = random_inputs(2, 8, 4, 11, seed=9)
+    for name in ("u", "delta"):
+        inputs[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not inputs["u"].is_contiguous()
+    torch.library.opcheck(torch.ops.mame.selective_scan.default, (*inputs.values(), True, True))

@@ -73,3 +73,15 @@ def test_ties_are_broken_by_position_as_in_the_reference():
 def test_function_needs_opset_18():
     with pytest.raises(ValueError, match="opset >= 18"):
         token_merge_function(MIN_OPSET - 1)
+
+
+@pytest.mark.parametrize("attrs", [MergeAttributes(3, lam=1.0), MergeAttributes(3, prune=1)], ids=["mame", "prune"])
+def test_op_passes_torch_library_checks(attrs):
+    """Fake and real outputs agree in shape, dtype and strides, so torch.compile can trace the op."""
+    from mame_deploy.ops.fixtures import merge_inputs
+    from mame_deploy.ops.token_merge.contract import ATTRIBUTES
+
+    inputs = merge_inputs(2, 17, 8, device="cpu")
+    values = attrs.as_dict()
+    torch.library.opcheck(torch.ops.mame.token_merge.default,
+                          (*inputs.values(), *(values[a] for a in ATTRIBUTES)))

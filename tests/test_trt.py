@@ -139,7 +139,7 @@ def test_parser_binds_every_scan_node_to_the_plugin(trt, exported_stub):
 def test_engine_of_a_stub_model_matches_the_reference(trt, exported_stub, precision):
     import torch
 
-    from mame_deploy.ops.selective_scan import selective_scan_ref
+    from mame_deploy.ops.selective_scan.reference import scan_ref_outputs
     from mame_deploy.trt_runner import TrtRunner
 
     skip_without_weak_typing(trt, precision)
@@ -154,12 +154,14 @@ def test_engine_of_a_stub_model_matches_the_reference(trt, exported_stub, precis
     feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
              for i in model.graph.input}
     with TrtRunner(plan) as runner:
-        (got,) = runner.infer(feeds).values()
+        outputs = runner.infer(feeds)
     args = {**feeds, **weights}
-    want = selective_scan_ref(*(torch.from_numpy(args[n]) for n in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")),
-                              delta_softplus=True, reverse=False).numpy()
+    wants = scan_ref_outputs(*(torch.from_numpy(args[n]) for n in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")),
+                             delta_softplus=True, reverse=False)
     tol = 1e-5 if precision == "fp32" else 5e-3
-    assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want)
+    for got, want in zip(outputs.values(), wants, strict=True):  # out, then dt_sums
+        want = want.numpy()
+        assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want)
 
 
 def test_trt_runner_needs_tensorrt(no_tensorrt, tmp_path):
@@ -233,13 +235,13 @@ def test_kernel_arguments_follow_tensorrts_aot_order():
 
     # TensorRT passes the plugin's inputs, then the extra int32 arguments, then the outputs.
     assert launch.KERNEL_ARGS[: len(INPUT_NAMES)] == INPUT_NAMES
-    assert launch.KERNEL_ARGS[-1] == "out"
-    assert all(launch.KERNEL_ARG_TYPES[n] == "int32" for n in launch.KERNEL_ARGS[len(INPUT_NAMES):-1])
+    assert launch.KERNEL_ARGS[-2:] == ("out", "dt_sums")
+    assert all(launch.KERNEL_ARG_TYPES[n] == "int32" for n in launch.KERNEL_ARGS[len(INPUT_NAMES):-2])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_plugin_ptx_entry_takes_pointers_then_int32s_then_the_output(dtype, reverse):
+def test_plugin_ptx_entry_takes_pointers_then_int32s_then_the_outputs(dtype, reverse):
     pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC (cuda-python) is not installed")
     import re
 
@@ -249,7 +251,7 @@ def test_plugin_ptx_entry_takes_pointers_then_int32s_then_the_output(dtype, reve
     entry = re.search(rb"\.entry\s+(\w+)\s*\((.*?)\)", kernel.ptx, re.S)
     assert entry is not None and entry.group(1).decode() == kernel.name
     params = re.findall(rb"\.param\s+\.(\w+)", entry.group(2))
-    expected = [b"u64"] * 8 + [b"u32"] * len(kernel.scalars) + [b"u64"]  # PTX spells int32 as .u32
+    expected = [b"u64"] * 8 + [b"u32"] * len(kernel.scalars) + [b"u64"] * 2  # PTX spells int32 as .u32
     assert params == expected
 
 

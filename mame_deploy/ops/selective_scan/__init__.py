@@ -6,10 +6,10 @@ tensors); the kernel source, its launch contract and the TensorRT plugin are in 
 """
 
 from .contract import INPUT_NAMES
-from .reference import discretize, selective_scan_ref
+from .reference import discretize, dt_group_sums, scan_dt_sums, selective_scan_ref
 from .op import selective_scan  # defines torch.ops.mame.selective_scan
 from .cuda import register_cuda
 
 register_cuda()  # the kernel serves CUDA tensors; touches no GPU until one arrives
 
-__all__ = ["INPUT_NAMES", "discretize", "selective_scan", "selective_scan_ref"]
+__all__ = ["INPUT_NAMES", "discretize", "dt_group_sums", "scan_dt_sums", "selective_scan", "selective_scan_ref"]

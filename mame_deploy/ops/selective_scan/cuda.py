@@ -22,8 +22,8 @@ from mame_deploy.errors import UserError
 from mame_deploy.ops import cuda_driver
 from mame_deploy.plugins import launch
 
-from .contract import INPUT_NAMES, TORCH_NAME, input_shapes
-from .reference import selective_scan_ref
+from .contract import DT_SUMS_NAME, INPUT_NAMES, TORCH_NAME, input_shapes, output_shapes
+from .reference import scan_ref_outputs
 
 TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # Grid y is the channel-group count; CUDA caps it at 65535.
@@ -76,13 +76,14 @@ def selective_scan_cuda(
     reverse: bool = False,
     out: Optional[Tensor] = None,
     tuning: Optional[launch.Tuning] = None,
-) -> Tensor:
-    """The forward scan on the GPU; same arguments and result as ``selective_scan_ref``.
+    dt_sums: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """The forward scan on the GPU: ``(out, dt_sums)``, as ``reference.scan_ref_outputs``.
 
     u, delta, B, C, z are used in u's dtype (float32, float16 or bfloat16), A, D, delta_bias in
-    float32; non-contiguous inputs are copied. ``out`` (contiguous, u's shape and dtype) receives
-    the result if given. ``tuning`` (the kernel's work split) defaults to
-    ``launch.tuning_for(batch, dim, length)``.
+    float32; non-contiguous inputs are copied. ``out`` (contiguous, u's shape and dtype) and
+    ``dt_sums`` (contiguous float32) receive the results if given. ``tuning`` (the kernel's work
+    split) defaults to ``launch.tuning_for(batch, dim, length)``.
     """
     batch, dim, length, dstate = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if not u.is_cuda:
@@ -100,22 +101,31 @@ def selective_scan_cuda(
 
     u, delta, B, C, z = (prepare(t, u.dtype) for t in (u, delta, B, C, z))
     A, D, delta_bias = (prepare(t, torch.float32) for t in (A, D, delta_bias))
-    if out is None:
-        out = torch.empty_like(u)
-    elif out.shape != u.shape or out.dtype != u.dtype or out.device != u.device or not out.is_contiguous():
-        raise UserError(f"out must be a contiguous {u.dtype} tensor of shape {tuple(u.shape)} on {u.device}")
+    out = _output(out, "out", u.shape, u.dtype, u.device)
+    dt_sums = _output(dt_sums, DT_SUMS_NAME, output_shapes(batch, dim, length)[DT_SUMS_NAME], torch.float32, u.device)
     if u.numel() == 0:
-        return out
+        return out, dt_sums
 
     kernel = _kernel(u.device, dtype, dstate, bool(delta_softplus), bool(reverse), tuning)
-    tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias, "out": out}
+    tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias,
+               "out": out, DT_SUMS_NAME: dt_sums}
     values = {name: (0 if t is None else t.data_ptr()) for name, t in tensors.items()}
     values.update(batch=batch, dim=dim, length=length)
     holders, array = pack_args(values)
     stream = torch.cuda.current_stream(u.device).cuda_stream
     cuda_driver.launch(kernel, params.grid, params.block, params.shared_mem, stream, array,
                        "launching the selective-scan kernel")
-    return out
+    return out, dt_sums
+
+
+def _output(given: Optional[Tensor], name: str, shape, dtype, device) -> Tensor:
+    """A new output tensor, or ``given`` once checked to be one (contiguous, shape, dtype, device)."""
+    shape = tuple(shape)
+    if given is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(given.shape) != shape or given.dtype != dtype or given.device != device or not given.is_contiguous():
+        raise UserError(f"{name} must be a contiguous {dtype} tensor of shape {shape} on {device}")
+    return given
 
 
 def kernel_supports(dstate: int) -> bool:
@@ -135,15 +145,15 @@ def _selective_scan_cuda_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     if u.dtype not in TORCH_DTYPES:
         _fallback(f"no kernel for {u.dtype}")
-        return selective_scan_ref(*args)
+        return scan_ref_outputs(*args)
     if not kernel_supports(A.shape[1]):
         _fallback(f"no kernel for d_state {A.shape[1]} (it has {', '.join(map(str, launch.DSTATES))})")
-        return selective_scan_ref(*args)
+        return scan_ref_outputs(*args)
     try:
         cuda_driver.driver()
     except UserError as exc:
         _fallback(str(exc))
-        return selective_scan_ref(*args)
+        return scan_ref_outputs(*args)
     return selective_scan_cuda(*args)
 
 

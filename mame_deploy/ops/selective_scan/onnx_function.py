@@ -11,6 +11,7 @@ The body follows the reference (``reference.py``) step for step (float32 whateve
     a_t   = exp(dt_t * A),  b_t = dt_t * u_t * B_t         for all t at once, (L, batch, dim, N)
     h_t   = a_t * h_{t-1} + b_t,  y_t = h_t . C_t          one ONNX Scan over t
     out   = (y + D * u) * silu(z)
+    dt_sums = dt summed over groups of 8 channels (a Conv with a kernel of ones, stride 8)
 
 A reverse scan flips u, dt, B and C along the sequence, scans forward and flips y back; the
 flip is a Slice whose step (+1 / -1) comes from the ``reverse`` attribute, so one body serves both
@@ -28,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .contract import ATTRIBUTES, INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE, OUTPUT_NAME
+from .contract import ATTRIBUTES, DT_GROUP, DT_SUMS_NAME, INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE, OUTPUT_NAME, OUTPUT_NAMES
 
 MIN_OPSET = 18                # the body needs Shape(start, end), CastLike, axes-as-input Squeeze
 _INT64_MAX = np.iinfo(np.int64).max
@@ -71,6 +72,17 @@ def _step_graph() -> onnx.GraphProto:
     )
 
 
+def _dt_group_sums(g: _Body, dt: str) -> str:
+    """The ``dt_sums`` output: dt (batch, dim, L) summed over groups of DT_GROUP channels, as a
+    Conv with a (DT_GROUP x 1) kernel of ones and stride DT_GROUP over (dim, L): its zero padding
+    of the last, partial group has static shapes (an inlined file keeps every shape static)."""
+    image = g.op("Unsqueeze", [dt, g.const("axis_channel", [1], np.int64)], "dt_image")
+    ones = g.const("dt_group_ones", np.ones((1, 1, DT_GROUP, 1)), np.float32)
+    sums = g.op("Conv", [image, ones], "dt_sums_image", kernel_shape=[DT_GROUP, 1], strides=[DT_GROUP, 1],
+                pads=[0, 0, DT_GROUP - 1, 0])
+    return g.op("Squeeze", [sums, "axis_channel"], DT_SUMS_NAME)
+
+
 def selective_scan_function(opset: int) -> onnx.FunctionProto:
     """``mame::SelectiveScan`` as an ONNX function over the default domain at ``opset``."""
     if opset < MIN_OPSET:
@@ -92,6 +104,7 @@ def selective_scan_function(opset: int) -> onnx.FunctionProto:
     use_softplus = g.op("Cast", [g.const_from_attribute("softplus_flag", "delta_softplus")], "softplus_bool",
                         to=TensorProto.BOOL)
     dt = g.op("Where", [use_softplus, softplus, x], "dt")
+    _dt_group_sums(g, dt)
 
     # Sequence order: Slice with step +1 (forward) or -1 (reverse) along L.
     rev = g.const_from_attribute("reverse_flag", "reverse")
@@ -134,7 +147,7 @@ def selective_scan_function(opset: int) -> onnx.FunctionProto:
         ONNX_DOMAIN,
         ONNX_OP_TYPE,
         list(INPUT_NAMES),
-        [OUTPUT_NAME],
+        list(OUTPUT_NAMES),
         g.nodes,
         opset_imports=[helper.make_opsetid("", opset)],
         attribute_protos=[helper.make_attribute(name, value) for name, value in ATTRIBUTES.items()],

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .contract import ATTRIBUTES, FUNCTION_VERSION, PLUGIN_ID, TORCH_NAME
-from .reference import selective_scan_ref
+from .contract import ATTRIBUTES, DT_SUMS_NAME, FUNCTION_VERSION, OUTPUT_NAME, PLUGIN_ID, TORCH_NAME, output_shapes
+from .reference import scan_ref_outputs
 
 
 # One op, the reference as its CPU (and fallback) implementation.
@@ -30,13 +30,15 @@ def _selective_scan_op(
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     reverse: bool,
-) -> Tensor:
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+) -> tuple[Tensor, Tensor]:
+    return scan_ref_outputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
 
 @_selective_scan_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    return torch.empty_like(u)
+    # Fresh contiguous tensors, as every implementation returns (u itself may be a strided view).
+    shapes = output_shapes(*u.shape)
+    return u.new_empty(shapes[OUTPUT_NAME]), u.new_empty(shapes[DT_SUMS_NAME], dtype=torch.float32)
 
 
 def _onnx_node(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
@@ -48,14 +50,15 @@ def _onnx_node(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
         raise ValueError("the ONNX SelectiveScan node needs the gate z")
     if delta_bias is None:
         delta_bias = torch.zeros(dim, dtype=torch.float32, device=u.device)
-    return torch.onnx.ops.symbolic(
+    out, dt_sums = torch.onnx.ops.symbolic_multi_out(
         PLUGIN_ID,
         (u, delta, A, B, C, D, z, delta_bias),
         attrs=dict(zip(ATTRIBUTES, (int(delta_softplus), int(reverse)))),
-        dtype=u.dtype,
-        shape=u.shape,
+        dtypes=(u.dtype, torch.float32),
+        shapes=tuple(output_shapes(*u.shape).values()),
         version=FUNCTION_VERSION,
     )
+    return out, dt_sums
 
 
 def selective_scan(
@@ -69,11 +72,12 @@ def selective_scan(
     delta_bias: Optional[Tensor] = None,
     delta_softplus: bool = False,
     reverse: bool = False,
-) -> Tensor:
-    """What models call: the registered op, or a custom-domain node while exporting to ONNX."""
+) -> tuple[Tensor, Tensor]:
+    """What models call: the registered op, or a custom-domain node while exporting to ONNX.
+    Returns ``(out, dt_sums)`` (contract.py)."""
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     if torch.onnx.is_in_onnx_export():
         return _onnx_node(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
-        return selective_scan_ref(*args)  # training: autograd runs through the reference
+        return scan_ref_outputs(*args)  # training: autograd runs through the reference
     return torch.ops.mame.selective_scan(*args)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .contract import DT_GROUP
+
 
 def discretize(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
     """The scan's step size dt in float32, (batch, dim, length). Also MaMe's informativeness."""
@@ -20,6 +22,20 @@ def discretize(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool
     if delta_bias is not None:
         dt = dt + delta_bias.float()[None, :, None]
     return F.softplus(dt) if delta_softplus else dt
+
+
+def dt_group_sums(dt: Tensor) -> Tensor:
+    """``dt`` (batch, dim, length) summed over groups of DT_GROUP consecutive channels:
+    (batch, ceil(dim / DT_GROUP), length) float32, the scan's second output."""
+    batch, dim, length = dt.shape
+    pad = -dim % DT_GROUP
+    dt = F.pad(dt.float(), (0, 0, 0, pad)) if pad else dt.float()
+    return dt.view(batch, (dim + pad) // DT_GROUP, DT_GROUP, length).sum(dim=2)
+
+
+def scan_dt_sums(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
+    """The scan's ``dt_sums`` output from its inputs (what the op returns beside ``out``)."""
+    return dt_group_sums(discretize(delta, delta_bias, delta_softplus))
 
 
 def selective_scan_ref(
@@ -61,3 +77,10 @@ def selective_scan_ref(
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(u.dtype)
+
+
+def scan_ref_outputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
+    """Both outputs of the operator from the reference: ``(out, dt_sums)``, contiguous as the
+    op's fake and CUDA implementations return them (torch.compile checks the strides)."""
+    out = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    return out.contiguous(), scan_dt_sums(delta, delta_bias, delta_softplus).contiguous()
