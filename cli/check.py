@@ -97,6 +97,10 @@ def bench_cmd(
     threads: Optional[int] = typer.Option(None, help="CPU threads for onnxruntime and PyTorch."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph",
                                     help="With --torch --device cuda: replay a captured CUDA graph (no launch overhead)."),
+    dtype: str = typer.Option("fp32", help="With --torch: the model's precision, fp32, fp16 or bf16."),
+    compile_anchor: bool = typer.Option(False, "--compile",
+                                        help="With --torch: also time torch.compile of both models (reduce-overhead "
+                                             "mode on cuda), the anchor."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline",
                                   help="Also time the unmerged model (exported to a temporary folder for --onnx)."),
     compare_torch: bool = typer.Option(True, "--compare-torch/--no-compare-torch",
@@ -120,6 +124,11 @@ def bench_cmd(
     check_device(device)
     if cuda_graph and (torch_model is None or device != "cuda"):
         raise UserError("--cuda-graph times PyTorch as a CUDA graph: pass it with --torch MODEL --device cuda")
+    if (compile_anchor or dtype != "fp32") and torch_model is None:
+        raise UserError("--compile and --dtype apply to PyTorch models: pass them with --torch MODEL")
+    from mame_deploy.source import check_dtype
+
+    check_dtype(dtype)
     sizes = parse_batch_sizes(batch_sizes)
     if json_path is not None:
         from mame_deploy import artifacts
@@ -133,7 +142,8 @@ def bench_cmd(
                                          batch_sizes=sizes)
         if torch_model is not None:
             source = source_from_flags(torch_model, ratio, schedule, method, option, checkpoint, seed, override, layers)
-            targets += bench.torch_targets(source, device, threads, baseline, cuda_graph=cuda_graph)
+            targets += bench.torch_targets(source, device, threads, baseline, cuda_graph=cuda_graph, dtype=dtype,
+                                           compiled=compile_anchor)
         targets = bench.unique(targets)
 
         with progress_bar(console) as bar:
@@ -149,8 +159,8 @@ def bench_cmd(
     ran = f"{used[0]} thread{'s' if used[0] > 1 else ''}" if len(used) == 1 else asked
     table = Table(title=f"latency in ms on {device} ({escape(env['processor'])}, {env['usable_cpus']} CPUs, {ran}; "
                         f"{warmup} warm-up + {iters} timed calls)")
-    columns = ("what", "batch", *(("threads",) if len(used) > 1 else ()), "GFLOPs", "p50", "p90", "p99", "img/s",
-               "speedup")
+    columns = ("what", "batch", *(("threads",) if len(used) > 1 else ()), "p50", "p90", "p99", "img/s",
+               "speedup", "ideal")
     for col in columns:
         if col == "what":
             table.add_column(col, justify="left", overflow="fold")
@@ -159,10 +169,12 @@ def bench_cmd(
     for r in rows:
         what = f"{_RUNTIME_NAMES.get(r['backend'], r['backend'])} {r['target']}"
         table.add_row(escape(what), str(r["batch"]), *((str(r["threads"] or "-"),) if len(used) > 1 else ()),
-                      f"{r['relative_gflops']:.3f}", f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                      f"{r['throughput']:.1f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-")
+                      f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                      f"{r['throughput']:.1f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-",
+                      f"{r['ideal_speedup']:.2f}x")
     warning = bench.load_warning(max(used) if used else None, load, env["usable_cpus"])
-    table.caption = ("GFLOPs relative to the unmerged model; speed-up = unmerged p50 / p50, same backend and batch; "
+    table.caption = ("speed-up = unmerged p50 / p50, same backend, dtype and batch; ideal = the speed-up the "
+                     "GFLOPs allow (unmerged / merged); "
                      f"threads: CPU threads the runtime computed with; 1-minute load average before timing "
                      f"{_load_text(load)}")
     console.print(table)
@@ -176,7 +188,8 @@ def _load_text(load) -> str:
     return f"{load:.2f}" if load is not None else "unknown"
 
 
-_RUNTIME_NAMES = {"onnxruntime": "ORT", "torch": "torch", "tensorrt": "TRT", "torch-graph": "torch (CUDA graph)"}
+_RUNTIME_NAMES = {"onnxruntime": "ORT", "torch": "torch", "tensorrt": "TRT", "torch-graph": "torch (CUDA graph)",
+                  "torch-compile": "torch.compile"}
 
 
 def register(app: typer.Typer) -> None:

@@ -49,6 +49,7 @@ class Target:
     config: object = None        # the model's config: what the memory check reads (None: unchecked)
     device: str = "cpu"
     threads: Optional[int] = None  # CPU threads asked for (None: the runtime's default)
+    dtype: str = "fp32"          # precision the target computes in (speed-ups compare like with like)
 
     def batch_sizes(self, requested: Sequence[int]) -> list[int]:
         return [self.fixed_batch] if self.fixed_batch is not None else list(requested)
@@ -66,25 +67,40 @@ def unmerged(source: Source) -> Source:
     return replace(source, ratio=0.0, schedule_spec=None, method="mame", options={})
 
 
+def compile_mode(device: str) -> str:
+    """torch.compile's mode for a compiled anchor: reduce-overhead (its own CUDA graphs) on the
+    GPU, where launches dominate small batches; the default mode on the CPU."""
+    return "reduce-overhead" if device == "cuda" else "default"
+
+
 def torch_target(source: Source, device: str, threads: Optional[int],
                  expected_schedule: Optional[list] = None, fixed_batch: Optional[int] = None,
-                 cuda_graph: bool = False) -> Target:
+                 cuda_graph: bool = False, dtype: str = "fp32", compiled: bool = False) -> Target:
     """PyTorch on ``source``; ``fixed_batch`` pins it to the batch of the file it is compared with.
     ``cuda_graph``: replay a captured CUDA graph (``device`` must be cuda), the fair comparison
-    with an engine at small batch, where eager PyTorch is bound by kernel launches."""
+    with an engine at small batch, where eager PyTorch is bound by kernel launches. ``dtype``:
+    the model's precision (fp32, fp16, bf16). ``compiled``: run ``torch.compile`` of the model
+    (``compile_mode``), the anchor a user would otherwise reach for."""
     if cuda_graph and device != "cuda":
         raise UserError("CUDA graphs need `device` cuda")
+    if cuda_graph and compiled:
+        raise UserError("`compiled` and `cuda_graph` exclude each other (reduce-overhead captures its own graphs)")
     check_threads(threads)
-    model = sources.build_model(source, expected_schedule)
+    model = sources.build_model(source, expected_schedule, dtype=dtype)
     tokens = sources.tokens_per_layer(model)
     cfg = model.config
+    if compiled:
+        backend, make_runner = "torch-compile", lambda: TorchRunner(model, device, threads, compile_mode=compile_mode(device))
+    elif cuda_graph:
+        backend, make_runner = "torch-graph", lambda: TorchGraphRunner(model)
+    else:
+        backend, make_runner = "torch", lambda: TorchRunner(model, device, threads)
     return Target(
-        label=source.model + _merge_label(source),
-        backend="torch-graph" if cuda_graph else "torch", model=source.model, ratio=source.ratio,
+        label=source.model + _merge_label(source) + (f" {dtype}" if dtype != "fp32" else ""),
+        backend=backend, model=source.model, ratio=source.ratio,
         merged=is_merged(source), tokens_per_layer=tokens, relative_gflops=relative_gflops(cfg, tokens),
         fixed_batch=fixed_batch, input_shape=(cfg.in_chans, cfg.img_size, cfg.img_size),
-        make_runner=(lambda: TorchGraphRunner(model)) if cuda_graph else (lambda: TorchRunner(model, device, threads)),
-        config=cfg, device=device, threads=threads,
+        make_runner=make_runner, config=cfg, device=device, threads=threads, dtype=dtype,
     )
 
 
@@ -109,14 +125,18 @@ def artifact_target(artifact: Union[Artifact, str, Path], device: str = "cpu", t
         tokens_per_layer=record["tokens_per_layer"], relative_gflops=float(record["relative_gflops"]),
         fixed_batch=artifact.fixed_batch, input_shape=(channels, height, width), make_runner=artifact.runner,
         config=sources.model_config(source), device=artifact.device, threads=artifact.threads,
+        dtype=artifact.precision,
     )
 
 
 def torch_targets(source: Source, device: str, threads: Optional[int], baseline: bool = True,
-                  cuda_graph: bool = False) -> list[Target]:
-    targets = [torch_target(source, device, threads, cuda_graph=cuda_graph)]
-    if baseline and is_merged(source):
-        targets.append(torch_target(unmerged(source), device, threads, cuda_graph=cuda_graph))
+                  cuda_graph: bool = False, dtype: str = "fp32", compiled: bool = False) -> list[Target]:
+    """``source`` (and its unmerged model with ``baseline``) in PyTorch; with ``compiled`` also
+    both under torch.compile, as the anchor."""
+    sources_ = [source] + ([unmerged(source)] if baseline and is_merged(source) else [])
+    targets = [torch_target(s, device, threads, cuda_graph=cuda_graph, dtype=dtype) for s in sources_]
+    if compiled:
+        targets += [torch_target(s, device, threads, dtype=dtype, compiled=True) for s in sources_]
     return targets
 
 
@@ -249,7 +269,8 @@ def bench(
                 rows.append({
                     "target": target.label, "backend": target.backend, "model": target.model,
                     "ratio": target.ratio, "merged": target.merged, "batch": batch,
-                    "relative_gflops": round(target.relative_gflops, 4),
+                    "dtype": target.dtype, "relative_gflops": round(target.relative_gflops, 4),
+                    "ideal_speedup": round(1 / target.relative_gflops, 3),
                     "tokens_last_layer": target.tokens_per_layer[-1], "threads": threads,
                     **summarize(times, batch),
                 })
@@ -333,10 +354,13 @@ def load_warning(threads: Optional[int], load: Optional[float], cpus: int) -> Op
 
 
 def _add_speedups(rows: list[dict]) -> None:
-    """speedup = p50 of the unmerged model / p50 of this one (same backend, model and batch)."""
-    baselines = {(r["backend"], r["model"], r["batch"]): r["p50_ms"] for r in rows if not r["merged"]}
+    """speedup = p50 of the unmerged model / p50 of this one (same backend, model, dtype and batch)."""
+    def key(r):
+        return r["backend"], r["model"], r["dtype"], r["batch"]
+
+    baselines = {key(r): r["p50_ms"] for r in rows if not r["merged"]}
     for row in rows:
-        base = baselines.get((row["backend"], row["model"], row["batch"]))
+        base = baselines.get(key(row))
         row["speedup"] = round(base / row["p50_ms"], 3) if base else None
 
 

@@ -109,14 +109,17 @@ class TorchRunner(BaseRunner):
     """A PyTorch image classifier as a polygraphy runner: numpy images in, numpy logits out.
 
     On CUDA the time of ``infer`` is measured with CUDA events around the forward pass, so it
-    counts the GPU's work and not only the launches.
+    counts the GPU's work and not only the launches. ``compile_mode``: run
+    ``torch.compile(model, mode=compile_mode)`` instead (compiled on the first call).
     """
 
     def __init__(self, model: torch.nn.Module, device: str = "cpu", threads: Optional[int] = None,
-                 name: Optional[str] = None, trace_merges: bool = False):
+                 name: Optional[str] = None, trace_merges: bool = False, compile_mode: Optional[str] = None):
         super().__init__(name=name or f"torch:{getattr(model, 'model_name', type(model).__name__)}",
                          prefix="torch-runner")
         self.model = model
+        self.forward = model
+        self.compile_mode = compile_mode
         self.trace_merges = trace_merges  # also output each merge step's decisions (decisions.py)
         self.device = torch.device(check_device(device))
         self.threads = check_threads(threads)
@@ -127,6 +130,7 @@ class TorchRunner(BaseRunner):
         if self.threads:
             torch.set_num_threads(self.threads)
         self.model = self.model.to(self.device).eval()
+        self.forward = torch.compile(self.model, mode=self.compile_mode) if self.compile_mode else self.model
 
     def get_input_metadata_impl(self):
         cfg = self.model.config
@@ -154,18 +158,18 @@ class TorchRunner(BaseRunner):
             if self.device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                logits = self.model(images)
+                logits = self.forward(images)
                 end.record()
                 end.synchronize()
                 self.inference_time = start.elapsed_time(end) / 1e3
             else:
                 begin = time.perf_counter()
-                logits = self.model(images)
+                logits = self.forward(images)
                 self.inference_time = time.perf_counter() - begin
         return OrderedDict([(OUTPUT_NAME, logits.float().cpu().numpy())])
 
     def deactivate_impl(self):
-        self.model = self.model.cpu()
+        self.model = self.forward = self.model.cpu()
 
 
 def capture_cuda_graph(fn: Callable[[], Any]) -> tuple["torch.cuda.CUDAGraph", Any]:

@@ -258,6 +258,34 @@ def test_bench_torch_cuda_graph_targets_replay_graphs():
         bench.torch_target(source, "cpu", None, cuda_graph=True)
 
 
+def test_bench_torch_compile_anchor_in_bf16(capsys, tmp_path, monkeypatch):
+    """--compile adds torch.compile rows of both models (mode by device), --dtype runs them in
+    that precision, and each speed-up pairs rows of one backend and dtype, beside the ideal."""
+    modes = []
+
+    def fake_compile(model, mode=None):  # inductor on a CPU is minutes; the wiring is the point
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    report_path = tmp_path / "bench.json"
+    code, out, err = run(capsys, "bench", "--torch", "vim_t", *TINY, "--ratio", "0.5", "--dtype", "bf16", "--compile",
+                         "--batch-sizes", "1", "--warmup", "0", "--iters", "2", "--json", report_path)
+    assert code == 0, out + err
+    rows = json.loads(report_path.read_text())["rows"]
+    assert [(r["backend"], r["merged"]) for r in rows] == [
+        ("torch", True), ("torch", False), ("torch-compile", True), ("torch-compile", False)]
+    assert modes == ["default", "default"]  # CPU: default mode (reduce-overhead on cuda)
+    by_key = {(r["backend"], r["merged"]): r for r in rows}
+    for backend in ("torch", "torch-compile"):
+        merged, base = by_key[backend, True], by_key[backend, False]
+        assert merged["speedup"] == pytest.approx(base["p50_ms"] / merged["p50_ms"], abs=6e-4)  # 3 decimals
+        assert merged["ideal_speedup"] == pytest.approx(1 / merged["relative_gflops"], rel=1e-3)
+        assert merged["ideal_speedup"] > 1 == base["ideal_speedup"]
+    assert {r["dtype"] for r in rows} == {"bf16"} and all(r["target"].endswith(" bf16") for r in rows)
+    assert "torch.compile" in out and "ideal" in out
+
+
 def test_bench_onnx_runs_its_static_batch_beside_torch(capsys, pair, tmp_path):
     report_path = tmp_path / "bench.json"
     code, out, err = run(capsys, "bench", "--onnx", pair[0], "--warmup", "0", "--iters", "2", "--json", report_path)
@@ -273,6 +301,8 @@ def test_bench_onnx_runs_its_static_batch_beside_torch(capsys, pair, tmp_path):
     (["--torch", "vim_t", "--device", "tpu"], "--device"),
     (["--torch", "vim_t", *TINY, "--iters", "0"], "--iters"),
     (["--torch", "vim_t", *TINY, "--cuda-graph"], "--cuda-graph"),  # CPU is the default device
+    (["--torch", "vim_t", *TINY, "--dtype", "fp8"], "--dtype must be one of fp32, fp16, bf16"),
+    (["--onnx", "missing.onnx", "--compile"], "--compile and --dtype apply to PyTorch models"),
 ])
 def test_bench_rejects_bad_options(capsys, args, phrase):
     code, out, err = run(capsys, "bench", *args)
