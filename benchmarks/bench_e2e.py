@@ -1,6 +1,7 @@
 """End-to-end latency of a Vision Mamba forward on the GPU as a CUDA graph, merged vs unmerged,
 next to the speed-up the GFLOPs would allow, per batch size and dtype; torch.compile (default
-mode) rows as the anchor, and optionally mamba-ssm's scan kernel.
+mode, or reduce-overhead with its CUDA graphs) rows as the anchor, optionally mamba-ssm's scan
+kernel, and a per-kernel profile of one eager forward (--profile).
 
     python benchmarks/bench_e2e.py --model vim_s --ratio 0.5 --batches 1 64 256 \
         --dtypes float32 bfloat16 --compile-batches 1 --json e2e.json
@@ -13,6 +14,7 @@ callable directly (median of --iters calls after warm-up, CUDA events), no graph
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -52,13 +54,34 @@ def graph_time_ms(fn, iters: int) -> float:
     return ms
 
 
-def compiled_time_ms(model, images, iters: int) -> float:
-    compiled = torch.compile(model)
+def compiled_time_ms(model, images, iters: int, mode: str, profile_to=None) -> tuple[float, float]:
+    """(median ms of ``iters`` calls of ``torch.compile(model, mode)``, max |compiled - eager|
+    of the logits): an anchor is only one if it computes the same function."""
+    compiled = torch.compile(model, mode=mode)
     with torch.no_grad():
         for _ in range(3):
             compiled(images)
         torch.cuda.synchronize()
-        return _timed(lambda: compiled(images), iters)
+        ms = _timed(lambda: compiled(images), iters)
+        diff = (compiled(images).float() - model(images).float()).abs().max().item()
+        if profile_to is not None:
+            profile_to.write(kernel_profile(compiled, images) + "\n")
+    return ms, diff
+
+
+def kernel_profile(model, images) -> str:
+    """GPU time per kernel of one forward of ``model`` (torch.profiler, after warm-up): where a merged
+    model's time goes, by kernel, beside its launch count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        for _ in range(3):
+            model(images)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(images)
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 
 
 def main(argv=None) -> int:
@@ -70,6 +93,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--backends", nargs="+", default=["op"], choices=["op", "mamba_ssm"])
     ap.add_argument("--compile-batches", type=int, nargs="*", default=[1], help="batches with torch.compile rows (fp32)")
+    ap.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
+                    help="torch.compile mode of the compile rows (reduce-overhead: CUDA graphs)")
+    ap.add_argument("--profile", help="write a per-kernel GPU-time table of one eager forward, unmerged and merged, "
+                                      "for each batch and dtype, to this file")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--json", help="write the numbers here")
     opts = ap.parse_args(argv)
@@ -101,9 +128,21 @@ def main(argv=None) -> int:
                 record(model=opts.model, runtime=f"{backend} CUDA graph", dtype=dtype_name, batch=batch,
                        unmerged_ms=ms[False], merged_ms=ms[True], speedup=ms[False] / ms[True], ideal=ideal)
                 if dtype_name == "float32" and backend == "op" and batch in opts.compile_batches:
-                    cms = {m: compiled_time_ms(models[m], images, opts.iters) for m in (False, True)}
-                    record(model=opts.model, runtime="torch.compile (default)", dtype=dtype_name, batch=batch,
-                           unmerged_ms=cms[False], merged_ms=cms[True], speedup=cms[False] / cms[True], ideal=ideal)
+                    cms, diffs = {}, {}
+                    for m in (False, True):
+                        with open(opts.profile, "a") if opts.profile else contextlib.nullcontext() as f:
+                            if f is not None:
+                                f.write(f"\n## {opts.model} {'merged' if m else 'unmerged'} {dtype_name} batch {batch}"
+                                        f" torch.compile ({opts.compile_mode})\n")
+                            cms[m], diffs[m] = compiled_time_ms(models[m], images, opts.iters, opts.compile_mode, f)
+                    record(model=opts.model, runtime=f"torch.compile ({opts.compile_mode})", dtype=dtype_name,
+                           batch=batch, unmerged_ms=cms[False], merged_ms=cms[True], speedup=cms[False] / cms[True],
+                           ideal=ideal, max_abs_diff_vs_eager=max(diffs.values()))
+                if opts.profile:
+                    with open(opts.profile, "a") as f:
+                        for m in (False, True):
+                            f.write(f"\n## {opts.model} {'merged' if m else 'unmerged'} {dtype_name} batch {batch}\n")
+                            f.write(kernel_profile(models[m], images) + "\n")
             del models
             torch.cuda.empty_cache()
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# One device call for the fused merge operator end to end: the merge GPU tests and a racecheck
-# of the cluster splits, vim_s merged vs unmerged as CUDA graphs (fp32/bf16, batch 1/64/256,
-# torch.compile rows at batch 1), the CLI's bench, and the decision-flip rates between PyTorch
-# CPU, onnxruntime and the CUDA kernel. Logs land in $OUT. Run from the repository root with
-# .whl/ (the polygraphy wheel) carried:  bash benchmarks/device_e2e.sh [tests] [e2e] [flips]
+# One device call for the merged model end to end: the GPU tests of both kernels (the scan with
+# its dt_sums output, the fused merge) and of their AOT launches, a memcheck + racecheck pass
+# over the scan's work splits, vim_s merged vs unmerged as CUDA graphs (fp32/bf16, batch
+# 1/64/256, torch.compile rows at batch 1), and the decision-flip rates between PyTorch CPU,
+# onnxruntime and the CUDA kernels. Logs land in $OUT. Run from the repository root with the
+# polygraphy wheel in .whl/ carried:  bash benchmarks/device_e2e.sh [tests] [sanitizer] [e2e] [flips]
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-STEPS=${*:-tests e2e flips}
+STEPS=${*:-tests sanitizer e2e flips}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 {
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
@@ -17,10 +18,30 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 if want tests; then
-    timeout 150 python3 -m pytest -q -rs -x tests/test_token_merge_gpu.py tests/test_aot_token_merge_gpu.py \
-        tests/test_kernel_gpu.py -k "not slow" 2>&1 | tail -4 | tee "$OUT/gpu_tests.log"
-    bash benchmarks/device_merge.sh sanitizer > /dev/null 2>&1
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" | tee -a "$OUT/gpu_tests.log"
+    timeout 300 python3 -m pytest -q -rs tests/test_kernel_gpu.py tests/test_aot_gpu.py tests/test_token_merge_gpu.py \
+        tests/test_aot_token_merge_gpu.py -k "not slow" 2>&1 | tail -12 | tee "$OUT/gpu_tests.log"
+fi
+if want sanitizer; then
+    cat > /tmp/scan_splits.py <<'PY'
+import torch
+from mame_deploy.ops.fixtures import scan_inputs
+from mame_deploy.ops.selective_scan.cuda import selective_scan_cuda
+from mame_deploy.plugins import launch
+splits = (launch.DEFAULT_TUNING, launch.MEDIUM_BATCH_TUNING, launch.SMALL_BATCH_TUNING, *launch.SEGMENTED_TUNINGS)
+for tuning in splits:
+    for reverse in (False, True):
+        selective_scan_cuda(**scan_inputs(2, 100, 197, 16, torch.bfloat16), delta_softplus=True, reverse=reverse,
+                            tuning=tuning)
+torch.cuda.synchronize()
+print("sanitizer run done")
+PY
+    # Kernel errors only (cuda-python's start-up probes are API "errors" to the sanitizer).
+    for tool in memcheck racecheck; do
+        timeout 90 compute-sanitizer --tool $tool --report-api-errors no --print-limit 50 python3 /tmp/scan_splits.py \
+            >> "$OUT/sanitizer.log" 2>&1
+    done
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|sanitizer run done" "$OUT/sanitizer.log" | head -20 \
+        | tee -a "$OUT/gpu_tests.log"
 fi
 if want e2e; then
     timeout 300 python3 benchmarks/bench_e2e.py --model vim_s --ratio 0.5 --batches 1 64 256 \
