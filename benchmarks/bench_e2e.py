@@ -9,6 +9,11 @@ kernel, and a per-kernel profile of one eager forward (--profile).
 Each configuration: random weights (seed 0), warm-up on a side stream, one graph capture, then
 the median of --iters timed replays (CUDA events). torch.compile rows time the compiled
 callable directly (median of --iters calls after warm-up, CUDA events), no graph.
+
+Caveat at batch 1 (H200, 2026-12-01): whichever model is timed second in a process reads
+0.35-0.45 ms slow (here the merged one; cause not found). Quote batch 1 from each model alone,
+e.g. ``mame-deploy bench --torch vim_s --ratio R --no-baseline --device cuda --cuda-graph
+--batch-sizes 1`` in separate processes (docs/measurements/e2e/batch1_order_effect_h200.md).
 """
 
 from __future__ import annotations

@@ -275,7 +275,10 @@ def test_bench_torch_compile_anchor_in_bf16(capsys, tmp_path, monkeypatch):
     rows = json.loads(report_path.read_text())["rows"]
     assert [(r["backend"], r["merged"]) for r in rows] == [
         ("torch", True), ("torch", False), ("torch-compile", True), ("torch-compile", False)]
-    assert modes == ["default", "default"]  # CPU: default mode (reduce-overhead on cuda)
+    assert modes == ["default", "default"]  # CPU: default mode
+    from mame_deploy import bench
+
+    assert bench.compile_mode("cuda") == "reduce-overhead"  # the GPU: its own CUDA graphs
     by_key = {(r["backend"], r["merged"]): r for r in rows}
     for backend in ("torch", "torch-compile"):
         merged, base = by_key[backend, True], by_key[backend, False]

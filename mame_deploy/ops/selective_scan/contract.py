@@ -46,7 +46,7 @@ OUTPUT_NAMES = (OUTPUT_NAME, DT_SUMS_NAME)
 DT_GROUP = 8  # channels per dt_sums group
 # Inputs that stay float32 whatever the model's precision (the kernel reads them as float).
 FLOAT32_INPUTS = ("A", "D", "delta_bias")
-# Element types of u, delta, B, C, z and the output that every face runs.
+# Element types of u, delta, B, C, z and out that every face runs (dt_sums is always float32).
 DTYPES = ("float32", "float16", "bfloat16")
 # Attributes and their defaults (the ONNX function's defaults too).
 ATTRIBUTES = {"delta_softplus": 0, "reverse": 0}
