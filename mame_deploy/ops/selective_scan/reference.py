@@ -56,10 +56,14 @@ def selective_scan_ref(
     first-order recurrence h_t = a_t * h_{t-1} + b_t runs as a loop, one fused multiply-add
     per step, which keeps a vim_t forward on the CPU well under a second.
     """
+    return _scan_from_dt(u, discretize(delta, delta_bias, delta_softplus), A, B, C, D, z, reverse)
+
+
+def _scan_from_dt(u, dt, A, B, C, D, z, reverse) -> Tensor:
+    """The scan given its float32 step sizes ``dt`` (what selective_scan_ref computes first)."""
     batch, dim, length = u.shape
     dstate = A.shape[1]
     u32 = u.float()
-    dt = discretize(delta, delta_bias, delta_softplus)
     # (batch, length, dim, dstate): step-major so each step reads one contiguous slab.
     decay = torch.exp(dt.transpose(1, 2)[..., None] * A.float()[None, None])
     drive = (dt * u32).transpose(1, 2)[..., None] * B.float().transpose(1, 2)[:, :, None, :]
@@ -81,6 +85,8 @@ def selective_scan_ref(
 
 def scan_ref_outputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
     """Both outputs of the operator from the reference: ``(out, dt_sums)``, contiguous as the
-    op's fake and CUDA implementations return them (torch.compile checks the strides)."""
-    out = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-    return out.contiguous(), scan_dt_sums(delta, delta_bias, delta_softplus).contiguous()
+    op's fake and CUDA implementations return them (torch.compile checks the strides). dt is
+    computed once for both."""
+    dt = discretize(delta, delta_bias, delta_softplus)
+    out = _scan_from_dt(u, dt, A, B, C, D, z, reverse)
+    return out.contiguous(), dt_group_sums(dt)
