@@ -115,9 +115,9 @@ class BiMambaMixer(nn.Module):
         # "mamba_ssm": the official CUDA kernel, for comparisons on a GPU machine.
         self.scan_backend = "op"
 
-    def _branch(self, x: Tensor, z: Tensor, reverse: bool):
+    def _branch(self, x: Tensor, z: Tensor, reverse: bool, want_dt_sums: bool):
         """One direction: the scan output and its step sizes summed over channel groups
-        (the scan's ``dt_sums``), for the informativeness."""
+        (the scan's ``dt_sums``, for the informativeness; None where not wanted and not free)."""
         sfx = "_b" if reverse else ""
         conv: nn.Conv1d = getattr(self, "conv1d" + sfx)
         x_proj: nn.Linear = getattr(self, "x_proj" + sfx)
@@ -136,14 +136,16 @@ class BiMambaMixer(nn.Module):
         delta = (dt_low @ dt_proj.weight.t()).transpose(1, 2)  # bias goes to the scan
         Bm, Cm = Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous()
         delta_bias = dt_proj.bias.float()
-        return self._scan(x, delta, A, Bm, Cm, D, z, delta_bias, reverse)
+        return self._scan(x, delta, A, Bm, Cm, D, z, delta_bias, reverse, want_dt_sums)
 
-    def _scan(self, x, delta, A, Bm, Cm, D, z, delta_bias, reverse):
+    def _scan(self, x, delta, A, Bm, Cm, D, z, delta_bias, reverse, want_dt_sums):
         if self.scan_backend == "mamba_ssm":
             from mame_deploy.ops.mamba_ssm_backend import mamba_ssm_scan
 
+            # mamba-ssm has no such output: computed apart, and only where a merge needs it,
+            # so unmerged blocks time mamba-ssm's kernel alone.
             y = mamba_ssm_scan(x, delta, A, Bm, Cm, D, z, delta_bias, reverse)
-            return y, scan_dt_sums(delta, delta_bias, True)  # mamba-ssm has no such output
+            return y, scan_dt_sums(delta, delta_bias, True) if want_dt_sums else None
         return selective_scan(x, delta, A, Bm, Cm, D, z, delta_bias, True, reverse)
 
     def forward(self, h: Tensor, return_score: bool = False):
@@ -151,8 +153,8 @@ class BiMambaMixer(nn.Module):
         the mean over channels of the two branches' step sizes, each at its own token."""
         xz = self.in_proj(h).transpose(1, 2)  # (B, 2*Di, L)
         x, z = xz.chunk(2, dim=1)
-        y_f, dt_sums_f = self._branch(x, z, reverse=False)
-        y_b, dt_sums_b = self._branch(x, z, reverse=True)
+        y_f, dt_sums_f = self._branch(x, z, reverse=False, want_dt_sums=return_score)
+        y_b, dt_sums_b = self._branch(x, z, reverse=True, want_dt_sums=return_score)
         out = self.out_proj(((y_f + y_b) / 2).transpose(1, 2))
         if not return_score:
             return out

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import mame_deploy
 from mame_deploy.errors import UserError
-from mame_deploy.ops.selective_scan import selective_scan_ref
+from mame_deploy.ops.selective_scan import scan_dt_sums, selective_scan_ref
 
 CONFIGS = {"vim_t": (192, 7_148_008), "vim_s": (384, 25_796_584), "vim_b": (768, 97_598_440)}
 
@@ -185,4 +185,28 @@ def test_informativeness_is_the_mean_step_size_of_both_branches(monkeypatch):
     (delta_f, bias_f), (delta_b, bias_b) = seen
     step = lambda delta, bias: F.softplus(delta + bias[None, :, None])  # noqa: E731
     want = (step(delta_f, bias_f).mean(1) + step(delta_b, bias_b).mean(1)) / 2
+    torch.testing.assert_close(score, want, rtol=1e-6, atol=0)
+
+
+def test_mamba_ssm_backend_computes_the_score_only_where_asked(monkeypatch):
+    """mamba-ssm's scan has no dt_sums output: the mixer computes it apart, and only when a merge
+    asks for the score, so an unmerged block times mamba-ssm's kernel alone."""
+    import mame_deploy.models.vim as vim
+    from mame_deploy.ops import mamba_ssm_backend
+
+    def stand_in(u, delta, A, B, C, D, z, delta_bias, delta_softplus):  # mamba-ssm's signature
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+    monkeypatch.setattr(mamba_ssm_backend, "selective_scan_fn", lambda: stand_in)
+    calls = []
+    monkeypatch.setattr(vim, "scan_dt_sums", lambda *a: calls.append(1) or scan_dt_sums(*a))
+    mixer = mame_deploy.create_model("vim_t", depth=1, seed=4).layers[0].mixer
+    h = torch.randn(2, 13, 192)
+    with torch.no_grad():
+        _, want = mixer(h, return_score=True)
+        mixer.scan_backend = "mamba_ssm"
+        mixer(h)
+        assert calls == []
+        _, score = mixer(h, return_score=True)
+    assert len(calls) == 2  # one per branch
     torch.testing.assert_close(score, want, rtol=1e-6, atol=0)
