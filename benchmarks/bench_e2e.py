@@ -19,7 +19,6 @@ e.g. ``mame-deploy bench --torch vim_s --ratio R --no-baseline --device cuda --c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -59,9 +58,9 @@ def graph_time_ms(fn, iters: int) -> float:
     return ms
 
 
-def compiled_time_ms(model, images, iters: int, mode: str, profile_to=None) -> tuple[float, float]:
+def compiled_time_ms(model, images, iters: int, mode: str) -> tuple[float, float, object]:
     """(median ms of ``iters`` calls of ``torch.compile(model, mode)``, max |compiled - eager|
-    of the logits): an anchor is only one if it computes the same function."""
+    of the logits, the compiled callable): an anchor is only one if it computes the same function."""
     compiled = torch.compile(model, mode=mode)
     with torch.no_grad():
         for _ in range(3):
@@ -69,9 +68,7 @@ def compiled_time_ms(model, images, iters: int, mode: str, profile_to=None) -> t
         torch.cuda.synchronize()
         ms = _timed(lambda: compiled(images), iters)
         diff = (compiled(images).float() - model(images).float()).abs().max().item()
-        if profile_to is not None:
-            profile_to.write(kernel_profile(compiled, images) + "\n")
-    return ms, diff
+    return ms, diff, compiled
 
 
 def kernel_profile(model, images) -> str:
@@ -87,6 +84,11 @@ def kernel_profile(model, images) -> str:
             model(images)
             torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+
+
+def append_profile(path: str, title: str, model, images) -> None:
+    with open(path, "a") as f:
+        f.write(f"\n## {title}\n{kernel_profile(model, images)}\n")
 
 
 def main(argv=None) -> int:
@@ -129,25 +131,26 @@ def main(argv=None) -> int:
             ideal = 1 / relative_gflops(cfg, tokens_per_layer(cfg, models[True].mame_schedule))
             for batch in opts.batches:
                 images = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device="cuda", dtype=dtype)
+
+                def title(merged: bool) -> str:
+                    return f"{opts.model} {'merged' if merged else 'unmerged'} {dtype_name} batch {batch}"
+
                 ms = {m: graph_time_ms(lambda m=m: models[m](images), opts.iters) for m in (False, True)}
                 record(model=opts.model, runtime=f"{backend} CUDA graph", dtype=dtype_name, batch=batch,
                        unmerged_ms=ms[False], merged_ms=ms[True], speedup=ms[False] / ms[True], ideal=ideal)
                 if dtype_name == "float32" and backend == "op" and batch in opts.compile_batches:
                     cms, diffs = {}, {}
                     for m in (False, True):
-                        with open(opts.profile, "a") if opts.profile else contextlib.nullcontext() as f:
-                            if f is not None:
-                                f.write(f"\n## {opts.model} {'merged' if m else 'unmerged'} {dtype_name} batch {batch}"
-                                        f" torch.compile ({opts.compile_mode})\n")
-                            cms[m], diffs[m] = compiled_time_ms(models[m], images, opts.iters, opts.compile_mode, f)
+                        cms[m], diffs[m], compiled = compiled_time_ms(models[m], images, opts.iters, opts.compile_mode)
+                        if opts.profile:
+                            append_profile(opts.profile, f"{title(m)} torch.compile ({opts.compile_mode})", compiled,
+                                           images)
                     record(model=opts.model, runtime=f"torch.compile ({opts.compile_mode})", dtype=dtype_name,
                            batch=batch, unmerged_ms=cms[False], merged_ms=cms[True], speedup=cms[False] / cms[True],
                            ideal=ideal, max_abs_diff_vs_eager=max(diffs.values()))
                 if opts.profile:
-                    with open(opts.profile, "a") as f:
-                        for m in (False, True):
-                            f.write(f"\n## {opts.model} {'merged' if m else 'unmerged'} {dtype_name} batch {batch}\n")
-                            f.write(kernel_profile(models[m], images) + "\n")
+                    for m in (False, True):
+                        append_profile(opts.profile, title(m), models[m], images)
             del models
             torch.cuda.empty_cache()
 

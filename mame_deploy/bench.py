@@ -133,10 +133,10 @@ def torch_targets(source: Source, device: str, threads: Optional[int], baseline:
                   cuda_graph: bool = False, dtype: str = "fp32", compiled: bool = False) -> list[Target]:
     """``source`` (and its unmerged model with ``baseline``) in PyTorch; with ``compiled`` also
     both under torch.compile, as the anchor."""
-    sources_ = [source] + ([unmerged(source)] if baseline and is_merged(source) else [])
-    targets = [torch_target(s, device, threads, cuda_graph=cuda_graph, dtype=dtype) for s in sources_]
+    timed = [source] + ([unmerged(source)] if baseline and is_merged(source) else [])
+    targets = [torch_target(s, device, threads, cuda_graph=cuda_graph, dtype=dtype) for s in timed]
     if compiled:
-        targets += [torch_target(s, device, threads, dtype=dtype, compiled=True) for s in sources_]
+        targets += [torch_target(s, device, threads, dtype=dtype, compiled=True) for s in timed]
     return targets
 
 
