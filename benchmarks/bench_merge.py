@@ -55,7 +55,7 @@ def flip_rate(batches: int, batch: int, L: int, E: int, r: int, dtype: torch.dty
     """Samples whose decisions (origin_out / cls_out) differ between kernel and reference, over
     ``batches`` fresh random batches of vim_s-like inputs."""
     from mame_deploy.ops.fixtures import merge_inputs
-from mame_deploy.ops.token_merge.cuda import token_merge_cuda
+    from mame_deploy.ops.token_merge.cuda import token_merge_cuda
 
     attrs = attrs_for(method, r)
     flips = 0
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
                   iters=opts.iters, rows=[], tunings=[], flips=[])
     if gpu:
         from mame_deploy.ops.fixtures import merge_inputs
-from mame_deploy.ops.token_merge.cuda import token_merge_cuda
+        from mame_deploy.ops.token_merge.cuda import token_merge_cuda
         from mame_deploy.plugins import merge_launch
     tunings = []
     if opts.tunings is not None:
