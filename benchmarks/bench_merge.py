@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     record = dict(model=opts.model, device=where, date=str(datetime.date.today()), commit=commit, r=r, L=L, E=E,
                   iters=opts.iters, rows=[], tunings=[], flips=[])
     if gpu:
-        from mame_deploy.ops.fixtures import merge_inputs
+        from mame_deploy.ops.fixtures import merge_inputs, same_bits
         from mame_deploy.ops.token_merge.cuda import token_merge_cuda
         from mame_deploy.plugins import merge_launch
     tunings = []
@@ -146,16 +146,20 @@ def main(argv=None) -> int:
                                          f"{ref_ms / fused_ms:.1f}x")
                         else:
                             cells.append(f"{ref_ms:.3f} | - | - | -")
+                        if tunings:  # every split must compute the default split's bits
+                            default_out = token_merge_cuda(**args, attrs=attrs, tuning=merge_launch.DEFAULT_TUNING)
                         for tuning in tunings:
                             t_ms = timer(lambda: token_merge_cuda(**args, attrs=attrs, tuning=tuning), opts.iters)
+                            same = same_bits(token_merge_cuda(**args, attrs=attrs, tuning=tuning), default_out)
                             record["tunings"].append(dict(dtype=name, batch=batch, method=method,
-                                                          tuning=str(tuning), ms=t_ms))
+                                                          tuning=str(tuning), ms=t_ms, same_bits=same))
                     print(f"| {name} | {batch} | {block_ms:.3f} | " + " | ".join(cells) + " |", flush=True)
                 del block
         if record["tunings"]:
-            print("\n| dtype | batch | method | split | fused (ms) |\n|---|---|---|---|---|")
+            print("\n| dtype | batch | method | split | fused (ms) | bits as the default split |\n|---|---|---|---|---|---|")
             for t in record["tunings"]:
-                print(f"| {t['dtype']} | {t['batch']} | {t['method']} | {t['tuning']} | {t['ms']:.4f} |")
+                print(f"| {t['dtype']} | {t['batch']} | {t['method']} | {t['tuning']} | {t['ms']:.4f} | "
+                      f"{'same' if t['same_bits'] else 'DIFFERENT'} |")
 
     if opts.flips and gpu:
         print(f"\n## decision flips, kernel vs reference, {opts.flips} x 256 random {opts.model} samples per row\n")

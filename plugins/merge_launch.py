@@ -46,6 +46,7 @@ DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}  # TM_*_DTYPE codes in the 
 THREADS = 256
 N_CAPS = (64, 128, 256, 512)  # decision-array capacities (patches), one compiled variant each
 MAX_LENGTH = N_CAPS[-1] + 1
+MAX_DIM = 4096  # channels: the kernel's float32 row index over (row, 4-channel unit) pairs is exact up to here
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,11 @@ def attribute_scalars(attrs: MergeAttributes) -> dict:
 
 @dataclass(frozen=True)
 class Tuning:
-    """Work split: ``cluster`` blocks per sample share the matching (sources) and the output
-    rows; each block's matching pass covers ``ty * my`` sources x ``(256 // ty) * mx``
-    destinations, ``kt`` channels staged at a time; ``min_blocks`` per SM for the registers."""
+    """Work split: ``cluster`` blocks per sample share the matching and the output rows; the
+    cluster splits the destinations into ``dst_groups`` groups and the sources into
+    ``cluster // dst_groups``, a pair per block; each block's matching pass covers ``ty * my``
+    sources x ``(256 // ty) * mx`` destinations, ``kt`` channels staged at a time;
+    ``min_blocks`` per SM for the registers."""
 
     cluster: int = 1
     ty: int = 16
@@ -90,16 +93,18 @@ class Tuning:
     mx: int = 7
     kt: int = 8
     min_blocks: int = 2
+    dst_groups: int = 1
 
     def __post_init__(self):
         problems = [
             self.cluster not in (1, 2, 4, 8) and "cluster must be 1, 2, 4 or 8",
-            (self.ty < 1 or THREADS % self.ty) and "ty must divide 256",
+            (self.ty < 8 or THREADS % self.ty) and "ty must divide 256 and be at least 8",
             (self.my < 1 or self.mx < 1) and "my and mx must be positive",
             self.ty * self.my + (THREADS // max(self.ty, 1)) * self.mx > THREADS
             and "ty * my + (256 / ty) * mx must be at most 256",
             (self.kt % 4 or self.kt < 4 or (self.kt // 4 + 1) % 2 != 1) and "kt must be a multiple of 8",
             self.min_blocks < 1 and "min_blocks must be at least 1",
+            (self.dst_groups < 1 or self.cluster % self.dst_groups) and "dst_groups must divide cluster",
         ]
         problems = [p for p in problems if p]
         if problems:
@@ -107,25 +112,28 @@ class Tuning:
 
     @classmethod
     def parse(cls, text: str) -> "Tuning":
-        """``CLUSTERxTYxMYxMXxKTxMIN_BLOCKS``, e.g. ``1x16x7x7x8x2`` (benchmark option syntax)."""
+        """``CLUSTERxTYxMYxMXxKTxMIN_BLOCKS[xDST_GROUPS]``, e.g. ``1x16x7x7x8x2`` or
+        ``8x8x4x2x64x1x2`` (benchmark option syntax; DST_GROUPS defaults to 1)."""
         try:
             values = [int(v) for v in text.lower().split("x")]
         except ValueError:
             values = []
-        if len(values) != 6:
-            raise UserError(f"bad token-merge tuning {text!r}; write CLUSTERxTYxMYxMXxKTxMIN_BLOCKS, e.g. 1x16x7x7x8x2")
+        if len(values) not in (6, 7):
+            raise UserError(f"bad token-merge tuning {text!r}; write CLUSTERxTYxMYxMXxKTxMIN_BLOCKS[xDST_GROUPS], "
+                            "e.g. 1x16x7x7x8x2")
         return cls(*values)
 
     def __str__(self) -> str:
-        return f"{self.cluster}x{self.ty}x{self.my}x{self.mx}x{self.kt}x{self.min_blocks}"
+        text = f"{self.cluster}x{self.ty}x{self.my}x{self.mx}x{self.kt}x{self.min_blocks}"
+        return text if self.dst_groups == 1 else f"{text}x{self.dst_groups}"
 
 
 # Many samples: one block per sample, 112 x 112 matching tile (Vim's 98 x 98 in one pass), two
 # blocks per SM. Few samples: a cluster of blocks per sample shares the matching, so batch 1
 # spreads over 8 SMs instead of one. Chosen on the H200 by benchmarks/bench_merge.py.
 DEFAULT_TUNING = Tuning()
-SMALL_BATCH_TUNING = Tuning(cluster=8, ty=4, my=4, mx=2, kt=32, min_blocks=1)  # 16 x 128 per block
-MEDIUM_BATCH_TUNING = Tuning(cluster=2, ty=8, my=7, mx=4, kt=16, min_blocks=1)  # 56 x 128 per block
+SMALL_BATCH_TUNING = Tuning(cluster=8, ty=8, my=4, mx=2, kt=64, min_blocks=1, dst_groups=2)  # 32 x 64 per block
+MEDIUM_BATCH_TUNING = Tuning(cluster=2, ty=16, my=7, mx=4, kt=16, min_blocks=2, dst_groups=2)  # 112 x 64 per block
 TUNINGS = (DEFAULT_TUNING, MEDIUM_BATCH_TUNING, SMALL_BATCH_TUNING)
 SMALL_BATCH = 16  # batch sizes up to which SMALL_BATCH_TUNING is used
 MEDIUM_BATCH = 64  # ... then MEDIUM_BATCH_TUNING
@@ -157,8 +165,9 @@ def n_cap(length: int) -> int:
 def check_shape(length: int, dim: int, r: int) -> None:
     """What the kernel needs of a node beyond the contract: UserError otherwise."""
     n_cap(length)
-    if not isinstance(dim, int) or dim % 4 or dim <= 0:
-        raise UserError(f"the token-merge kernel needs a static channel count that is a multiple of 4, got {dim}")
+    if not isinstance(dim, int) or dim % 4 or not 0 < dim <= MAX_DIM:
+        raise UserError(f"the token-merge kernel needs a static channel count that is a multiple of 4, at most "
+                        f"{MAX_DIM}, got {dim}; the PyTorch reference (token_merge_ref) runs wider streams")
     if not isinstance(r, int) or not 0 <= r <= (length - 1) // 2:
         raise UserError(f"r={r} must lie in 0..{(length - 1) // 2} for {length} tokens")
 
@@ -182,7 +191,8 @@ def kernel_name(variant: Variant, tuning: Tuning) -> str:
     """The extern "C" name, e.g. ``mame_token_merge_bf16_f32_n256_c1``."""
     short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
     v = variant
-    return f"mame_token_merge_{short[v.hidden]}_{short[v.residual]}_n{v.n_cap}_c{tuning.cluster}"
+    groups = f"g{tuning.dst_groups}" if tuning.dst_groups > 1 else ""
+    return f"mame_token_merge_{short[v.hidden]}_{short[v.residual]}_n{v.n_cap}_c{tuning.cluster}{groups}"
 
 
 def compile_options(variant: Variant, tuning: Tuning = DEFAULT_TUNING) -> list[str]:
@@ -199,6 +209,7 @@ def compile_options(variant: Variant, tuning: Tuning = DEFAULT_TUNING) -> list[s
         "TM_KT": tuning.kt,
         "TM_N_CAP": v.n_cap,
         "TM_MIN_BLOCKS": tuning.min_blocks,
+        "TM_DST_GROUPS": tuning.dst_groups,
     }
     return [f"-D{key}={value}" for key, value in defines.items()]
 

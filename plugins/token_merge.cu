@@ -19,6 +19,8 @@
 //   TM_HIDDEN_DTYPE       0 float32, 1 float16, 2 bfloat16 (hidden, hidden_out)
 //   TM_RESIDUAL_DTYPE     same codes (residual, residual_out): float32 or the hidden's type
 //   TM_CLUSTER            thread blocks per sample (a thread-block cluster when > 1)
+//   TM_DST_GROUPS         groups the cluster splits the destinations into (divides TM_CLUSTER);
+//                         the sources are split into TM_CLUSTER / TM_DST_GROUPS groups
 //   TM_TY, TM_MY, TM_MX   matching tile: TY x (256 / TY) threads, MY sources x MX destinations each
 //   TM_KT                 channels staged in shared memory at a time for the matching
 //   TM_N_CAP              most patches (length - 1) the decision arrays hold
@@ -30,24 +32,27 @@
 //   1. every block reads the sample's scores, rounds them to float16 (decision keys) and ranks
 //      them pairwise (equal keys by position): the split into sources and destinations, or the
 //      pruned patches;
-//   2. the blocks share the sources; each computes the cosine similarity of its sources to all
-//      destinations as a register-tiled float32 product over channels staged in shared memory
-//      (each dot product is one fused multiply-add chain in channel order, the norms likewise,
-//      so every work split gives the same bits), rounds it to float16 and keeps the first
-//      maximum per source; the blocks then write their sources' best matches into every block
-//      of the cluster (distributed shared memory) and meet at one cluster barrier;
+//   2. the blocks split the sources into groups and the destinations into groups, a pair per
+//      block; each computes the cosine similarity of its sources to its destinations as a
+//      register-tiled float32 product over channels staged in shared memory (each dot product is
+//      one fused multiply-add chain in channel order, the norms likewise, so every work split
+//      gives the same bits), rounds it to float16 and keeps the first maximum per source; the
+//      blocks then write their sources' best matches into every block of the cluster
+//      (distributed shared memory), meet at one cluster barrier, and each takes the best over
+//      the destination groups (exact: the higher key, on a tie the first destination);
 //   3. every block ranks the sources by the lam-adjusted key (IEEE operations in the
 //      reference's order, no contraction), picks the top r, and lays out the output: survivor
 //      order, class-token slot, each destination's merge weights;
-//   4. the blocks share the output rows: each warp copies whole rows of both streams (16- or
-//      8-byte accesses), and for a destination row folds in its sources with float32 weights.
+//   4. the blocks share the output rows: the threads copy the rows no source merges into, both
+//      streams, several 16- or 8-byte accesses in flight each; a warp per destination row folds
+//      in its sources with float32 weights.
 // No atomics, no inter-block ordering beyond the one barrier: results are deterministic and a
 // sample's result does not depend on its batch or on the work split. Static shared memory only
 // (under 48 KB): TensorRT's AOT launch cannot opt a kernel in to more.
 
 #if !defined(TM_KERNEL_NAME) || !defined(TM_HIDDEN_DTYPE) || !defined(TM_RESIDUAL_DTYPE) ||     \
     !defined(TM_CLUSTER) || !defined(TM_TY) || !defined(TM_MY) || !defined(TM_MX) ||          \
-    !defined(TM_KT) || !defined(TM_N_CAP) || !defined(TM_MIN_BLOCKS)
+    !defined(TM_KT) || !defined(TM_N_CAP) || !defined(TM_MIN_BLOCKS) || !defined(TM_DST_GROUPS)
 #error "compile with the -D options of mame_deploy.plugins.merge_launch.compile_options()"
 #endif
 
@@ -56,6 +61,8 @@ namespace mame_merge {
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 constexpr int CLUSTER = TM_CLUSTER;
+constexpr int DST_GROUPS = TM_DST_GROUPS;
+constexpr int SRC_GROUPS = CLUSTER / DST_GROUPS;
 constexpr int TY = TM_TY;
 constexpr int TX = THREADS / TY;
 constexpr int MY = TM_MY;
@@ -70,12 +77,13 @@ constexpr int ROW = KT + 4;
 constexpr int N_CAP = TM_N_CAP;
 constexpr int S_CAP = (N_CAP + 1) / 2;  // most sources (and destinations)
 
-static_assert(THREADS % TY == 0, "TM_TY must divide 256");
+static_assert(THREADS % TY == 0 && TX <= 32, "TM_TY must divide 256 and be at least 8 (a source row's threads in one warp)");
 static_assert(TILE_S + TILE_D <= THREADS, "one thread per staged row keeps its norm: TILE_S + TILE_D <= 256");
 static_assert(KT % 4 == 0 && KT >= 4, "TM_KT must be a multiple of 4");
 static_assert(ROW / 4 % 2 == 1, "row stride must be an odd number of 16-byte units");
 static_assert(N_CAP % 32 == 0 && N_CAP <= 1024, "TM_N_CAP must be a multiple of 32, at most 1024");
 static_assert(CLUSTER == 1 || CLUSTER == 2 || CLUSTER == 4 || CLUSTER == 8, "TM_CLUSTER must be 1, 2, 4 or 8");
+static_assert(DST_GROUPS >= 1 && CLUSTER % DST_GROUPS == 0, "TM_DST_GROUPS must divide TM_CLUSTER");
 
 // ---------------------------------------------------------------------------------------------
 // Element types: raw 16-bit patterns for the half types, so no cuda_fp16.h / cuda_bf16.h.
@@ -190,30 +198,19 @@ struct Tiles {
     float a[TILE_S][ROW];  // sources' metric, KT channels
     float b[TILE_D][ROW];  // destinations' metric
 };
-struct Partials {  // per-thread best matches, reduced over the TX threads of a source row
-    float key[TX][TILE_S];
-    int dst[TX][TILE_S];
-};
 
-struct Shared {
-    union {
-        Tiles tiles;
-        Partials part;
-    } u;
-    float den_a[TILE_S];     // max(||metric||, 1e-12) of the staged sources
-    float den_b[TILE_D];     // ... and destinations
-    int row_a[TILE_S];       // sequence positions of the staged rows
+// What only the matching uses, and what only the layout after it uses, share memory.
+struct Matching {
+    Tiles tiles;
+    float den_a[TILE_S];  // max(||metric||, 1e-12) of the staged sources
+    float den_b[TILE_D];  // ... and destinations
+    int row_a[TILE_S];    // sequence positions of the staged rows
     int row_b[TILE_D];
-    float key[N_CAP];        // decision key of each patch's score
-    int rank[N_CAP];         // stable ascending rank of key (informativeness split, pruning)
-    int slot[N_CAP];         // output slot of each patch (-1: removed)
+};
+struct Layout {
     int pos[N_CAP];          // position of each survivor among the survivors (output order)
     int out_seq[N_CAP + 1];  // sequence position read by each output slot
     int first[N_CAP + 1];    // merge group (its first chosen source) writing each slot, -1: none
-    short src[S_CAP];        // source candidates (patch indices, ascending)
-    short dst[S_CAP];        // destination candidates
-    float best_key[S_CAP];   // each source's best similarity key
-    int best_dst[S_CAP];     // ... and that destination (index into dst)
     float rank_key[S_CAP];   // the key sources are ranked by (similarity, lam-adjusted)
     int chosen[S_CAP];       // sources by descending rank_key (the first r merge / are pruned)
     int m_seq[S_CAP];        // per chosen source c: its sequence position
@@ -223,6 +220,26 @@ struct Shared {
     float m_fold[S_CAP];     // its share of its destination's total weight
     float m_keep[S_CAP];     // for a group's first source: the destination's share
     float m_new_size[S_CAP]; // ... the destination's new size
+};
+
+struct Shared {
+    union {
+        Matching mt;  // step 2 (this block's own tiles: no other block writes them)
+        Layout ly;    // steps 3 and 4
+    };
+    float score_seq[N_CAP + 1];  // the sample's score by sequence position
+    float size_seq[N_CAP + 1];   // ... and size
+    float key[N_CAP];        // decision key of each patch's score
+    int rank[N_CAP];         // stable ascending rank of key (informativeness split, pruning)
+    int slot[N_CAP];         // output slot of each patch (-1: removed)
+    short src[S_CAP];        // source candidates (patch indices, ascending)
+    short dst[S_CAP];        // destination candidates
+    // Each destination group's best match per source: written by the blocks of that group, into
+    // every block of the cluster, so outside the union.
+    float part_key[DST_GROUPS][S_CAP];
+    int part_dst[DST_GROUPS][S_CAP];
+    float best_key[S_CAP];   // each source's best similarity key over all destinations
+    int best_dst[S_CAP];     // ... and that destination (index into dst)
     int warp_total[WARPS];
     float lo, hi;
 };
@@ -257,6 +274,7 @@ template <class Key>
 __device__ __forceinline__ int stable_rank(int i, int n, Key k) {
     const float ki = k(i);
     int c = 0;
+#pragma unroll 4
     for (int j = 0; j < n; ++j) {
         const float kj = k(j);
         c += (kj < ki) | ((kj == ki) & (j < i));
@@ -266,7 +284,8 @@ __device__ __forceinline__ int stable_rank(int i, int n, Key k) {
 
 // ---------------------------------------------------------------------------------------------
 // Matching: for sources [s_begin, s_end) of the candidate list, the first destination of maximal
-// similarity key, into sh.best_key / sh.best_dst.
+// similarity key among destinations [d_begin, d_end), into best_key / best_dst (this block's
+// destination group's row of sh.part_key / sh.part_dst).
 
 template <int PER>
 struct Staged {
@@ -286,7 +305,7 @@ __device__ __forceinline__ void load_chunk(const Shared& sh, const hid_t* __rest
         const int row = unit / U, k = k0 + 4 * (unit % U);
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f), w = v;
         if (unit < UNITS && k < E) {
-            const int seq = row < TILE_S ? sh.row_a[row] : sh.row_b[row - TILE_S];
+            const int seq = row < TILE_S ? sh.mt.row_a[row] : sh.mt.row_b[row - TILE_S];
             const long long off = (sample_row + seq) * E + k;
             v = load4<HE>(hidden + off);
             if (stream_metric) w = load4<RE>(residual + off);
@@ -307,27 +326,44 @@ __device__ __forceinline__ void store_chunk(Shared& sh, bool stream_metric,
             const int row = unit / U, c = 4 * (unit % U);
             // The metric of the reference: residual.float() + hidden.float() (one rounding).
             const float4 v = stream_metric ? add4(st.w[p], st.v[p]) : st.v[p];
-            float* dst = row < TILE_S ? &sh.u.tiles.a[row][c] : &sh.u.tiles.b[row - TILE_S][c];
+            float* dst = row < TILE_S ? &sh.mt.tiles.a[row][c] : &sh.mt.tiles.b[row - TILE_S][c];
             *reinterpret_cast<float4*>(dst) = v;
         }
     }
 }
 
+// The better of two candidate matches: the higher key, on equal keys the first destination (the
+// reference's first maximum). Exact, and the same whatever order candidates are combined in.
+__device__ __forceinline__ void keep_better(float& bk, int& bd, float k, int d) {
+    if (k > bk || (k == bk && d < bd)) {
+        bk = k;
+        bd = d;
+    }
+}
+
 __device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, const res_t* __restrict__ residual,
-                              bool stream_metric, long long sample_row, int E, int cls_pos, int s_begin, int s_end, int D) {
+                              bool stream_metric, long long sample_row, int E, int cls_pos, int s_begin, int s_end,
+                              int d_begin, int d_end, float* best_key, int* best_dst) {
     constexpr int PER = ((TILE_S + TILE_D) * U + THREADS - 1) / THREADS;
     const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+    if (d_begin >= d_end) {  // no destinations in this group: no candidate for any source
+        for (int m = s_begin + tid; m < s_end; m += THREADS) {
+            best_key[m] = -__int_as_float(0x7f800000);
+            best_dst[m] = 0x7fffffff;
+        }
+        return;
+    }
     for (int ts = s_begin; ts < s_end; ts += TILE_S) {
         const int ns = min(TILE_S, s_end - ts);
-        for (int td = 0; td < D; td += TILE_D) {
-            const int nd = min(TILE_D, D - td);
+        for (int td = d_begin; td < d_end; td += TILE_D) {
+            const int nd = min(TILE_D, d_end - td);
             // Rows past the tile's end repeat its last row; their results are ignored.
             if (tid < TILE_S) {
                 const int p = sh.src[ts + min(tid, ns - 1)];
-                sh.row_a[tid] = p + (p >= cls_pos);
+                sh.mt.row_a[tid] = p + (p >= cls_pos);
             } else if (tid < TILE_S + TILE_D) {
                 const int p = sh.dst[td + min(tid - TILE_S, nd - 1)];
-                sh.row_b[tid - TILE_S] = p + (p >= cls_pos);
+                sh.mt.row_b[tid - TILE_S] = p + (p >= cls_pos);
             }
             __syncthreads();
 
@@ -344,7 +380,7 @@ __device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, cons
                 __syncthreads();
                 if (k0 + KT < E) load_chunk(sh, hidden, residual, stream_metric, sample_row, E, k0 + KT, st);  // in flight meanwhile
                 if (tid < TILE_S + TILE_D) {
-                    const float* row = tid < TILE_S ? sh.u.tiles.a[tid] : sh.u.tiles.b[tid - TILE_S];
+                    const float* row = tid < TILE_S ? sh.mt.tiles.a[tid] : sh.mt.tiles.b[tid - TILE_S];
 #pragma unroll
                     for (int c = 0; c < U; ++c) {
                         const float4 v = *reinterpret_cast<const float4*>(row + 4 * c);
@@ -358,10 +394,10 @@ __device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, cons
                 for (int c = 0; c < U; ++c) {
                     float4 av[MY];
 #pragma unroll
-                    for (int i = 0; i < MY; ++i) av[i] = *reinterpret_cast<const float4*>(&sh.u.tiles.a[ty + TY * i][4 * c]);
+                    for (int i = 0; i < MY; ++i) av[i] = *reinterpret_cast<const float4*>(&sh.mt.tiles.a[ty + TY * i][4 * c]);
 #pragma unroll
                     for (int j = 0; j < MX; ++j) {
-                        const float4 bv = *reinterpret_cast<const float4*>(&sh.u.tiles.b[tx + TX * j][4 * c]);
+                        const float4 bv = *reinterpret_cast<const float4*>(&sh.mt.tiles.b[tx + TX * j][4 * c]);
 #pragma unroll
                         for (int i = 0; i < MY; ++i) {
                             acc[i][j] = fmaf(av[i].x, bv.x, acc[i][j]);
@@ -375,12 +411,13 @@ __device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, cons
             }
             // F.normalize divides by max(||x||, 1e-12).
             if (tid < TILE_S) {
-                sh.den_a[tid] = fmaxf(sqrtf(sumsq), 1e-12f);
+                sh.mt.den_a[tid] = fmaxf(sqrtf(sumsq), 1e-12f);
             } else if (tid < TILE_S + TILE_D) {
-                sh.den_b[tid - TILE_S] = fmaxf(sqrtf(sumsq), 1e-12f);
+                sh.mt.den_b[tid - TILE_S] = fmaxf(sqrtf(sumsq), 1e-12f);
             }
             __syncthreads();
-            // Each thread's first maximum over its destinations (ascending), then over the row's threads.
+            // Each thread's first maximum over its destinations (ascending), then over the TX
+            // threads of the source's row: consecutive lanes of one warp (TX <= 32).
 #pragma unroll
             for (int i = 0; i < MY; ++i) {
                 const int m = ty + TY * i;
@@ -390,30 +427,21 @@ __device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, cons
                 for (int j = 0; j < MX; ++j) {
                     const int d = tx + TX * j;
                     if (m < ns && d < nd) {
-                        const float k = decision_key(__fdiv_rn(__fdiv_rn(acc[i][j], sh.den_a[m]), sh.den_b[d]));
+                        const float k = decision_key(__fdiv_rn(__fdiv_rn(acc[i][j], sh.mt.den_a[m]), sh.mt.den_b[d]));
                         if (k > bk) {
                             bk = k;
                             bd = td + d;
                         }
                     }
                 }
-                sh.u.part.key[tx][m] = bk;
-                sh.u.part.dst[tx][m] = bd;
-            }
-            __syncthreads();
-            if (tid < ns) {
-                float bk = td > 0 ? sh.best_key[ts + tid] : -__int_as_float(0x7f800000);
-                int bd = td > 0 ? sh.best_dst[ts + tid] : 0x7fffffff;
-                for (int x = 0; x < TX; ++x) {
-                    const float k = sh.u.part.key[x][tid];
-                    const int d = sh.u.part.dst[x][tid];
-                    if (k > bk || (k == bk && d < bd)) {
-                        bk = k;
-                        bd = d;
-                    }
+#pragma unroll
+                for (int o = TX / 2; o > 0; o >>= 1)
+                    keep_better(bk, bd, __shfl_xor_sync(0xffffffffu, bk, o), __shfl_xor_sync(0xffffffffu, bd, o));
+                if (tx == 0 && m < ns) {
+                    if (td > d_begin) keep_better(bk, bd, best_key[ts + m], best_dst[ts + m]);
+                    best_key[ts + m] = bk;
+                    best_dst[ts + m] = bd;
                 }
-                sh.best_key[ts + tid] = bk;
-                sh.best_dst[ts + tid] = bd;
             }
             __syncthreads();
         }
@@ -424,31 +452,97 @@ __device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, cons
 // Output rows: a copy of the row the slot reads, or, for a destination, the weighted mean of it
 // and its sources in float32.
 
-template <class E>
-__device__ __forceinline__ void write_row(const Shared& sh, const typename E::T* __restrict__ x,
-                                          typename E::T* __restrict__ out, long long sample_row, int seq,
-                                          int group, int r, int q, int E_dim, int lane) {
-    const typename E::T* in = x + (sample_row + seq) * E_dim;
-    if (group < 0) {
-        for (int k = 4 * lane; k < E_dim; k += 128)
-            *reinterpret_cast<typename E::Raw4*>(out + k) = *reinterpret_cast<const typename E::Raw4*>(in + k);
-        return;
+// (row, unit) of a flat index over rows of `units` 4-channel units, without an integer division
+// (a run-time divisor costs ~20 instructions per item): floor((item + 0.5) / units) in float32
+// is exact while its rounding error, at most rows * 2^-23, stays below the 0.5 / units that
+// separates the quotient from an integer: true for rows <= 513 and units <= 1024 (dim <= 4096,
+// both checked by merge_launch.check_shape).
+struct FlatIndex {
+    int units;
+    float inv_units;
+    __device__ explicit FlatIndex(int u) : units(u), inv_units(1.f / static_cast<float>(u)) {}
+    __device__ __forceinline__ int row(int item) const {
+        return static_cast<int>((static_cast<float>(item) + 0.5f) * inv_units);
     }
-    const float keep = sh.m_keep[group];
-    for (int k = 4 * lane; k < E_dim; k += 128) {
-        const float4 d = load4<E>(in + k);
-        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int c = group; c < r; ++c) {
-            if (sh.m_slot[c] != q) continue;
-            const float f = sh.m_fold[c];
-            const float4 s = load4<E>(x + (sample_row + sh.m_seq[c]) * E_dim + k);
-            acc.x = fmaf(f, s.x, acc.x);
-            acc.y = fmaf(f, s.y, acc.y);
-            acc.z = fmaf(f, s.z, acc.z);
-            acc.w = fmaf(f, s.w, acc.w);
+};
+
+// Copies of the rows of slots [q_begin, q_end) that no source merges into, both streams: the
+// block's threads walk (slot, 4-channel unit) pairs, COPY_DEPTH of them with all loads in flight
+// before the stores (a row at a time leaves too few bytes in flight to cover the latency); fewer
+// where two blocks share an SM's registers (five spill there).
+constexpr int COPY_DEPTH = TM_MIN_BLOCKS > 1 ? 4 : 8;
+
+__device__ __forceinline__ void copy_rows(const Shared& sh, const hid_t* __restrict__ hidden,
+                                          hid_t* __restrict__ hidden_out, const res_t* __restrict__ residual,
+                                          res_t* __restrict__ residual_out, long long sample_row, long long out_row,
+                                          int q_begin, int q_end, int E_dim) {
+    const int units = E_dim / 4, total = (q_end - q_begin) * units;
+    const FlatIndex at(units);
+    for (int base = threadIdx.x; base < total; base += COPY_DEPTH * THREADS) {
+        HE::Raw4 h[COPY_DEPTH] = {};
+        RE::Raw4 s[COPY_DEPTH] = {};
+        long long to[COPY_DEPTH];
+#pragma unroll
+        for (int d = 0; d < COPY_DEPTH; ++d) {
+            const int item = base + d * THREADS;
+            to[d] = -1;
+            if (item < total) {
+                const int row = at.row(item), q = q_begin + row, k = 4 * (item - row * units);
+                if (sh.ly.first[q] < 0) {
+                    const long long from = (sample_row + sh.ly.out_seq[q]) * E_dim + k;
+                    h[d] = *reinterpret_cast<const HE::Raw4*>(hidden + from);
+                    s[d] = *reinterpret_cast<const RE::Raw4*>(residual + from);
+                    to[d] = (out_row + q) * E_dim + k;
+                }
+            }
         }
-        store4<E>(out + k, make_float4(__fadd_rn(__fmul_rn(d.x, keep), acc.x), __fadd_rn(__fmul_rn(d.y, keep), acc.y),
-                                       __fadd_rn(__fmul_rn(d.z, keep), acc.z), __fadd_rn(__fmul_rn(d.w, keep), acc.w)));
+#pragma unroll
+        for (int d = 0; d < COPY_DEPTH; ++d)
+            if (to[d] >= 0) {
+                *reinterpret_cast<HE::Raw4*>(hidden_out + to[d]) = h[d];
+                *reinterpret_cast<RE::Raw4*>(residual_out + to[d]) = s[d];
+            }
+    }
+}
+
+// The rows of slots [q_begin, q_end) that sources merge into, both streams: each thread takes
+// (merge group, 4-channel unit) pairs, the weighted mean of the destination and its sources in
+// float32 (sources in chosen order, then the destination's share: the reference's order).
+__device__ __forceinline__ void fma4(float4& acc, float f, float4 s) {
+    acc.x = fmaf(f, s.x, acc.x);
+    acc.y = fmaf(f, s.y, acc.y);
+    acc.z = fmaf(f, s.z, acc.z);
+    acc.w = fmaf(f, s.w, acc.w);
+}
+__device__ __forceinline__ float4 keep_plus(float4 d, float keep, float4 acc) {
+    return make_float4(__fadd_rn(__fmul_rn(d.x, keep), acc.x), __fadd_rn(__fmul_rn(d.y, keep), acc.y),
+                       __fadd_rn(__fmul_rn(d.z, keep), acc.z), __fadd_rn(__fmul_rn(d.w, keep), acc.w));
+}
+
+__device__ __forceinline__ void fold_rows(const Shared& sh, const hid_t* __restrict__ hidden,
+                                          hid_t* __restrict__ hidden_out, const res_t* __restrict__ residual,
+                                          res_t* __restrict__ residual_out, long long sample_row, long long out_row,
+                                          int q_begin, int q_end, int r, int E_dim) {
+    const int units = E_dim / 4, total = r * units;
+    const FlatIndex at(units);
+    for (int item = threadIdx.x; item < total; item += THREADS) {
+        const int c = at.row(item), k = 4 * (item - c * units);
+        const int q = sh.ly.m_slot[c];
+        if (sh.ly.first[q] != c || q < q_begin || q >= q_end) continue;  // not a group's first source
+        const long long in = (sample_row + sh.ly.out_seq[q]) * E_dim + k;
+        const float4 dh = load4<HE>(hidden + in), dr = load4<RE>(residual + in);
+        float4 ah = make_float4(0.f, 0.f, 0.f, 0.f), ar = ah;
+        for (int j = c; j < r; ++j) {
+            if (sh.ly.m_slot[j] != q) continue;
+            const float f = sh.ly.m_fold[j];
+            const long long from = (sample_row + sh.ly.m_seq[j]) * E_dim + k;
+            fma4(ah, f, load4<HE>(hidden + from));
+            fma4(ar, f, load4<RE>(residual + from));
+        }
+        const float keep = sh.ly.m_keep[c];
+        const long long to = (out_row + q) * E_dim + k;
+        store4<HE>(hidden_out + to, keep_plus(dh, keep, ah));
+        store4<RE>(residual_out + to, keep_plus(dr, keep, ar));
     }
 }
 
@@ -487,7 +581,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     if constexpr (CLUSTER > 1) cluster_arrive_relaxed();  // waited on before the first remote store
 
     // 1. Decision keys, and the stable ascending ranks the split and pruning use.
-    for (int i = tid; i < n; i += THREADS) sh.key[i] = decision_key(score[row0 + seq_of(i)]);
+    // The sample's scores and sizes by sequence position, read once (with cls: one round trip).
+    for (int i = tid; i < L; i += THREADS) {
+        sh.score_seq[i] = score[row0 + i];
+        sh.size_seq[i] = size[row0 + i];
+    }
+    __syncthreads();
+    for (int i = tid; i < n; i += THREADS) sh.key[i] = decision_key(sh.score_seq[seq_of(i)]);
     __syncthreads();
     if (PRUNE || !ALTERNATE) {
         for (int i = tid; i < n; i += THREADS) sh.rank[i] = stable_rank(i, n, [&](int j) { return sh.key[j]; });
@@ -501,27 +601,40 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
         D = block_prefix(sh, n, [&](int i) { return !is_source(i); }, [&](int i, int p) { sh.dst[p] = static_cast<short>(i); });
     }
 
-    // 2. Matching, the sources shared among the cluster's blocks.
+    // 2. Matching: the cluster's blocks split the sources into SRC_GROUPS and the destinations
+    // into DST_GROUPS; each block matches one pair and hands its best matches to every block.
     const bool matching = !PRUNE && r > 0 && S > 0 && D > 0;
-    if (matching) {
-        const int per = (S + CLUSTER - 1) / CLUSTER;
-        const int s_begin = min(S, static_cast<int>(crank) * per), s_end = min(S, s_begin + per);
-        match_sources(sh, hidden, residual, STREAM_METRIC, row0, E, cls_pos, s_begin, s_end, D);
-    }
-    if constexpr (CLUSTER > 1) cluster_wait();  // every block of the cluster has started
-    if (matching) {
-        const int per = (S + CLUSTER - 1) / CLUSTER;
-        const int s_begin = min(S, static_cast<int>(crank) * per), s_end = min(S, s_begin + per);
-        if constexpr (CLUSTER > 1) {
+    const int sg = static_cast<int>(crank) / DST_GROUPS, dg = static_cast<int>(crank) % DST_GROUPS;
+    const int s_per = (S + SRC_GROUPS - 1) / SRC_GROUPS, d_per = (D + DST_GROUPS - 1) / DST_GROUPS;
+    const int s_begin = min(S, sg * s_per), s_end = min(S, s_begin + s_per);
+    const int d_begin = min(D, dg * d_per), d_end = min(D, d_begin + d_per);
+    if (matching)
+        match_sources(sh, hidden, residual, STREAM_METRIC, row0, E, cls_pos, s_begin, s_end, d_begin, d_end,
+                      sh.part_key[dg], sh.part_dst[dg]);
+    if constexpr (CLUSTER > 1) {
+        cluster_wait();  // every block of the cluster has started
+        if (matching)
             for (int i = s_begin + tid; i < s_end; i += THREADS)
                 for (unsigned q = 0; q < CLUSTER; ++q) {
                     if (q == crank) continue;
-                    store_remote(&sh.best_key[i], q, __float_as_uint(sh.best_key[i]));
-                    store_remote(&sh.best_dst[i], q, static_cast<unsigned>(sh.best_dst[i]));
+                    store_remote(&sh.part_key[dg][i], q, __float_as_uint(sh.part_key[dg][i]));
+                    store_remote(&sh.part_dst[dg][i], q, static_cast<unsigned>(sh.part_dst[dg][i]));
                 }
-        }
+        cluster_sync();  // every block of the cluster, whatever its path
+    } else {
+        __syncthreads();
     }
-    if constexpr (CLUSTER > 1) cluster_sync();  // every block of the cluster, whatever its path
+    if (matching) {  // the best over the destination groups, in any order (keep_better is exact)
+        for (int m = tid; m < S; m += THREADS) {
+            float bk = -__int_as_float(0x7f800000);
+            int bd = 0x7fffffff;
+#pragma unroll
+            for (int g = 0; g < DST_GROUPS; ++g) keep_better(bk, bd, sh.part_key[g][m], sh.part_dst[g][m]);
+            sh.best_key[m] = bk;
+            sh.best_dst[m] = bd == 0x7fffffff ? 0 : bd;  // no finite similarity (NaN input): stay in range
+        }
+        __syncthreads();
+    }
 
     // 3. Which sources go (the top r by rank key), then the output layout.
     if (LAM_ON) {
@@ -553,17 +666,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
                 const float t = __fdiv_rn(__fsub_rn(sh.key[sh.src[m]], sh.lo), fmaxf(__fsub_rn(sh.hi, sh.lo), 1e-12f));
                 k = decision_key(__fsub_rn(k, __fmul_rn(lam, t)));
             }
-            sh.rank_key[m] = k;
+            sh.ly.rank_key[m] = k;
         }
         __syncthreads();
         for (int m = tid; m < S; m += THREADS) {
-            const float km = sh.rank_key[m];
+            const float km = sh.ly.rank_key[m];
             int c = 0;
             for (int j = 0; j < S; ++j) {
-                const float kj = sh.rank_key[j];
+                const float kj = sh.ly.rank_key[j];
                 c += (kj > km) | ((kj == km) & (j < m));
             }
-            if (c < r) sh.chosen[c] = m;
+            if (c < r) sh.ly.chosen[c] = m;
         }
     }
     for (int i = tid; i < n; i += THREADS) sh.slot[i] = 0;  // 0: survives, -1: removed
@@ -573,7 +686,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
             if (sh.rank[i] < r) sh.slot[i] = -1;
     } else {
         if (matching)
-            for (int c = tid; c < r; c += THREADS) sh.slot[sh.src[sh.chosen[c]]] = -1;
+            for (int c = tid; c < r; c += THREADS) sh.slot[sh.src[sh.ly.chosen[c]]] = -1;
     }
     __syncthreads();
     // Output positions among the survivors: scan order, or ToMe's [unmerged sources; destinations].
@@ -581,10 +694,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     int new_cls;
     {
         const int first_count = block_prefix(sh, n, [&](int i) { return group_of(i) == 0; },
-                                             [&](int i, int p) { sh.pos[i] = p; });
+                                             [&](int i, int p) { sh.ly.pos[i] = p; });
         if (CONCAT) {
             block_prefix(sh, n, [&](int i) { return group_of(i) == 1; },
-                         [&](int i, int p) { sh.pos[i] = first_count + p; });
+                         [&](int i, int p) { sh.ly.pos[i] = first_count + p; });
             new_cls = (n - r) / 2;  // Vim's convention: the middle
         } else {
             int before = 0;
@@ -597,46 +710,46 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     }
     for (int i = tid; i < n; i += THREADS)
         if (sh.slot[i] == 0) {
-            const int p = sh.pos[i];
+            const int p = sh.ly.pos[i];
             const int q = p + (p >= new_cls);
             sh.slot[i] = q;
-            sh.out_seq[q] = seq_of(i);
+            sh.ly.out_seq[q] = seq_of(i);
         }
-    for (int q = tid; q < Q; q += THREADS) sh.first[q] = -1;
-    if (tid == 0) sh.out_seq[new_cls] = cls_pos;
+    for (int q = tid; q < Q; q += THREADS) sh.ly.first[q] = -1;
+    if (tid == 0) sh.ly.out_seq[new_cls] = cls_pos;
     __syncthreads();
     if (matching) {
         for (int c = tid; c < r; c += THREADS) {
-            const int m = sh.chosen[c];
+            const int m = sh.ly.chosen[c];
             const int sseq = seq_of(sh.src[m]);
             const int q = sh.slot[sh.dst[sh.best_dst[m]]];
-            const float sz = size[row0 + sseq];
-            sh.m_seq[c] = sseq;
-            sh.m_slot[c] = q;
-            sh.m_size[c] = sz;
-            sh.m_w[c] = SIZE_WEIGHTS ? sz : __fmul_rn(sz, score[row0 + sseq]);
+            const float sz = sh.size_seq[sseq];
+            sh.ly.m_seq[c] = sseq;
+            sh.ly.m_slot[c] = q;
+            sh.ly.m_size[c] = sz;
+            sh.ly.m_w[c] = SIZE_WEIGHTS ? sz : __fmul_rn(sz, sh.score_seq[sseq]);
         }
         __syncthreads();
         for (int c = tid; c < r; c += THREADS) {
-            const int q = sh.m_slot[c];
+            const int q = sh.ly.m_slot[c];
             bool first = true;
-            for (int j = 0; j < c; ++j) first = first && sh.m_slot[j] != q;
+            for (int j = 0; j < c; ++j) first = first && sh.ly.m_slot[j] != q;
             if (!first) continue;
-            const int dseq = sh.out_seq[q];
-            const float dsize = size[row0 + dseq];
-            const float wd = SIZE_WEIGHTS ? dsize : __fmul_rn(dsize, score[row0 + dseq]);
+            const int dseq = sh.ly.out_seq[q];
+            const float dsize = sh.size_seq[dseq];
+            const float wd = SIZE_WEIGHTS ? dsize : __fmul_rn(dsize, sh.score_seq[dseq]);
             float wsum = 0.f, ssum = 0.f;
             for (int j = c; j < r; ++j)
-                if (sh.m_slot[j] == q) {
-                    wsum = __fadd_rn(wsum, sh.m_w[j]);
-                    ssum = __fadd_rn(ssum, sh.m_size[j]);
+                if (sh.ly.m_slot[j] == q) {
+                    wsum = __fadd_rn(wsum, sh.ly.m_w[j]);
+                    ssum = __fadd_rn(ssum, sh.ly.m_size[j]);
                 }
             const float total = __fadd_rn(wd, wsum);
-            sh.m_keep[c] = __fdiv_rn(wd, total);
+            sh.ly.m_keep[c] = __fdiv_rn(wd, total);
             for (int j = c; j < r; ++j)
-                if (sh.m_slot[j] == q) sh.m_fold[j] = __fdiv_rn(sh.m_w[j], total);
-            sh.m_new_size[c] = __fadd_rn(dsize, ssum);
-            sh.first[q] = c;
+                if (sh.ly.m_slot[j] == q) sh.ly.m_fold[j] = __fdiv_rn(sh.ly.m_w[j], total);
+            sh.ly.m_new_size[c] = __fadd_rn(dsize, ssum);
+            sh.ly.first[q] = c;
         }
         __syncthreads();
     }
@@ -645,15 +758,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     const int per_q = (Q + CLUSTER - 1) / CLUSTER;
     const int q_begin = min(Q, static_cast<int>(crank) * per_q), q_end = min(Q, q_begin + per_q);
     const long long out0 = static_cast<long long>(b) * Q;
-    for (int q = q_begin + warp; q < q_end; q += WARPS) {
-        const int seq = sh.out_seq[q], group = sh.first[q];
-        write_row<HE>(sh, hidden, hidden_out + (out0 + q) * E, row0, seq, group, r, q, E, lane);
-        write_row<RE>(sh, residual, residual_out + (out0 + q) * E, row0, seq, group, r, q, E, lane);
-    }
-    for (int q = q_begin + tid; q < q_end; q += THREADS) {
-        const int seq = sh.out_seq[q], group = sh.first[q];
-        size_out[out0 + q] = group < 0 ? size[row0 + seq] : sh.m_new_size[group];
-        origin_out[out0 + q] = origin[row0 + seq];
+    // origin's loads go out first (no smem copy of it: int64 would overflow 48 KB at n_cap 512)
+    // and are stored after the rows, so their latency hides behind the copies.
+    const int q_own = q_begin + tid;
+    const long long origin_own = q_own < q_end ? origin[row0 + sh.ly.out_seq[q_own]] : 0;
+    if (matching) fold_rows(sh, hidden, hidden_out, residual, residual_out, row0, out0, q_begin, q_end, r, E);
+    copy_rows(sh, hidden, hidden_out, residual, residual_out, row0, out0, q_begin, q_end, E);
+    for (int q = q_own; q < q_end; q += THREADS) {
+        const int seq = sh.ly.out_seq[q], group = sh.ly.first[q];
+        size_out[out0 + q] = group < 0 ? sh.size_seq[seq] : sh.ly.m_new_size[group];
+        origin_out[out0 + q] = q == q_own ? origin_own : origin[row0 + seq];
     }
     if (crank == 0 && tid == 0) cls_out[b] = new_cls;
 }

@@ -56,6 +56,7 @@ def test_tuning_for_batch_and_the_symbolic_default():
     (lambda: merge_launch.Variant("float16", "bfloat16"), "float32 residual or one in hidden's type"),
     (lambda: merge_launch.n_cap(600), "at most 513 tokens"),
     (lambda: merge_launch.check_shape(197, 382, 6), "multiple of 4"),
+    (lambda: merge_launch.check_shape(197, 4100, 6), "at most 4096"),
     (lambda: merge_launch.check_shape(197, 384, 99), "r=99 must lie in 0..98"),
 ])
 def test_bad_variants_fail_with_one_line(call, message):

@@ -19,7 +19,7 @@ pytest.importorskip("cuda.bindings.driver", reason="needs cuda-python (pip insta
 
 from mame_deploy.errors import UserError  # noqa: E402
 from mame_deploy.ops.token_merge.contract import MergeAttributes  # noqa: E402
-from mame_deploy.ops.fixtures import merge_inputs  # noqa
+from mame_deploy.ops.fixtures import merge_inputs, same_bits  # noqa: E402
 from mame_deploy.ops.token_merge.cuda import register_cuda, token_merge_cuda  # noqa: E402
 from mame_deploy.ops.token_merge.reference import token_merge_ref  # noqa: E402
 from mame_deploy.plugins import merge_launch  # noqa: E402
@@ -82,11 +82,6 @@ def check_against_reference(got, want, dtypes, label):
     return max(rel_err(h, want[0]), rel_err(res, want[1]))
 
 
-def same_bits(a, b):
-    return all(torch.equal(x.view(torch.uint8) if x.is_floating_point() else x,
-                           y.view(torch.uint8) if y.is_floating_point() else y) for x, y in zip(a, b))
-
-
 @pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
 @pytest.mark.parametrize("method", list(METHODS))
 def test_kernel_matches_the_reference(method, dtypes):
@@ -126,7 +121,8 @@ def test_r0_with_concat_only_reorders(split):
         assert torch.equal(got[2][b], args["size"][b, idx])
 
 
-@pytest.mark.parametrize("shape", [(3, 65, 192), (2, 129, 64), (5, 300, 96), (1, 513, 32), (4, 9, 8), (2, 3, 4)])
+@pytest.mark.parametrize("shape", [(3, 65, 192), (2, 129, 64), (5, 300, 96), (1, 513, 32), (4, 9, 8), (2, 3, 4),
+                                   (2, 513, 4096)])
 @pytest.mark.parametrize("method", ["mame", "tome", "prune", "concat"])
 def test_other_shapes(shape, method):
     B, L, E = shape

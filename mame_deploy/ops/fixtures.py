@@ -1,4 +1,4 @@
-"""Random operator inputs with Vim-like magnitudes, and the error metric, shared by the GPU tests
+"""Random operator inputs with Vim-like magnitudes, the error metric and bit equality, shared by the GPU tests
 and the benchmarks of both operators (``selective_scan``, ``token_merge``)."""
 
 from __future__ import annotations
@@ -45,6 +45,13 @@ def relative_error(out: Tensor, ref: Tensor) -> float:
     """Norm-wise ||out - ref|| / ||ref||, in float64."""
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def same_bits(got, want) -> bool:
+    """Whether two sequences of tensors are equal bit for bit (floats compared as raw bytes, so
+    NaN patterns and signed zeros count): how work splits of one kernel are compared."""
+    return all(torch.equal(x.view(torch.uint8) if x.is_floating_point() else x,
+                           y.view(torch.uint8) if y.is_floating_point() else y) for x, y in zip(got, want))
 
 
 def merge_inputs(batch: int, length: int = 197, dim: int = 384, hidden_dtype: torch.dtype = torch.float32,
