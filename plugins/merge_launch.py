@@ -11,7 +11,7 @@ The one launch contract of ``mame::TokenMerge``, shared unchanged by the PyTorch
   tile. :func:`tuning_for` picks one by batch; :data:`TUNINGS` are all of them (the TensorRT
   plugin offers them as tactics).
 * :func:`compile_ptx` -- NVRTC (``plugins/nvrtc.py``) PTX of one (variant, tuning).
-* :func:`launch_params` -- grid ``(cluster * batch, 1, 1)``, block 256, no dynamic shared memory,
+* :func:`launch_params` -- grid ``(cluster * batch, 1, 1)``, the tuning's block, no dynamic shared memory,
   computed with ``*`` alone on ``batch`` so TensorRT's symbolic batch works.
 * :data:`KERNEL_ARGS` -- the kernel's parameters in TensorRT's AOT order: the six inputs, the
   int32 scalars, the five outputs; :data:`KERNEL_ARG_TYPES` gives each one's C type.
@@ -43,7 +43,6 @@ KERNEL_ARG_TYPES = {
     "origin_out": "int64*", "cls_out": "int64*",
 }
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}  # TM_*_DTYPE codes in the source
-THREADS = 256
 N_CAPS = (64, 128, 256, 512)  # decision-array capacities (patches), one compiled variant each
 MAX_LENGTH = N_CAPS[-1] + 1
 MAX_DIM = 4096  # channels: the kernel's float32 row index over (row, 4-channel unit) pairs is exact up to here
@@ -85,7 +84,7 @@ class Tuning:
     cluster splits the destinations into ``dst_groups`` groups and the sources into
     ``cluster // dst_groups``, a pair per block; each block's matching pass covers ``ty * my``
     sources x ``(256 // ty) * mx`` destinations, ``kt`` channels staged at a time;
-    ``min_blocks`` per SM for the registers."""
+    ``min_blocks`` per SM for the registers; ``threads`` per block."""
 
     cluster: int = 1
     ty: int = 16
@@ -94,14 +93,17 @@ class Tuning:
     kt: int = 8
     min_blocks: int = 2
     dst_groups: int = 1
+    threads: int = 256
 
     def __post_init__(self):
         problems = [
             self.cluster not in (1, 2, 4, 8) and "cluster must be 1, 2, 4 or 8",
-            (self.ty < 8 or THREADS % self.ty) and "ty must divide 256 and be at least 8",
+            (self.threads % 32 or not 128 <= self.threads <= 1024) and "threads must be a multiple of 32 in 128..1024",
+            (self.ty < 1 or self.threads % self.ty or self.threads // self.ty > 32)
+            and "ty must divide threads, leaving at most 32 threads per source row",
             (self.my < 1 or self.mx < 1) and "my and mx must be positive",
-            self.ty * self.my + (THREADS // max(self.ty, 1)) * self.mx > THREADS
-            and "ty * my + (256 / ty) * mx must be at most 256",
+            self.ty * self.my + (self.threads // max(self.ty, 1)) * self.mx > self.threads
+            and "ty * my + (threads / ty) * mx must be at most threads",
             (self.kt % 4 or self.kt < 4 or (self.kt // 4 + 1) % 2 != 1) and "kt must be a multiple of 8",
             self.min_blocks < 1 and "min_blocks must be at least 1",
             (self.dst_groups < 1 or self.cluster % self.dst_groups) and "dst_groups must divide cluster",
@@ -112,19 +114,21 @@ class Tuning:
 
     @classmethod
     def parse(cls, text: str) -> "Tuning":
-        """``CLUSTERxTYxMYxMXxKTxMIN_BLOCKS[xDST_GROUPS]``, e.g. ``1x16x7x7x8x2`` or
-        ``8x8x4x2x64x1x2`` (benchmark option syntax; DST_GROUPS defaults to 1)."""
+        """``CLUSTERxTYxMYxMXxKTxMIN_BLOCKS[xDST_GROUPS[xTHREADS]]``, e.g. ``1x16x7x7x8x2`` or
+        ``8x16x2x2x64x1x2x512`` (benchmark option syntax; DST_GROUPS defaults to 1, THREADS to 256)."""
         try:
             values = [int(v) for v in text.lower().split("x")]
         except ValueError:
             values = []
-        if len(values) not in (6, 7):
-            raise UserError(f"bad token-merge tuning {text!r}; write CLUSTERxTYxMYxMXxKTxMIN_BLOCKS[xDST_GROUPS], "
-                            "e.g. 1x16x7x7x8x2")
+        if len(values) not in (6, 7, 8):
+            raise UserError(f"bad token-merge tuning {text!r}; write "
+                            "CLUSTERxTYxMYxMXxKTxMIN_BLOCKS[xDST_GROUPS[xTHREADS]], e.g. 1x16x7x7x8x2")
         return cls(*values)
 
     def __str__(self) -> str:
         text = f"{self.cluster}x{self.ty}x{self.my}x{self.mx}x{self.kt}x{self.min_blocks}"
+        if self.threads != 256:
+            return f"{text}x{self.dst_groups}x{self.threads}"
         return text if self.dst_groups == 1 else f"{text}x{self.dst_groups}"
 
 
@@ -182,9 +186,10 @@ class LaunchParams:
 
 
 def launch_params(batch, tuning: Tuning = DEFAULT_TUNING) -> LaunchParams:
-    """Grid (cluster * batch, 1, 1) of 256-thread blocks; ``batch`` may be a TensorRT shape
-    expression (only ``*`` with an int is applied to it). Shared memory is static: 0 here."""
-    return LaunchParams(grid=(batch * tuning.cluster, 1, 1), block=(THREADS, 1, 1), shared_mem=0)
+    """Grid (cluster * batch, 1, 1) of ``tuning.threads``-thread blocks; ``batch`` may be a
+    TensorRT shape expression (only ``*`` with an int is applied to it). Shared memory is static:
+    0 here."""
+    return LaunchParams(grid=(batch * tuning.cluster, 1, 1), block=(tuning.threads, 1, 1), shared_mem=0)
 
 
 def kernel_name(variant: Variant, tuning: Tuning) -> str:
@@ -210,6 +215,7 @@ def compile_options(variant: Variant, tuning: Tuning = DEFAULT_TUNING) -> list[s
         "TM_N_CAP": v.n_cap,
         "TM_MIN_BLOCKS": tuning.min_blocks,
         "TM_DST_GROUPS": tuning.dst_groups,
+        "TM_THREADS": tuning.threads,
     }
     return [f"-D{key}={value}" for key, value in defines.items()]
 

@@ -21,7 +21,8 @@
 //   TM_CLUSTER            thread blocks per sample (a thread-block cluster when > 1)
 //   TM_DST_GROUPS         groups the cluster splits the destinations into (divides TM_CLUSTER);
 //                         the sources are split into TM_CLUSTER / TM_DST_GROUPS groups
-//   TM_TY, TM_MY, TM_MX   matching tile: TY x (256 / TY) threads, MY sources x MX destinations each
+//   TM_THREADS            threads per block (a multiple of 32, 128 to 1024)
+//   TM_TY, TM_MY, TM_MX   matching tile: TY x (THREADS / TY) threads, MY sources x MX destinations each
 //   TM_KT                 channels staged in shared memory at a time for the matching
 //   TM_N_CAP              most patches (length - 1) the decision arrays hold
 //   TM_MIN_BLOCKS         blocks per SM the register allocation must allow (__launch_bounds__)
@@ -52,13 +53,14 @@
 
 #if !defined(TM_KERNEL_NAME) || !defined(TM_HIDDEN_DTYPE) || !defined(TM_RESIDUAL_DTYPE) ||     \
     !defined(TM_CLUSTER) || !defined(TM_TY) || !defined(TM_MY) || !defined(TM_MX) ||          \
-    !defined(TM_KT) || !defined(TM_N_CAP) || !defined(TM_MIN_BLOCKS) || !defined(TM_DST_GROUPS)
+    !defined(TM_KT) || !defined(TM_N_CAP) || !defined(TM_MIN_BLOCKS) || !defined(TM_DST_GROUPS) ||          \
+    !defined(TM_THREADS)
 #error "compile with the -D options of mame_deploy.plugins.merge_launch.compile_options()"
 #endif
 
 namespace mame_merge {
 
-constexpr int THREADS = 256;
+constexpr int THREADS = TM_THREADS;
 constexpr int WARPS = THREADS / 32;
 constexpr int CLUSTER = TM_CLUSTER;
 constexpr int DST_GROUPS = TM_DST_GROUPS;
@@ -77,8 +79,9 @@ constexpr int ROW = KT + 4;
 constexpr int N_CAP = TM_N_CAP;
 constexpr int S_CAP = (N_CAP + 1) / 2;  // most sources (and destinations)
 
-static_assert(THREADS % TY == 0 && TX <= 32, "TM_TY must divide 256 and be at least 8 (a source row's threads in one warp)");
-static_assert(TILE_S + TILE_D <= THREADS, "one thread per staged row keeps its norm: TILE_S + TILE_D <= 256");
+static_assert(THREADS % 32 == 0 && THREADS >= 128 && THREADS <= 1024, "TM_THREADS must be a multiple of 32 in 128..1024");
+static_assert(THREADS % TY == 0 && TX <= 32, "TM_TY must divide TM_THREADS, at most 32 threads per source row (one warp)");
+static_assert(TILE_S + TILE_D <= THREADS, "one thread per staged row keeps its norm: TILE_S + TILE_D <= TM_THREADS");
 static_assert(KT % 4 == 0 && KT >= 4, "TM_KT must be a multiple of 4");
 static_assert(ROW / 4 % 2 == 1, "row stride must be an odd number of 16-byte units");
 static_assert(N_CAP % 32 == 0 && N_CAP <= 1024, "TM_N_CAP must be a multiple of 32, at most 1024");
@@ -222,8 +225,13 @@ struct Layout {
     float m_new_size[S_CAP]; // ... the destination's new size
 };
 
+struct Ranking {
+    unsigned order[N_CAP];  // ascending() of each patch's key
+};
+
 struct Shared {
-    union {
+    union {  // 16-byte aligned: count_below reads the rank order as uint4
+        Ranking rk;   // step 1
         Matching mt;  // step 2 (this block's own tiles: no other block writes them)
         Layout ly;    // steps 3 and 4
     };
@@ -269,17 +277,31 @@ __device__ int block_prefix(Shared& sh, int n, Flag flag, Out out) {
     return base;
 }
 
-// Stable ascending ranks of keys k[0, n) in shared memory: equal keys by position.
-template <class Key>
-__device__ __forceinline__ int stable_rank(int i, int n, Key k) {
-    const float ki = k(i);
+// Stable ranks through integers: a decision key (a float16 value) as a 16-bit unsigned integer
+// of the same order, -0 as +0 (they compare equal) and NaN above +inf (where torch.sort puts it);
+// with the position in the low 16 bits every value is unique, so a key's stable rank is the
+// count of values below its own: one unsigned compare per pair instead of four float tests.
+__device__ __forceinline__ unsigned ordered16(float key) {
+    if (key != key) return 0xffffu;
+    const unsigned h = float_to_half(key + 0.f);  // + 0: -0 becomes +0
+    return (h & 0x8000u) ? (~h & 0xffffu) : (h | 0x8000u);
+}
+__device__ __forceinline__ unsigned ascending(float key, int i) { return (ordered16(key) << 16) | i; }
+
+// The count of values[0, n) below v; values is 16-byte aligned and padded with 0xffffffff up to a
+// multiple of 4 entries (pad_order).
+__device__ __forceinline__ int count_below(const unsigned* values, int n, unsigned v) {
+    const uint4* v4 = reinterpret_cast<const uint4*>(values);
     int c = 0;
-#pragma unroll 4
-    for (int j = 0; j < n; ++j) {
-        const float kj = k(j);
-        c += (kj < ki) | ((kj == ki) & (j < i));
+#pragma unroll 2
+    for (int j = 0; j < (n + 3) / 4; ++j) {
+        const uint4 w = v4[j];
+        c += (w.x < v) + (w.y < v) + (w.z < v) + (w.w < v);
     }
     return c;
+}
+__device__ __forceinline__ void pad_order(unsigned* values, int n) {
+    if (threadIdx.x < 3 && n + static_cast<int>(threadIdx.x) < (n + 3) / 4 * 4) values[n + threadIdx.x] = 0xffffffffu;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -590,7 +612,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     for (int i = tid; i < n; i += THREADS) sh.key[i] = decision_key(sh.score_seq[seq_of(i)]);
     __syncthreads();
     if (PRUNE || !ALTERNATE) {
-        for (int i = tid; i < n; i += THREADS) sh.rank[i] = stable_rank(i, n, [&](int j) { return sh.key[j]; });
+        for (int i = tid; i < n; i += THREADS) sh.rk.order[i] = ascending(sh.key[i], i);
+        pad_order(sh.rk.order, n);
+        __syncthreads();
+        for (int i = tid; i < n; i += THREADS) sh.rank[i] = count_below(sh.rk.order, n, sh.rk.order[i]);
         __syncthreads();
     }
     const int half = n / 2;
@@ -669,6 +694,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
             sh.ly.rank_key[m] = k;
         }
         __syncthreads();
+        // Descending, equal keys by position. (Float tests here: the integer ranks of step 1
+        // make the default split spill registers when used for these S <= n / 2 keys too.)
         for (int m = tid; m < S; m += THREADS) {
             const float km = sh.ly.rank_key[m];
             int c = 0;

@@ -35,7 +35,7 @@ def test_launch_params_on_symbolic_batches_match_ints(tuning):
     for b in (1, 7, 256):
         ints = merge_launch.launch_params(b, tuning)
         assert tuple(evaluate(x, {"b": b}) for x in symbolic.grid) == ints.grid == (b * tuning.cluster, 1, 1)
-        assert symbolic.block == ints.block == (256, 1, 1) and symbolic.shared_mem == 0
+        assert symbolic.block == ints.block == (tuning.threads, 1, 1) and symbolic.shared_mem == 0
 
 
 def test_tuning_for_batch_and_the_symbolic_default():
@@ -43,13 +43,16 @@ def test_tuning_for_batch_and_the_symbolic_default():
     assert merge_launch.tuning_for(64) == merge_launch.MEDIUM_BATCH_TUNING
     assert merge_launch.tuning_for(256) == merge_launch.DEFAULT_TUNING
     assert merge_launch.tuning_for(Sym.var("b")) == merge_launch.DEFAULT_TUNING
-    t = merge_launch.Tuning.parse(str(merge_launch.SMALL_BATCH_TUNING))
-    assert t == merge_launch.SMALL_BATCH_TUNING
+    for tuning in merge_launch.TUNINGS + (merge_launch.Tuning(cluster=4, dst_groups=2, ty=16, threads=512),):
+        assert merge_launch.Tuning.parse(str(tuning)) == tuning
 
 
 @pytest.mark.parametrize("call, message", [
     (lambda: merge_launch.Tuning(cluster=3), "cluster must be 1, 2, 4 or 8"),
-    (lambda: merge_launch.Tuning(ty=16, my=9, mx=9), "at most 256"),
+    (lambda: merge_launch.Tuning(ty=16, my=9, mx=9), "must be at most threads"),
+    (lambda: merge_launch.Tuning(ty=4), "at most 32 threads per source row"),
+    (lambda: merge_launch.Tuning(threads=200), "multiple of 32 in 128..1024"),
+    (lambda: merge_launch.Tuning(cluster=8, dst_groups=3), "dst_groups must divide cluster"),
     (lambda: merge_launch.Tuning(kt=12), "multiple of 8"),
     (lambda: merge_launch.Tuning.parse("1x2"), "CLUSTERxTYxMYxMXxKTxMIN_BLOCKS"),
     (lambda: merge_launch.Variant("float64", "float64"), "no 'float64' hidden"),
