@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call for the token-merge kernel: its GPU tests (kernel vs reference, AOT launch as
-# TensorRT would do it), a compute-sanitizer pass over one step of each split, and the merge
-# benchmark (fused vs reference next to a vim_s block, work splits, decision-flip rate).
+# TensorRT would do it), a compute-sanitizer pass over one step of each split, the merge
+# benchmark (fused vs reference next to a vim_s block, work splits, decision-flip rate), and on
+# request an Nsight Compute profile of one step at batch 1 and 256 by source line and phase.
 # Run from the repository root on the GPU machine with .whl/ (the polygraphy wheel) carried:
-#     bash benchmarks/device_merge.sh [tests] [sanitizer] [bench]   (default: all three)
+#     bash benchmarks/device_merge.sh [tests] [sanitizer] [bench] [profile]   (default: the first three)
 # Logs and JSON land in $OUT (at most 8 files come back).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -53,6 +54,18 @@ PY
     timeout 90 compute-sanitizer --tool racecheck --report-api-errors no --print-limit 50 python3 /tmp/one_step.py \
         >> "$OUT/sanitizer.log" 2>&1
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|sanitizer run done" "$OUT/sanitizer.log" | head -20
+fi
+
+if want profile; then
+    # ncu runs from plugins/: NVRTC names the program token_merge.cu and ncu finds it by that name.
+    for batch in 1 256; do
+        (cd plugins && timeout 150 ncu --clock-control none -k regex:mame_token_merge --launch-skip 2 --launch-count 1 \
+            --set full --import-source yes --warp-sampling-interval 0 -f -o /tmp/merge_b$batch \
+            python3 ../benchmarks/profile_merge.py run --batch $batch > /tmp/ncu_b$batch.log 2>&1)
+        ncu -i /tmp/merge_b$batch.ncu-rep --page source --csv --print-source cuda,sass > /tmp/lines_b$batch.csv
+        python3 benchmarks/profile_merge.py summarize /tmp/lines_b$batch.csv > "$OUT/merge_profile_b$batch.md"
+        echo "== batch $batch"; head -16 "$OUT/merge_profile_b$batch.md"
+    done
 fi
 
 if want bench; then
