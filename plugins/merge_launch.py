@@ -83,7 +83,7 @@ class Tuning:
     """Work split: ``cluster`` blocks per sample share the matching and the output rows; the
     cluster splits the destinations into ``dst_groups`` groups and the sources into
     ``cluster // dst_groups``, a pair per block; each block's matching pass covers ``ty * my``
-    sources x ``(256 // ty) * mx`` destinations, ``kt`` channels staged at a time;
+    sources x ``(threads // ty) * mx`` destinations, ``kt`` channels staged at a time;
     ``min_blocks`` per SM for the registers; ``threads`` per block."""
 
     cluster: int = 1

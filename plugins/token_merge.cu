@@ -30,9 +30,9 @@
 // One launch does the whole step. Grid (CLUSTER * batch): the CLUSTER blocks of a sample form a
 // cluster (compile-time __cluster_dims__, so a plain cuLaunchKernel launches it, as TensorRT
 // does). Per sample:
-//   1. every block reads the sample's scores, rounds them to float16 (decision keys) and ranks
-//      them pairwise (equal keys by position): the split into sources and destinations, or the
-//      pruned patches;
+//   1. every block reads the sample's scores and sizes once, rounds the scores to float16
+//      (decision keys) and ranks them stably (equal keys by position) with integer compares:
+//      the split into sources and destinations, or the pruned patches;
 //   2. the blocks split the sources into groups and the destinations into groups, a pair per
 //      block; each computes the cosine similarity of its sources to its destinations as a
 //      register-tiled float32 product over channels staged in shared memory (each dot product is
@@ -45,8 +45,8 @@
 //      reference's order, no contraction), picks the top r, and lays out the output: survivor
 //      order, class-token slot, each destination's merge weights;
 //   4. the blocks share the output rows: the threads copy the rows no source merges into, both
-//      streams, several 16- or 8-byte accesses in flight each; a warp per destination row folds
-//      in its sources with float32 weights.
+//      streams, several 16- or 8-byte accesses in flight each, and fold each destination's
+//      sources into its row with float32 weights, a (merge group, 4-channel unit) pair a thread.
 // No atomics, no inter-block ordering beyond the one barrier: results are deterministic and a
 // sample's result does not depend on its batch or on the work split. Static shared memory only
 // (under 48 KB): TensorRT's AOT launch cannot opt a kernel in to more.
@@ -527,9 +527,6 @@ __device__ __forceinline__ void copy_rows(const Shared& sh, const hid_t* __restr
     }
 }
 
-// The rows of slots [q_begin, q_end) that sources merge into, both streams: each thread takes
-// (merge group, 4-channel unit) pairs, the weighted mean of the destination and its sources in
-// float32 (sources in chosen order, then the destination's share: the reference's order).
 __device__ __forceinline__ void fma4(float4& acc, float f, float4 s) {
     acc.x = fmaf(f, s.x, acc.x);
     acc.y = fmaf(f, s.y, acc.y);
@@ -541,6 +538,9 @@ __device__ __forceinline__ float4 keep_plus(float4 d, float keep, float4 acc) {
                        __fadd_rn(__fmul_rn(d.z, keep), acc.z), __fadd_rn(__fmul_rn(d.w, keep), acc.w));
 }
 
+// The rows of slots [q_begin, q_end) that sources merge into, both streams: each thread takes
+// (merge group, 4-channel unit) pairs, the weighted mean of the destination and its sources in
+// float32 (sources in chosen order, then the destination's share: the reference's order).
 __device__ __forceinline__ void fold_rows(const Shared& sh, const hid_t* __restrict__ hidden,
                                           hid_t* __restrict__ hidden_out, const res_t* __restrict__ residual,
                                           res_t* __restrict__ residual_out, long long sample_row, long long out_row,
