@@ -28,6 +28,8 @@ import torch
 from bench_e2e import graph_time_ms  # benchmarks/ is on sys.path when run as a script
 from mame_deploy.merge import DEFAULT_OPTIONS
 from mame_deploy.models import create_model
+from mame_deploy.ops.fixtures import merge_inputs
+from mame_deploy.ops.selective_scan.contract import dt_groups
 from mame_deploy.ops.token_merge.contract import MergeAttributes
 from mame_deploy.ops.token_merge.reference import token_merge_ref
 from mame_deploy.schedule import resolve_schedule
@@ -46,22 +48,23 @@ def cpu_ms(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def attrs_for(method: str, r: int) -> MergeAttributes:
+def attrs_for(method: str, r: int, score_scale: float) -> MergeAttributes:
     o = DEFAULT_OPTIONS[method]
-    return MergeAttributes.from_options(r, method == "prune", o.split, o.arrangement, o.weighting, o.metric, o.lam)
+    return MergeAttributes.from_options(r, method == "prune", o.split, o.arrangement, o.weighting, o.metric, o.lam,
+                                        score_scale)
 
 
-def flip_rate(batches: int, batch: int, L: int, E: int, r: int, dtype: torch.dtype, method: str) -> dict:
+def flip_rate(batches: int, batch: int, L: int, E: int, r: int, dtype: torch.dtype, method: str,
+              score_scale: float, parts: int) -> dict:
     """Samples whose decisions (origin_out / cls_out) differ between kernel and reference, over
     ``batches`` fresh random batches of vim_s-like inputs."""
-    from mame_deploy.ops.fixtures import merge_inputs
     from mame_deploy.ops.token_merge.cuda import token_merge_cuda
 
-    attrs = attrs_for(method, r)
+    attrs = attrs_for(method, r, score_scale)
     flips = 0
     for seed in range(batches):
         args = merge_inputs(batch, L, E, dtype, torch.float32 if dtype != torch.float32 else dtype,
-                            seed=10_000 + seed, merged_before=False)
+                            seed=10_000 + seed, merged_before=False, parts=parts)
         got = token_merge_cuda(**args, attrs=attrs)
         want = token_merge_ref(**args, attrs=attrs)
         flips += int(((got[3] != want[3]).any(dim=1) | (got[4] != want[4])).sum())
@@ -100,8 +103,11 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = dict(model=opts.model, device=where, date=str(datetime.date.today()), commit=commit, r=r, L=L, E=E,
                   iters=opts.iters, rows=[], tunings=[], flips=[])
+    # The model's score: its parts (both scans' dt_sums) and scale, so decision keys round as in the model.
+    mixer = model.layers[0].mixer
+    score_scale, parts = mixer.score_scale, 2 * dt_groups(mixer.d_inner)
     if gpu:
-        from mame_deploy.ops.fixtures import merge_inputs, same_bits
+        from mame_deploy.ops.fixtures import same_bits
         from mame_deploy.ops.token_merge.cuda import token_merge_cuda
         from mame_deploy.plugins import merge_launch
     tunings = []
@@ -122,19 +128,12 @@ def main(argv=None) -> int:
                 block = create_model(opts.model).to(dev, dtype).layers[0]
                 res_dtype = torch.float32
                 for batch in opts.batch:
-                    if gpu:
-                        args = merge_inputs(batch, L, E, dtype, res_dtype, seed=batch, device=dev)
-                    else:
-                        g = torch.Generator().manual_seed(batch)
-                        args = dict(hidden=torch.randn(batch, L, E, generator=g).to(dtype),
-                                    residual=torch.randn(batch, L, E, generator=g),
-                                    score=torch.rand(batch, L, generator=g) + 0.01, size=torch.ones(batch, L),
-                                    origin=torch.arange(L).expand(batch, L).contiguous(),
-                                    cls=torch.full((batch,), L // 2))
+                    args = merge_inputs(batch, L, E, dtype, res_dtype, seed=batch, device=dev,
+                                        parts=parts)
                     block_ms = timer(lambda: block(args["hidden"], args["residual"], return_score=True), opts.iters)
                     cells = []
                     for method in opts.methods:
-                        attrs = attrs_for(method, r)
+                        attrs = attrs_for(method, r, score_scale)
                         ref_ms = timer(lambda: token_merge_ref(**args, attrs=attrs), opts.iters)
                         fused_ms = timer(lambda: token_merge_cuda(**args, attrs=attrs), opts.iters) if gpu else None
                         row = dict(dtype=name, batch=batch, method=method, block_ms=block_ms, ref_ms=ref_ms,
@@ -166,7 +165,7 @@ def main(argv=None) -> int:
         print("| method | dtype | sample-layers | flips | rate |\n|---|---|---|---|---|")
         for method in ("mame", "tome"):
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                f = flip_rate(opts.flips, 256, L, E, r, dtype, method)
+                f = flip_rate(opts.flips, 256, L, E, r, dtype, method, score_scale, parts)
                 record["flips"].append(f)
                 print(f"| {f['method']} | {f['dtype']} | {f['samples']} | {f['flips']} | {f['rate']:.2e} |",
                       flush=True)

@@ -3,8 +3,10 @@
 # its dt_sums output, the fused merge) and of their AOT launches, a memcheck + racecheck pass
 # over the scan's work splits, vim_s merged vs unmerged as CUDA graphs (fp32/bf16, batch
 # 1/64/256, torch.compile rows at batch 1), and the decision-flip rates between PyTorch CPU,
-# onnxruntime and the CUDA kernels. Logs land in $OUT. Run from the repository root with the
-# polygraphy wheel in .whl/ carried:  bash benchmarks/device_e2e.sh [tests] [sanitizer] [e2e] [flips]
+# onnxruntime and the CUDA kernels; on request (alone) batch 1 of each model in its own process
+# (a process's first eager forward after a capture slows later batch-1 replays: perf-notes).
+# Logs land in $OUT. Run from the repository root with the polygraphy wheel in .whl/ carried:
+#     bash benchmarks/device_e2e.sh [tests] [sanitizer] [e2e] [flips] [alone]
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -52,4 +54,20 @@ if want flips; then
     timeout 200 python3 benchmarks/decision_flips.py --models vim_t vim_digits --methods mame tome prune \
         --samples 128 --json "$OUT/flips.json" 2>> "$OUT/stderr.log" | tee "$OUT/flips.md"
     tail -3 "$OUT/stderr.log"
+fi
+if want alone; then
+    for dtype in fp32 bf16; do
+        for ratio in 0 0.5; do
+            echo "== batch 1 alone: vim_s $dtype ratio $ratio" >> "$OUT/alone.txt"
+            timeout 90 mame-deploy bench --torch vim_s --ratio $ratio --no-baseline --device cuda --cuda-graph \
+                --batch-sizes 1 --iters 100 --dtype $dtype --json /tmp/alone_${dtype}_r$ratio.json >> "$OUT/alone.txt" 2>&1
+        done
+    done
+    python3 - "$OUT/batch1_alone.json" /tmp/alone_*.json <<'PY'
+import json, pathlib, sys
+runs = {pathlib.Path(p).stem: json.loads(pathlib.Path(p).read_text()) for p in sys.argv[2:]}
+pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=1))
+for name, run in sorted(runs.items()):
+    print(name, [round(r["p50_ms"], 4) for r in run["rows"]])
+PY
 fi

@@ -204,6 +204,7 @@ class MergeNode:
     batch: Dim
     length: Dim
     dim: Dim
+    parts: Dim = None  # the score's second dimension (parts summed into the informativeness)
 
 
 def _merge_attributes(node: onnx.NodeProto, label: str) -> merge_contract.MergeAttributes:
@@ -240,21 +241,22 @@ def _check_merge_node(label: str, attrs, types: dict, shapes: dict) -> tuple:
         if shapes[name] is not None and len(shapes[name]) != rank:
             raise UserError(f"{label}: input {name} has rank {len(shapes[name])}, the plugin expects {rank}")
     batch, length, dim = shapes["hidden"] or (None, None, None)
-    for name, want in merge_contract.input_shapes(batch, length, dim).items():
+    parts = shapes["score"][1] if shapes["score"] is not None else None
+    for name, want in merge_contract.input_shapes(batch, length, dim, parts).items():
         got = shapes[name]
         if got is not None and not all(_same(g, w) for g, w in zip(got, want)):
             raise UserError(f"{label}: input {name} has shape {list(got)}, expected {list(want)} "
                             f"({merge_contract.LAYOUT})")
-    for what, value in (("length", length), ("dim", dim)):
+    for what, value in (("length", length), ("dim", dim), ("score's parts", parts)):
         if isinstance(value, str):
             raise UserError(f"{label}: {what} is symbolic ({value!r}); only the batch axis may be dynamic")
-    if isinstance(length, int) and isinstance(dim, int):
+    if isinstance(length, int) and isinstance(dim, int) and isinstance(parts, int):
         try:
             merge_contract.check_length(length, attrs.r)
-            merge_launch.check_shape(length, dim, attrs.r)
+            merge_launch.check_shape(length, dim, attrs.r, parts)
         except (ValueError, UserError) as exc:
             raise UserError(f"{label}: {exc}") from None
-    return batch, length, dim
+    return batch, length, dim, parts
 
 
 def merge_nodes(model: onnx.ModelProto) -> list[MergeNode]:

@@ -108,19 +108,23 @@ def start_state(tokens: Tensor, cls_position: int) -> TokenState:
     return TokenState(size, origin, cls)
 
 
-def attributes(r: int, method: str, opts: MergeOptions) -> MergeAttributes:
+def attributes(r: int, method: str, opts: MergeOptions, score_scale: float = 1.0) -> MergeAttributes:
     """The ``mame::TokenMerge`` attributes of one step removing ``r`` tokens."""
     return MergeAttributes.from_options(r, method == "prune", opts.split, opts.arrangement, opts.weighting,
-                                        opts.metric, opts.lam)
+                                        opts.metric, opts.lam, score_scale)
 
 
 def merge_step(hidden: Tensor, residual: Tensor, score: Tensor, state: TokenState, r: int,
-               method: str, opts: MergeOptions) -> tuple[Tensor, Tensor, TokenState]:
+               method: str, opts: MergeOptions, score_scale: float = 1.0) -> tuple[Tensor, Tensor, TokenState]:
     """Remove ``r`` patch tokens from (B, L, E) ``hidden``/``residual`` given the block's
-    informativeness ``score`` (B, L); returns the two streams (B, L - r, E) and the new state.
-    One ``mame::TokenMerge`` op (ops/token_merge: the reference on the CPU and while training,
-    the fused kernel on CUDA, one ONNX node in an export)."""
-    hidden, residual, size, origin, cls = token_merge(hidden, residual, score, *state, attributes(r, method, opts))
+    informativeness: ``score`` (B, L), or its parts (B, K, L) whose sum the operator takes
+    times ``score_scale`` (ops/token_merge/contract.py); returns the two streams (B, L - r, E)
+    and the new state. One ``mame::TokenMerge`` op (ops/token_merge: the reference on the CPU
+    and while training, the fused kernel on CUDA, one ONNX node in an export)."""
+    if score.dim() == 2:
+        score = score[:, None]  # one part
+    hidden, residual, size, origin, cls = token_merge(hidden, residual, score, *state,
+                                                      attributes(r, method, opts, score_scale))
     return hidden, residual, TokenState(size, origin, cls)
 
 
@@ -145,13 +149,14 @@ class TokenMerge:
         return start_state(tokens, cls_position)
 
     def __call__(self, layer: int, hidden: Tensor, residual: Tensor, score: Tensor,
-                 state: TokenState) -> tuple[Tensor, Tensor, TokenState]:
+                 state: TokenState, score_scale: float = 1.0) -> tuple[Tensor, Tensor, TokenState]:
+        """One step after block ``layer``; ``score`` and ``score_scale`` as ``merge_step`` takes them."""
         if self.perturb is not None and self.perturb[0] == layer:
             noise = self.perturb[1]
             hidden, residual, score = (x * (1 + noise * torch.randn_like(x, dtype=torch.float32)).to(x.dtype)
                                        for x in (hidden, residual, score))
         hidden, residual, state = merge_step(hidden, residual, score, state, self.schedule[layer], self.method,
-                                             self.options)
+                                             self.options, score_scale)
         if self.trace is not None:
             self.trace[layer] = (state.origin, state.size)
         return hidden, residual, state

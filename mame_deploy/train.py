@@ -120,9 +120,9 @@ class _Float32Merge:
     def __getattr__(self, name):  # schedule, start, class_token, ... of the real hook
         return getattr(self.inner, name)
 
-    def __call__(self, layer, hidden, residual, score, state):
+    def __call__(self, layer, hidden, residual, score, state, score_scale=1.0):
         with torch.autocast(hidden.device.type, enabled=False):
-            return self.inner(layer, hidden, residual, score, state)
+            return self.inner(layer, hidden, residual, score, state, score_scale)
 
 
 def _splits(model_name: str, config):

@@ -148,9 +148,15 @@ class BiMambaMixer(nn.Module):
             return y, scan_dt_sums(delta, delta_bias, True) if want_dt_sums else None
         return selective_scan(x, delta, A, Bm, Cm, D, z, delta_bias, True, reverse)
 
+    @property
+    def score_scale(self) -> float:
+        """What the sum of the score's parts is multiplied by: a mean over both branches' channels."""
+        return 0.5 / self.d_inner
+
     def forward(self, h: Tensor, return_score: bool = False):
-        """h: (B, L, E) -> (B, L, E); with ``return_score`` also MaMe's informativeness (B, L):
-        the mean over channels of the two branches' step sizes, each at its own token."""
+        """h: (B, L, E) -> (B, L, E); with ``return_score`` also MaMe's informativeness as parts
+        (B, K, L): ``score_scale`` x their sum over K is the mean over channels of the two
+        branches' step sizes, each at its own token (``mame::TokenMerge`` adds them up)."""
         xz = self.in_proj(h).transpose(1, 2)  # (B, 2*Di, L)
         x, z = xz.chunk(2, dim=1)
         y_f, dt_sums_f = self._branch(x, z, reverse=False, want_dt_sums=return_score)
@@ -158,9 +164,9 @@ class BiMambaMixer(nn.Module):
         out = self.out_proj(((y_f + y_b) / 2).transpose(1, 2))
         if not return_score:
             return out
-        # The scans already summed dt over channel groups: a (B, dim / 8, L) add and reduction
-        # here instead of softplus passes over both (B, dim, L) deltas.
-        return out, (dt_sums_f + dt_sums_b).sum(dim=1) * (0.5 / self.d_inner)
+        # The scans already summed dt over channel groups; the merge operator sums the groups
+        # (one launch instead of an add, a strided reduction and a scale here).
+        return out, torch.cat([dt_sums_f, dt_sums_b], dim=1)
 
 
 class Block(nn.Module):
@@ -212,7 +218,7 @@ class VisionMamba(nn.Module):
         for i, layer in enumerate(self.layers):
             if merge is not None and merge.schedule[i] > 0:
                 hidden, residual, score = layer(hidden, residual, return_score=True)
-                hidden, residual, tokens = merge(i, hidden, residual, score, tokens)
+                hidden, residual, tokens = merge(i, hidden, residual, score, tokens, layer.mixer.score_scale)
             else:
                 hidden, residual = layer(hidden, residual)
         residual = residual + hidden.float()

@@ -16,7 +16,8 @@ The one launch contract of ``mame::TokenMerge``, shared unchanged by the PyTorch
 * :data:`KERNEL_ARGS` -- the kernel's parameters in TensorRT's AOT order: the six inputs, the
   int32 scalars, the five outputs; :data:`KERNEL_ARG_TYPES` gives each one's C type.
 
-Layouts (contiguous): hidden, residual (batch, length, dim); score, size (batch, length) float32;
+Layouts (contiguous): hidden, residual (batch, length, dim); score (batch, parts, length) and size
+(batch, length) float32;
 origin (batch, length) int64; cls (batch,) int64; the outputs likewise with length - r tokens.
 """
 
@@ -32,8 +33,8 @@ from mame_deploy.ops.token_merge.contract import INPUT_NAMES, OUTPUT_NAMES, Merg
 from mame_deploy.plugins import nvrtc
 
 KERNEL_SOURCE = Path(__file__).with_name("token_merge.cu")
-ATTRIBUTE_ARGS = ("r", "prune", "split", "arrangement", "weighting", "metric", "lam_bits")
-SCALAR_ARGS = ("batch", "length", "dim") + ATTRIBUTE_ARGS
+ATTRIBUTE_ARGS = ("r", "prune", "split", "arrangement", "weighting", "metric", "lam_bits", "score_scale_bits")
+SCALAR_ARGS = ("batch", "length", "dim", "parts") + ATTRIBUTE_ARGS
 KERNEL_ARGS = INPUT_NAMES + SCALAR_ARGS + OUTPUT_NAMES
 KERNEL_ARG_TYPES = {
     "hidden": "const hidden_t*", "residual": "const residual_t*", "score": "const float*",
@@ -71,11 +72,17 @@ class Variant:
         return cls(hidden, residual, n_cap(length))
 
 
+def float_bits(value: float) -> int:
+    """A float attribute as the kernel takes it: its float32 bits as a signed int32."""
+    (bits,) = struct.unpack("<i", struct.pack("<f", value))
+    return bits
+
+
 def attribute_scalars(attrs: MergeAttributes) -> dict:
-    """The node's attributes as the kernel's int32 arguments (lam: its float32 bits, signed)."""
-    (bits,) = struct.unpack("<i", struct.pack("<f", attrs.lam))
+    """The node's attributes as the kernel's int32 arguments (the floats: their float32 bits)."""
     return dict(r=attrs.r, prune=attrs.prune, split=attrs.split, arrangement=attrs.arrangement,
-                weighting=attrs.weighting, metric=attrs.metric, lam_bits=bits)
+                weighting=attrs.weighting, metric=attrs.metric, lam_bits=float_bits(attrs.lam),
+                score_scale_bits=float_bits(attrs.score_scale))
 
 
 @dataclass(frozen=True)
@@ -166,9 +173,12 @@ def n_cap(length: int) -> int:
                     "the PyTorch reference (token_merge_ref) runs longer sequences")
 
 
-def check_shape(length: int, dim: int, r: int) -> None:
-    """What the kernel needs of a node beyond the contract: UserError otherwise."""
+def check_shape(length: int, dim: int, r: int, parts: int = 1) -> None:
+    """What the kernel needs of a node beyond the contract (``parts``: the score's second
+    dimension): UserError otherwise."""
     n_cap(length)
+    if not isinstance(parts, int) or parts < 1:
+        raise UserError(f"the token-merge kernel needs a static, positive number of score parts, got {parts}")
     if not isinstance(dim, int) or dim % 4 or not 0 < dim <= MAX_DIM:
         raise UserError(f"the token-merge kernel needs a static channel count that is a multiple of 4, at most "
                         f"{MAX_DIM}, got {dim}; the PyTorch reference (token_merge_ref) runs wider streams")

@@ -12,6 +12,7 @@
 //   weighting    0: merge weights size x score; 1: size alone
 //   metric       0: similarity on hidden; 1: on residual + hidden
 //   lam_bits     lam's float32 bits (0: rank by similarity alone)
+//   score_scale_bits  the float32 bits of the factor the summed score parts are multiplied by
 //
 // The defines:
 //
@@ -30,7 +31,9 @@
 // One launch does the whole step. Grid (CLUSTER * batch): the CLUSTER blocks of a sample form a
 // cluster (compile-time __cluster_dims__, so a plain cuLaunchKernel launches it, as TensorRT
 // does). Per sample:
-//   1. every block reads the sample's scores and sizes once, rounds the scores to float16
+//   1. the blocks share the informativeness: each sums the score's parts for a slice of the
+//      tokens (SCORE_LANES interleaved lanes, then the lanes pairwise: the contract's order) and
+//      writes it into every block of the cluster; every block then rounds the scores to float16
 //      (decision keys) and ranks them stably (equal keys by position) with integer compares:
 //      the split into sources and destinations, or the pruned patches;
 //   2. the blocks split the sources into groups and the destinations into groups, a pair per
@@ -47,7 +50,7 @@
 //   4. the blocks share the output rows: the threads copy the rows no source merges into, both
 //      streams, several 16- or 8-byte accesses in flight each, and fold each destination's
 //      sources into its row with float32 weights, a (merge group, 4-channel unit) pair a thread.
-// No atomics, no inter-block ordering beyond the one barrier: results are deterministic and a
+// No atomics, no inter-block ordering beyond the two barriers: results are deterministic and a
 // sample's result does not depend on its batch or on the work split. Static shared memory only
 // (under 48 KB): TensorRT's AOT launch cannot opt a kernel in to more.
 
@@ -78,6 +81,7 @@ constexpr int U = KT / 4;  // 4-channel units per staged row
 constexpr int ROW = KT + 4;
 constexpr int N_CAP = TM_N_CAP;
 constexpr int S_CAP = (N_CAP + 1) / 2;  // most sources (and destinations)
+constexpr int SCORE_LANES = 8;           // contract.SCORE_LANES: the score's parts add up in 8 lanes
 
 static_assert(THREADS % 32 == 0 && THREADS >= 128 && THREADS <= 1024, "TM_THREADS must be a multiple of 32 in 128..1024");
 static_assert(THREADS % TY == 0 && TX <= 32, "TM_TY must divide TM_THREADS, at most 32 threads per source row (one warp)");
@@ -229,9 +233,14 @@ struct Ranking {
     unsigned order[N_CAP];  // ascending() of each patch's key
 };
 
+struct Scoring {
+    float lane[SCORE_LANES][N_CAP + 1];  // each lane's sum of the score's parts, by sequence position
+};
+
 struct Shared {
     union {  // 16-byte aligned: count_below reads the rank order as uint4
-        Ranking rk;   // step 1
+        Scoring sc;   // step 1, the informativeness
+        Ranking rk;   // step 1, the ranks
         Matching mt;  // step 2 (this block's own tiles: no other block writes them)
         Layout ly;    // steps 3 and 4
     };
@@ -253,10 +262,15 @@ struct Shared {
 };
 static_assert(sizeof(Shared) <= 48 * 1024, "shared memory exceeds 48 KB: use a smaller tile or TM_N_CAP");
 
-// Exclusive prefix count of flag(i) over i in [0, n): calls out(i, position) for each flagged i
-// and returns the count. Every thread of the block must call it.
-template <class Flag, class Out>
-__device__ int block_prefix(Shared& sh, int n, Flag flag, Out out) {
+// Exclusive prefix count of flag(i) over i in [0, n): calls out(i, position) for each flagged i,
+// and other(i, position among the unflagged) for the rest, and returns the count. Every thread
+// of the block must call it.
+struct NoOut {
+    __device__ void operator()(int, int) const {}
+};
+
+template <class Flag, class Out, class Other = NoOut>
+__device__ int block_prefix(Shared& sh, int n, Flag flag, Out out, Other other = Other()) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int base = 0;
     for (int start = 0; start < n; start += THREADS) {
@@ -270,11 +284,37 @@ __device__ int block_prefix(Shared& sh, int n, Flag flag, Out out) {
             before += w < warp ? sh.warp_total[w] : 0;
             total += sh.warp_total[w];
         }
-        if (f) out(i, before + __popc(mask & ((1u << lane) - 1u)));
+        const int p = before + __popc(mask & ((1u << lane) - 1u));
+        if (f) out(i, p);
+        else if (i < n) other(i, i - p);  // flagged before i: p; the others before i: i - p
         __syncthreads();
         base = total;
     }
     return base;
+}
+
+// acc += parts k, k + SCORE_LANES, ... (N of them, in that order), all N loads in flight first.
+template <int N>
+__device__ __forceinline__ void add_parts(float& acc, const float* __restrict__ at, int& k, int L) {
+    float v[N];
+#pragma unroll
+    for (int u = 0; u < N; ++u) v[u] = at[static_cast<long long>(k + u * SCORE_LANES) * L];
+#pragma unroll
+    for (int u = 0; u < N; ++u) acc = __fadd_rn(acc, v[u]);
+    k += N * SCORE_LANES;
+}
+
+// The informativeness of token l from its lane sums: lanes added pairwise, neighbours first,
+// then scaled (reference.informativeness, operation for operation).
+__device__ __forceinline__ float score_of_lanes(const Shared& sh, int l, float scale) {
+    float v[SCORE_LANES];
+#pragma unroll
+    for (int c = 0; c < SCORE_LANES; ++c) v[c] = sh.sc.lane[c][l];
+#pragma unroll
+    for (int w = SCORE_LANES; w > 1; w /= 2)
+#pragma unroll
+        for (int i = 0; i < w / 2; ++i) v[i] = __fadd_rn(v[2 * i], v[2 * i + 1]);
+    return __fmul_rn(v[0], scale);
 }
 
 // Stable ranks through integers: a decision key (a float16 value) as a 16-bit unsigned integer
@@ -579,13 +619,14 @@ using namespace mame_merge;
 #endif
 
 // Arguments (TensorRT's AOT order: the inputs, int32 scalars, the outputs). Layouts, contiguous:
-// hidden, residual (batch, length, dim); score, size, origin (batch, length); cls (batch,);
+// hidden, residual (batch, length, dim); score (batch, parts, length); size, origin (batch, length);
+// cls (batch,);
 // outputs the same with length - r tokens. dim must be a multiple of 4.
 extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_ATTR TM_KERNEL_NAME(
     const hid_t* __restrict__ hidden, const res_t* __restrict__ residual, const float* __restrict__ score,
     const float* __restrict__ size, const long long* __restrict__ origin, const long long* __restrict__ cls,
-    int batch, int length, int dim, int r, int prune_flag, int split, int arrangement, int weighting, int metric,
-    int lam_bits, hid_t* __restrict__ hidden_out, res_t* __restrict__ residual_out,
+    int batch, int length, int dim, int parts, int r, int prune_flag, int split, int arrangement, int weighting,
+    int metric, int lam_bits, int score_scale_bits, hid_t* __restrict__ hidden_out, res_t* __restrict__ residual_out,
     float* __restrict__ size_out, long long* __restrict__ origin_out, long long* __restrict__ cls_out) {
     __shared__ __align__(16) Shared sh;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -602,13 +643,39 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     auto seq_of = [&](int k) { return k + (k >= cls_pos); };
     if constexpr (CLUSTER > 1) cluster_arrive_relaxed();  // waited on before the first remote store
 
-    // 1. Decision keys, and the stable ascending ranks the split and pruning use.
-    // The sample's scores and sizes by sequence position, read once (with cls: one round trip).
-    for (int i = tid; i < L; i += THREADS) {
-        sh.score_seq[i] = score[row0 + i];
-        sh.size_seq[i] = size[row0 + i];
+    // 1. The informativeness, decision keys, and the stable ascending ranks the split and pruning use.
+    for (int i = tid; i < L; i += THREADS) sh.size_seq[i] = size[row0 + i];
+    {
+        // This block's slice of the tokens: each warp sums one lane (every SCORE_LANES-th part,
+        // in order) for 32 consecutive tokens, up to 24 loads in flight per thread.
+        const int per_l = (L + CLUSTER - 1) / CLUSTER;
+        const int l_begin = min(L, static_cast<int>(crank) * per_l), l_end = min(L, l_begin + per_l);
+        const int chunks = (l_end - l_begin + 31) / 32;
+        const float* __restrict__ sample_parts = score + static_cast<long long>(b) * parts * L;
+        for (int item = warp; item < chunks * SCORE_LANES; item += WARPS) {
+            const int c = item % SCORE_LANES, l = l_begin + item / SCORE_LANES * 32 + lane;
+            if (l >= l_end) continue;
+            const float* __restrict__ at = sample_parts + l;
+            float acc = 0.f;
+            int k = c;
+            while (k + 23 * SCORE_LANES < parts) add_parts<24>(acc, at, k, L);  // vim_s: one round trip
+            if (k + 7 * SCORE_LANES < parts) add_parts<8>(acc, at, k, L);
+            for (; k < parts; k += SCORE_LANES) acc = __fadd_rn(acc, at[static_cast<long long>(k) * L]);
+            sh.sc.lane[c][l] = acc;
+        }
+        __syncthreads();
+        const float scale = __int_as_float(score_scale_bits);
+        for (int l = l_begin + tid; l < l_end; l += THREADS) sh.score_seq[l] = score_of_lanes(sh, l, scale);
+        if constexpr (CLUSTER > 1) {
+            cluster_wait();  // every block of the cluster has started
+            for (int l = l_begin + tid; l < l_end; l += THREADS)
+                for (unsigned q = 0; q < CLUSTER; ++q)
+                    if (q != crank) store_remote(&sh.score_seq[l], q, __float_as_uint(sh.score_seq[l]));
+            cluster_sync();
+        } else {
+            __syncthreads();
+        }
     }
-    __syncthreads();
     for (int i = tid; i < n; i += THREADS) sh.key[i] = decision_key(sh.score_seq[seq_of(i)]);
     __syncthreads();
     if (PRUNE || !ALTERNATE) {
@@ -622,8 +689,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     auto is_source = [&](int i) { return ALTERNATE ? (i % 2 == 0) : (sh.rank[i] < half); };
     int S = 0, D = 0;
     if (!PRUNE) {
-        S = block_prefix(sh, n, is_source, [&](int i, int p) { sh.src[p] = static_cast<short>(i); });
-        D = block_prefix(sh, n, [&](int i) { return !is_source(i); }, [&](int i, int p) { sh.dst[p] = static_cast<short>(i); });
+        S = block_prefix(sh, n, is_source, [&](int i, int p) { sh.src[p] = static_cast<short>(i); },
+                         [&](int i, int p) { sh.dst[p] = static_cast<short>(i); });
+        D = n - S;
     }
 
     // 2. Matching: the cluster's blocks split the sources into SRC_GROUPS and the destinations
@@ -637,7 +705,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
         match_sources(sh, hidden, residual, STREAM_METRIC, row0, E, cls_pos, s_begin, s_end, d_begin, d_end,
                       sh.part_key[dg], sh.part_dst[dg]);
     if constexpr (CLUSTER > 1) {
-        cluster_wait();  // every block of the cluster has started
         if (matching)
             for (int i = s_begin + tid; i < s_end; i += THREADS)
                 for (unsigned q = 0; q < CLUSTER; ++q) {

@@ -3,8 +3,9 @@
 As for the scan (``trt_plugin.py``): ``aot_impl`` hands the builder the PTX NVRTC compiles from
 the one kernel source (``token_merge.cu``) and the launch parameters of ``merge_launch``, so the
 engine runs without Python. Arguments follow TensorRT's AOT order: the six inputs as the plugin
-declares them (the ONNX node's order), the int32 ``extra_args`` (batch, length, dim and the
-node's attributes, lam as its float32 bits), the five outputs (``merge_launch.KERNEL_ARGS``).
+declares them (the ONNX node's order), the int32 ``extra_args`` (batch, length, dim, the score's
+parts and the node's attributes, the floats as their float32 bits), the five outputs
+(``merge_launch.KERNEL_ARGS``).
 
 Tactics: every work split of ``merge_launch.TUNINGS`` is offered as a tactic (1, 2, ...), so
 TensorRT times them for the engine's shapes (a dynamic-batch engine at its profile's optimum)
@@ -49,7 +50,7 @@ def tuning_of(tactic: int, batch):
     return launch.TUNINGS[tactic - 1]
 
 
-def kernel_scalars(batch, length, dim, attrs: MergeAttributes) -> Tuple[Any, ...]:
+def kernel_scalars(batch, length, dim, parts, attrs: MergeAttributes) -> Tuple[Any, ...]:
     """The int32 arguments between the inputs and the outputs, in kernel order; checks that
     ``merge_launch.KERNEL_ARGS`` follows TensorRT's AOT convention."""
     args = tuple(launch.KERNEL_ARGS)
@@ -57,39 +58,40 @@ def kernel_scalars(batch, length, dim, attrs: MergeAttributes) -> Tuple[Any, ...
     if args[:n_in] != INPUT_NAMES or args[-n_out:] != OUTPUT_NAMES:
         raise RuntimeError(f"merge_launch.KERNEL_ARGS {args} does not follow TensorRT's AOT order "
                            f"{INPUT_NAMES} + scalars + {OUTPUT_NAMES}")
-    values = {"batch": batch, "length": length, "dim": dim, **launch.attribute_scalars(attrs)}
+    values = {"batch": batch, "length": length, "dim": dim, "parts": parts, **launch.attribute_scalars(attrs)}
     unknown = [name for name in args[n_in:-n_out] if name not in values]
     if unknown:
         raise RuntimeError(f"merge_launch.KERNEL_ARGS has scalars the plugin cannot supply: {unknown}")
     return tuple(values[name] for name in args[n_in:-n_out])
 
 
-def aot_kernel(hidden_dtype: str, residual_dtype: str, batch, length: int, dim: int, attrs: MergeAttributes,
-               tactic: int = 0, arch: Optional[str] = None) -> AotKernel:
+def aot_kernel(hidden_dtype: str, residual_dtype: str, batch, length: int, dim: int, parts: int,
+               attrs: MergeAttributes, tactic: int = 0, arch: Optional[str] = None) -> AotKernel:
     """PTX, kernel name, launch configuration and scalars for one TokenMerge node.
 
     ``batch`` may be an int or a TensorRT shape expression (only ``*`` with an int is applied
-    to it); ``length`` and ``dim`` must be ints (the decision arrays' capacity is compiled in,
-    and the contract's shapes are static but for the batch). ``tactic`` picks the work split.
+    to it); ``length``, ``dim`` and ``parts`` (the score's second dimension) must be ints (the
+    decision arrays' capacity is compiled in, and the contract's shapes are static but for the
+    batch). ``tactic`` picks the work split.
     """
     if hidden_dtype not in KERNEL_DTYPES:
         raise UserError(f"the token-merge kernel has no {hidden_dtype} variant; use one of {KERNEL_DTYPES}")
-    launch.check_shape(length, dim, attrs.r)
+    launch.check_shape(length, dim, attrs.r, parts)
     tuning = tuning_of(tactic, batch)
     variant = launch.Variant.of(hidden_dtype, residual_dtype, length)
     ptx, name = launch.compile_ptx(variant, tuning, arch)
     params = launch.launch_params(batch, tuning)
     return AotKernel(name=name, ptx=ptx, grid=tuple(params.grid), block=tuple(params.block),
-                     shared_mem=params.shared_mem, scalars=kernel_scalars(batch, length, dim, attrs))
+                     shared_mem=params.shared_mem, scalars=kernel_scalars(batch, length, dim, parts, attrs))
 
 
-def attributes_of(r, prune, split, arrangement, weighting, metric, lam) -> MergeAttributes:
+def attributes_of(r, prune, split, arrangement, weighting, metric, lam, score_scale) -> MergeAttributes:
     """The node's attributes as TensorRT passes them (one-element arrays) -> MergeAttributes."""
     def one(v):
         return np.asarray(v).reshape(-1)[0]
 
     ints = [int(one(v)) for v in (r, prune, split, arrangement, weighting, metric)]
-    return MergeAttributes(*ints, float(np.float32(one(lam))))
+    return MergeAttributes(*ints, float(np.float32(one(lam))), float(np.float32(one(score_scale))))
 
 
 def io_type_combinations() -> List[str]:
@@ -123,8 +125,8 @@ def _bind_aot() -> None:
     @trtp.register(PLUGIN_ID)
     def _describe(hidden: Desc, residual: Desc, score: Desc, size: Desc, origin: Desc, cls: Desc,
                   r: IntAttr, prune: IntAttr, split: IntAttr, arrangement: IntAttr, weighting: IntAttr,
-                  metric: IntAttr, lam: FloatAttr) -> Tuple[Desc, Desc, Desc, Desc, Desc]:
-        attrs = attributes_of(r, prune, split, arrangement, weighting, metric, lam)
+                  metric: IntAttr, lam: FloatAttr, score_scale: FloatAttr) -> Tuple[Desc, Desc, Desc, Desc, Desc]:
+        attrs = attributes_of(r, prune, split, arrangement, weighting, metric, lam, score_scale)
         if hidden.dtype not in names or residual.dtype not in (trt.float32, hidden.dtype):
             raise ValueError(f"TokenMerge has no kernel for hidden {hidden.dtype} with residual {residual.dtype}")
         for name, desc, want in (("score", score, trt.float32), ("size", size, trt.float32),
@@ -148,13 +150,15 @@ def _bind_aot() -> None:
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(hidden: Desc, residual: Desc, score: Desc, size: Desc, origin: Desc, cls: Desc,
              r: IntAttr, prune: IntAttr, split: IntAttr, arrangement: IntAttr, weighting: IntAttr,
-             metric: IntAttr, lam: FloatAttr, outputs: Tuple[Desc], tactic: int,
+             metric: IntAttr, lam: FloatAttr, score_scale: FloatAttr, outputs: Tuple[Desc], tactic: int,
              ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        attrs = attributes_of(r, prune, split, arrangement, weighting, metric, lam)
+        attrs = attributes_of(r, prune, split, arrangement, weighting, metric, lam, score_scale)
         batch = static_dim(hidden.shape_expr[0])
         length = constant_dim(hidden.shape_expr[1], "TokenMerge", "sequence length")
         dim = constant_dim(hidden.shape_expr[2], "TokenMerge", "channel count")
-        kernel = aot_kernel(names[hidden.dtype], names[residual.dtype], batch, length, dim, attrs, int(tactic))
+        parts = constant_dim(score.shape_expr[1], "TokenMerge", "score parts")
+        kernel = aot_kernel(names[hidden.dtype], names[residual.dtype], batch, length, dim, parts, attrs,
+                            int(tactic))
         return aot_result(trtp, kernel)
 
 
@@ -166,12 +170,12 @@ def _bind_jit() -> None:
     @trtp.impl(PLUGIN_ID)
     def _run(hidden: Tensor, residual: Tensor, score: Tensor, size: Tensor, origin: Tensor, cls: Tensor,
              r: IntAttr, prune: IntAttr, split: IntAttr, arrangement: IntAttr, weighting: IntAttr,
-             metric: IntAttr, lam: FloatAttr, outputs: Tuple[Tensor], stream: int) -> None:
+             metric: IntAttr, lam: FloatAttr, score_scale: FloatAttr, outputs: Tuple[Tensor], stream: int) -> None:
         import torch
 
         from mame_deploy.ops.token_merge.reference import token_merge_ref
 
-        attrs = attributes_of(r, prune, split, arrangement, weighting, metric, lam)
+        attrs = attributes_of(r, prune, split, arrangement, weighting, metric, lam, score_scale)
         # TensorRT's buffers through __cuda_array_interface__ (no bfloat16 there: build --jit
         # refuses bf16), made and used on TensorRT's stream, as NVIDIA's sample does.
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):

@@ -80,10 +80,10 @@ def launcher():
     return Launcher()
 
 
-def plugin_kernel(hidden, residual, batch, length, dim, attrs, tactic, dynamic):
+def plugin_kernel(hidden, residual, batch, length, dim, parts, attrs, tactic, dynamic):
     if not dynamic:
-        return aot_kernel(hidden, residual, batch, length, dim, attrs, tactic)
-    kernel = aot_kernel(hidden, residual, Sym.var("batch"), length, dim, attrs, tactic)
+        return aot_kernel(hidden, residual, batch, length, dim, parts, attrs, tactic)
+    kernel = aot_kernel(hidden, residual, Sym.var("batch"), length, dim, parts, attrs, tactic)
     env = {"batch": batch}
     return replace(kernel, grid=tuple(evaluate(x, env) for x in kernel.grid),
                    block=tuple(evaluate(x, env) for x in kernel.block),
@@ -100,7 +100,9 @@ def test_vim_s_has_merge_steps():
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float16, torch.float16),
                                     (torch.bfloat16, torch.float32)], ids=["fp32", "fp16", "bf16-fp32res"])
 def test_aot_launch_matches_the_reference(launcher, dtypes, dynamic):
-    attrs_of = {"mame": lambda r: MergeAttributes(r, lam=1.0), "tome": lambda r: MergeAttributes(r, split=1, arrangement=1, weighting=1)}
+    scale = 0.5 / 768  # vim_s's score scale
+    attrs_of = {"mame": lambda r: MergeAttributes(r, lam=1.0, score_scale=scale),
+                "tome": lambda r: MergeAttributes(r, split=1, arrangement=1, weighting=1, score_scale=scale)}
     worst, count = 0.0, 0
     for i, (length, r) in enumerate(vim_s_merges()):
         for batch in (1, 64):
@@ -109,8 +111,8 @@ def test_aot_launch_matches_the_reference(launcher, dtypes, dynamic):
                 args = merge_inputs(batch, length, 384, *dtypes, seed=i)
                 want = token_merge_ref(**args, attrs=attrs)
                 for tactic in (0,) + tactics():
-                    kernel = plugin_kernel(NAMES[dtypes[0]], NAMES[dtypes[1]], batch, length, 384, attrs, tactic,
-                                           dynamic)
+                    kernel = plugin_kernel(NAMES[dtypes[0]], NAMES[dtypes[1]], batch, length, 384,
+                                           args["score"].shape[1], attrs, tactic, dynamic)
                     Q = length - r
                     outs = [torch.full((batch, Q, 384), float("nan"), device="cuda", dtype=dtypes[0]),
                             torch.full((batch, Q, 384), float("nan"), device="cuda", dtype=dtypes[1]),

@@ -348,21 +348,21 @@ def test_engine_manifest_must_record_this_very_plan(exported):
 
 
 def merge_model(batch=2, length=9, dim=8, r=2, hidden=TensorProto.FLOAT, residual=None, attrs=None, shapes=None,
-                types=None, inputs=None, outputs=None, with_function=True, opset_mame=1):
+                types=None, inputs=None, outputs=None, with_function=True, opset_mame=1, parts=4):
     """One scan node (every model has them) plus one mame::TokenMerge node with its function."""
     from mame_deploy.ops.token_merge import contract
 
     model = scan_model(opset_mame=opset_mame)
     residual = hidden if residual is None else residual
-    shapes = {"hidden": [batch, length, dim], "residual": [batch, length, dim], "score": [batch, length],
+    shapes = {"hidden": [batch, length, dim], "residual": [batch, length, dim], "score": [batch, parts, length],
               "size": [batch, length], "origin": [batch, length], "cls": [batch], **(shapes or {})}
     elem = {"hidden": hidden, "residual": residual, "score": TensorProto.FLOAT, "size": TensorProto.FLOAT,
             "origin": TensorProto.INT64, "cls": TensorProto.INT64, **(types or {})}
     names = list(contract.INPUT_NAMES if inputs is None else inputs)
     for name in contract.INPUT_NAMES:
         model.graph.input.append(helper.make_tensor_value_info(name, elem[name], shapes[name]))
-    attrs = {"r": r, "prune": 0, "split": 0, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1.0} \
-        if attrs is None else attrs
+    attrs = {"r": r, "prune": 0, "split": 0, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1.0,
+             "score_scale": 0.5} if attrs is None else attrs
     outs = list(contract.OUTPUT_NAMES if outputs is None else outputs)
     model.graph.node.append(helper.make_node(contract.ONNX_OP_TYPE, names, outs, domain=contract.ONNX_DOMAIN,
                                              name="merge0", **attrs))
@@ -398,8 +398,9 @@ def test_merge_nodes_reads_attributes_dtypes_and_shapes():
     from mame_deploy.ops.token_merge.contract import MergeAttributes
 
     (node,) = engine.merge_nodes(merge_model(batch="N", length=197, dim=384, r=6, hidden=TensorProto.BFLOAT16,
-                                             residual=TensorProto.FLOAT))
-    assert node == engine.MergeNode("merge0", MergeAttributes(6, lam=1.0), "bfloat16", "float32", "N", 197, 384)
+                                             residual=TensorProto.FLOAT, parts=192))
+    assert node == engine.MergeNode("merge0", MergeAttributes(6, lam=1.0, score_scale=0.5), "bfloat16", "float32",
+                                    "N", 197, 384, 192)
     assert engine.merge_nodes(scan_model()) == []
 
 
@@ -408,12 +409,16 @@ def test_merge_nodes_reads_attributes_dtypes_and_shapes():
     [
         (dict(attrs={"r": 2, "prune": 0, "split": 0, "arrangement": 0, "weighting": 0, "metric": 0}),
          "lacks the attribute 'lam'"),
-        (dict(attrs={"r": 2, "prune": 0, "split": 0, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1}),
-         "attribute 'lam' must be a float"),
-        (dict(attrs={"r": 2, "prune": 0, "split": 3, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1.0}),
-         "attribute split must be in 0..1"),
+        (dict(attrs={"r": 2, "prune": 0, "split": 0, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1.0}),
+         "lacks the attribute 'score_scale'; re-export the model"),
         (dict(attrs={"r": 2, "prune": 0, "split": 0, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1.0,
-                     "tile": 4}), "does not know: ['tile']"),
+                     "score_scale": -1.0}), "score_scale must be a positive finite number"),
+        (dict(attrs={"r": 2, "prune": 0, "split": 0, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1,
+                     "score_scale": 1.0}), "attribute 'lam' must be a float"),
+        (dict(attrs={"r": 2, "prune": 0, "split": 3, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1.0,
+                     "score_scale": 1.0}), "attribute split must be in 0..1"),
+        (dict(attrs={"r": 2, "prune": 0, "split": 0, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1.0,
+                     "score_scale": 1.0, "tile": 4}), "does not know: ['tile']"),
         (dict(r=5), "r=5 exceeds half of the 8 patches"),
         (dict(inputs=["hidden", "residual", "score", "size", "origin", ""]), "takes all of hidden, residual"),
         (dict(outputs=["hidden_out", "residual_out", "size_out", "origin_out"]), "must have the 5 outputs"),
@@ -421,7 +426,9 @@ def test_merge_nodes_reads_attributes_dtypes_and_shapes():
         (dict(types={"cls": TensorProto.INT32}), "input cls is int32, the plugin expects int64"),
         (dict(hidden=TensorProto.DOUBLE), "hidden is double; the kernel supports float32, float16, bfloat16"),
         (dict(hidden=TensorProto.FLOAT, residual=TensorProto.FLOAT16), "residual is float16; the plugin takes float32"),
-        (dict(shapes={"score": [2, 8]}), "input score has shape [2, 8], expected [2, 9]"),
+        (dict(shapes={"score": [2, 4, 8]}), "input score has shape [2, 4, 8], expected [2, 4, 9]"),
+        (dict(shapes={"score": [2, 9]}), "input score has rank 2, the plugin expects 3"),
+        (dict(shapes={"score": [2, "K", 9]}), "score's parts is symbolic ('K')"),
         (dict(shapes={"cls": [2, 1]}), "input cls has rank 2, the plugin expects 1"),
         (dict(length="L"), "length is symbolic ('L'); only the batch axis may be dynamic"),
         (dict(dim=6), "multiple of 4"),

@@ -61,6 +61,7 @@ def test_tuning_for_batch_and_the_symbolic_default():
     (lambda: merge_launch.check_shape(197, 382, 6), "multiple of 4"),
     (lambda: merge_launch.check_shape(197, 4100, 6), "at most 4096"),
     (lambda: merge_launch.check_shape(197, 384, 99), "r=99 must lie in 0..98"),
+    (lambda: merge_launch.check_shape(197, 384, 6, 0), "positive number of score parts"),
 ])
 def test_bad_variants_fail_with_one_line(call, message):
     with pytest.raises(UserError) as err:
@@ -68,13 +69,21 @@ def test_bad_variants_fail_with_one_line(call, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_attributes_are_int32_scalars_with_lam_as_its_bits():
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan")])
+def test_score_scale_must_be_positive_and_finite(scale):
+    with pytest.raises(ValueError, match="score_scale must be a positive finite number"):
+        MergeAttributes(6, score_scale=scale)
+
+
+def test_attributes_are_int32_scalars_with_the_floats_as_their_bits():
     import struct
 
-    values = merge_launch.attribute_scalars(MergeAttributes(6, 1, 1, 1, 1, 1, -2.5))
-    assert values == dict(r=6, prune=1, split=1, arrangement=1, weighting=1, metric=1,
-                          lam_bits=struct.unpack("<i", struct.pack("<f", -2.5))[0])
-    assert merge_launch.attribute_scalars(MergeAttributes(6))["lam_bits"] == 0
+    bits = lambda x: struct.unpack("<i", struct.pack("<f", x))[0]  # noqa: E731
+    values = merge_launch.attribute_scalars(MergeAttributes(6, 1, 1, 1, 1, 1, -2.5, 0.1))
+    assert values == dict(r=6, prune=1, split=1, arrangement=1, weighting=1, metric=1, lam_bits=bits(-2.5),
+                          score_scale_bits=bits(0.1))
+    defaults = merge_launch.attribute_scalars(MergeAttributes(6))
+    assert defaults["lam_bits"] == 0 and defaults["score_scale_bits"] == bits(1.0)
 
 
 def test_aot_kernel_is_the_same_for_ints_and_shape_expressions(monkeypatch):
@@ -84,19 +93,19 @@ def test_aot_kernel_is_the_same_for_ints_and_shape_expressions(monkeypatch):
     monkeypatch.setattr(merge_launch, "compile_ptx", lambda v, t, arch=None: seen.append(t) or (b"ptx", "k"))
     attrs = MergeAttributes(6, lam=1.0)
     for tactic in (0,) + trt_token_merge.tactics():
-        symbolic = trt_token_merge.aot_kernel("float32", "float32", Sym.var("b"), 197, 384, attrs, tactic)
-        static = trt_token_merge.aot_kernel("float32", "float32", 64, 197, 384, attrs, tactic)
+        symbolic = trt_token_merge.aot_kernel("float32", "float32", Sym.var("b"), 197, 384, 192, attrs, tactic)
+        static = trt_token_merge.aot_kernel("float32", "float32", 64, 197, 384, 192, attrs, tactic)
         tuning = seen[-1]
         assert tuple(evaluate(x, {"b": 64}) for x in symbolic.grid) == (64 * seen[-2].cluster, 1, 1)
         assert static.grid == (64 * tuning.cluster, 1, 1)
         assert tuple(evaluate(x, {"b": 64}) for x in symbolic.scalars) == static.scalars
-        assert static.scalars[:4] == (64, 197, 384, 6)
+        assert static.scalars[:5] == (64, 197, 384, 192, 6)
     assert seen[0] == merge_launch.DEFAULT_TUNING and seen[1] == merge_launch.MEDIUM_BATCH_TUNING
     assert seen[2:] == [t for t in merge_launch.TUNINGS for _ in range(2)]
     with pytest.raises(ValueError, match="no tactic 9"):
-        trt_token_merge.aot_kernel("float32", "float32", 1, 197, 384, attrs, 9)
+        trt_token_merge.aot_kernel("float32", "float32", 1, 197, 384, 192, attrs, 9)
     with pytest.raises(UserError, match="static sequence length"):
-        trt_token_merge.aot_kernel("float32", "float32", 1, Sym.var("L"), 384, attrs)
+        trt_token_merge.aot_kernel("float32", "float32", 1, Sym.var("L"), 384, 192, attrs)
 
 
 def test_autotune_type_combinations_pair_each_stream_with_its_output():

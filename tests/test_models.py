@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import mame_deploy
 from mame_deploy.errors import UserError
 from mame_deploy.ops.selective_scan import scan_dt_sums, selective_scan_ref
+from mame_deploy.ops.token_merge.reference import informativeness
 
 CONFIGS = {"vim_t": (192, 7_148_008), "vim_s": (384, 25_796_584), "vim_b": (768, 97_598_440)}
 
@@ -162,14 +163,15 @@ def test_informativeness_does_not_change_the_mixer_output():
     mixer = mame_deploy.create_model("vim_t", depth=1).layers[0].mixer
     h = torch.randn(2, 20, 192)
     with torch.no_grad():
-        out, score = mixer(h, return_score=True)
+        out, parts = mixer(h, return_score=True)
         torch.testing.assert_close(out, mixer(h), rtol=0, atol=0)
-    assert score.shape == (2, 20) and (score > 0).all()
+    assert parts.shape == (2, 2 * 384 // 8, 20) and (parts > 0).all()  # both scans' dt_sums
 
 
 def test_informativeness_is_the_mean_step_size_of_both_branches(monkeypatch):
-    """The score comes from the scans' dt_sums; it must equal MaMe's definition, the mean over
-    channels of softplus(delta + delta_bias), averaged over the two branches."""
+    """The score comes from the scans' dt_sums, summed by the merge operator; it must equal MaMe's
+    definition, the mean over channels of softplus(delta + delta_bias), averaged over the two
+    branches."""
     import mame_deploy.models.vim as vim
 
     seen, scan = [], vim.selective_scan
@@ -181,7 +183,8 @@ def test_informativeness_is_the_mean_step_size_of_both_branches(monkeypatch):
     monkeypatch.setattr(vim, "selective_scan", recording_scan)
     mixer = mame_deploy.create_model("vim_t", depth=1, seed=3).layers[0].mixer
     with torch.no_grad():
-        _, score = mixer(torch.randn(2, 21, 192), return_score=True)
+        _, parts = mixer(torch.randn(2, 21, 192), return_score=True)
+    score = informativeness(parts, mixer.score_scale)  # what mame::TokenMerge makes of them
     (delta_f, bias_f), (delta_b, bias_b) = seen
     step = lambda delta, bias: F.softplus(delta + bias[None, :, None])  # noqa: E731
     want = (step(delta_f, bias_f).mean(1) + step(delta_b, bias_b).mean(1)) / 2

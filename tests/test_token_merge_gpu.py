@@ -21,7 +21,7 @@ from mame_deploy.errors import UserError  # noqa: E402
 from mame_deploy.ops.token_merge.contract import MergeAttributes  # noqa: E402
 from mame_deploy.ops.fixtures import merge_inputs, same_bits  # noqa: E402
 from mame_deploy.ops.token_merge.cuda import register_cuda, token_merge_cuda  # noqa: E402
-from mame_deploy.ops.token_merge.reference import token_merge_ref  # noqa: E402
+from mame_deploy.ops.token_merge.reference import decision_key, informativeness, token_merge_ref  # noqa: E402
 from mame_deploy.plugins import merge_launch  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -32,6 +32,7 @@ DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch
           (torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
 METHODS = {
     "mame": MergeAttributes(6, lam=1.0),
+    "mame-vim-scale": MergeAttributes(6, lam=1.0, score_scale=0.5 / 768),
     "mame-lam0": MergeAttributes(6),
     "mame-lam2.5": MergeAttributes(6, lam=2.5),
     "split-alternate": MergeAttributes(6, split=1, lam=1.0),
@@ -109,7 +110,7 @@ def test_r0_with_concat_only_reorders(split):
         if split:
             sources = [k for k in range(n) if k % 2 == 0]
         else:
-            key = args["score"][b, seq].half().float().tolist()
+            key = decision_key(informativeness(args["score"], 1.0))[b, seq].tolist()
             rank = sorted(range(n), key=lambda k: (key[k], k))
             sources = sorted(rank[: n // 2])
         order = [seq[k] for k in sources] + [seq[k] for k in range(n) if k not in set(sources)]
@@ -128,8 +129,8 @@ def test_other_shapes(shape, method):
     B, L, E = shape
     base = METHODS[method]
     attrs = MergeAttributes(min(base.r, (L - 1) // 2), base.prune, base.split, base.arrangement, base.weighting,
-                            base.metric, base.lam)
-    args = merge_inputs(B, L, E, seed=L)
+                            base.metric, base.lam, base.score_scale)
+    args = merge_inputs(B, L, E, seed=L, parts=(1, 3, 11, 192, 200)[L % 5])
     want = token_merge_ref(**args, attrs=attrs)
     for tuning in merge_launch.TUNINGS:
         check_against_reference(run_kernel(args, attrs, tuning), want, (torch.float32,) * 2, f"{shape} {method}")
@@ -143,8 +144,8 @@ def tied_inputs(kind: str, B=6, L=197, E=384):
     g = torch.Generator(device="cuda").manual_seed(3)
     if kind == "duplicate-tokens":  # every token repeated 4 times: tied similarities, tied best matches
         h.copy_(h[:, torch.arange(L, device="cuda") // 4 * 4])
-    elif kind == "equal-scores":  # few distinct scores: the split and lam ranking tie
-        score.copy_(torch.randint(1, 4, score.shape, generator=g, device="cuda").float() * 0.01)
+    elif kind == "equal-scores":  # few distinct scores (equal parts, so equal sums): the split and lam ranking tie
+        score.copy_(torch.randint(1, 4, (B, 1, L), generator=g, device="cuda").float().expand_as(score) * 0.01)
     elif kind == "near-tie-scores":  # equal up to float32 noise far below float16's spacing
         score.copy_(0.05 + 1e-9 * torch.randn(score.shape, generator=g, device="cuda"))
     elif kind == "near-tie-tokens":  # tokens equal up to 1e-6 noise: similarities tie after rounding
@@ -163,6 +164,34 @@ def test_ties_resolve_like_the_reference(kind, method):
     want = token_merge_ref(**args, attrs=attrs)
     for tuning in merge_launch.TUNINGS:
         check_against_reference(run_kernel(args, attrs, tuning), want, (torch.float32,) * 2, f"{kind} {method}")
+
+
+def midpoint_scores(B=8, L=197, K=192, seed=21):
+    """Score parts whose sums lie on float16 rounding midpoints up to float32 rounding, so that
+    the order of the adds decides which way many decision keys round. Two midpoints, 120 tokens
+    on the lower: which of those are pruned first, and which become sources, follows the bits."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    lows = torch.tensor([0.25, 0.25 + 2 ** -12], device="cuda")  # adjacent float16 values...
+    highs = torch.tensor([0.5, 0.5 + 2 ** -11], device="cuda")
+    low_mid, high_mid = lows.mean(), highs.mean()                  # ... and the midpoints between them
+    on_low = torch.rand(B, 1, L, generator=g, device="cuda").argsort(dim=2) < 120
+    target = torch.where(on_low, low_mid, high_mid)
+    parts = target / K * (1 + 1e-6 * torch.randn(B, K, L, generator=g, device="cuda"))
+    return parts
+
+
+def test_score_parts_add_up_in_the_contracts_order():
+    """The kernel sums the score's parts in the reference's order, bit for bit: on inputs where
+    another order (torch.sum's) rounds keys the other way, decisions still match the reference."""
+    args = merge_inputs(8, 197, 384, seed=21)
+    args["score"] = midpoint_scores()
+    ours = decision_key(informativeness(args["score"], 1.0))
+    other = decision_key(args["score"].sum(dim=1))
+    assert (ours != other).sum() > 50, "the inputs must be sensitive to the order of the adds"
+    for attrs in (MergeAttributes(98, prune=1), METHODS["mame"], METHODS["mame-lam0"]):
+        want = token_merge_ref(**args, attrs=attrs)
+        for tuning in merge_launch.TUNINGS:
+            check_against_reference(run_kernel(args, attrs, tuning), want, (torch.float32,) * 2, f"midpoints {attrs}")
 
 
 @pytest.mark.parametrize("method", ["mame", "tome", "prune"])
@@ -204,7 +233,7 @@ def test_the_op_falls_back_to_the_reference_where_the_kernel_cannot_run():
     args = merge_inputs(2, 600, 8, seed=1)  # longer than the decision arrays hold
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        got = torch.ops.mame.token_merge(*args.values(), 6, 0, 0, 0, 0, 0, 1.0)
+        got = torch.ops.mame.token_merge(*args.values(), 6, 0, 0, 0, 0, 0, 1.0, 1.0)
     assert any("runs the PyTorch reference" in str(w.message) for w in seen)
     want = token_merge_ref(**args, attrs=MergeAttributes(6, lam=1.0))
     assert same_bits(got, want)

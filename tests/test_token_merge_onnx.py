@@ -16,13 +16,14 @@ from mame_deploy.ops.token_merge.onnx_function import MIN_OPSET, token_merge_fun
 from mame_deploy.ops.token_merge.reference import token_merge_ref
 
 B, L, E, R = 3, 25, 8, 6
+K = 11  # score parts: not a multiple of SCORE_LANES, so the last lanes hold fewer
 
 
 def one_node(attrs: MergeAttributes) -> onnx.ModelProto:
     node = helper.make_node("TokenMerge", list(INPUT_NAMES), list(OUTPUT_NAMES), domain="mame", **attrs.as_dict())
     types = {"hidden": TensorProto.FLOAT, "residual": TensorProto.FLOAT, "score": TensorProto.FLOAT,
              "size": TensorProto.FLOAT, "origin": TensorProto.INT64, "cls": TensorProto.INT64}
-    shapes = {"hidden": [B, L, E], "residual": [B, L, E], "cls": [B]}
+    shapes = {"hidden": [B, L, E], "residual": [B, L, E], "score": [B, K, L], "cls": [B]}
     inputs = [helper.make_tensor_value_info(n, types[n], shapes.get(n, [B, L])) for n in INPUT_NAMES]
     outputs = [helper.make_value_info(n, onnx.TypeProto()) for n in OUTPUT_NAMES]
     return helper.make_model(helper.make_graph([node], "merge", inputs, outputs),
@@ -35,14 +36,14 @@ def inputs(seed: int) -> dict:
     size = 1 + torch.randint(0, 3, (B, L), generator=g).float()
     origin = torch.sort(torch.randperm(3 * L, generator=g)[:L]).values.expand(B, L).clone()
     return dict(hidden=torch.randn(B, L, E, generator=g), residual=torch.randn(B, L, E, generator=g),
-                score=torch.rand(B, L, generator=g) + 0.05, size=size, origin=origin,
+                score=torch.rand(B, K, L, generator=g) + 0.05, size=size, origin=origin,
                 cls=torch.tensor([L // 2, 0, L - 1]))    # the class token in the middle, first, last
 
 
 def combinations():
-    yield MergeAttributes(R, prune=1)
+    yield MergeAttributes(R, prune=1, score_scale=0.1)
     for split, arrangement, weighting, metric, lam in itertools.product((0, 1), (0, 1), (0, 1), (0, 1), (0.0, 1.0)):
-        yield MergeAttributes(R, 0, split, arrangement, weighting, metric, lam)
+        yield MergeAttributes(R, 0, split, arrangement, weighting, metric, lam, 1.0 if lam else 1 / 3)
 
 
 @pytest.mark.parametrize("attrs", list(combinations()), ids=lambda a: "-".join(f"{v:g}" for v in a.as_dict().values()))
@@ -60,7 +61,7 @@ def test_function_equals_the_reference(attrs):
 def test_ties_are_broken_by_position_as_in_the_reference():
     """Equal scores and duplicate tokens: exact ties everywhere, resolved alike."""
     args = inputs(seed=3)
-    args["score"] = torch.full((B, L), 0.5)
+    args["score"] = torch.full((B, K, L), 0.5)
     args["hidden"][:, 1::2] = args["hidden"][:, :1]            # many identical rows: tied similarities
     attrs = MergeAttributes(R, lam=1.0)
     want = token_merge_ref(*args.values(), attrs)
@@ -68,6 +69,30 @@ def test_ties_are_broken_by_position_as_in_the_reference():
     got = session.run(None, {name: t.numpy() for name, t in args.items()})
     for name, value, ref in zip(OUTPUT_NAMES, got, want):
         np.testing.assert_allclose(value, ref.numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_function_sums_the_score_parts_as_the_reference():
+    """The informativeness the function computes from the parts has the reference's bits (so a
+    runtime's score rounding cannot flip a decision): lanes summed in order, K not a multiple of
+    the lanes, one part, and vim_s's 192."""
+    from mame_deploy.ops.onnx_builder import Body
+    from mame_deploy.ops.token_merge.onnx_function import _Ops
+    from mame_deploy.ops.token_merge.reference import informativeness
+
+    for parts in (1, 8, 11, 192):
+        g = Body()
+        ops = _Ops(g, "unused")
+        g.op("Identity", [ops.informativeness("parts", ops.scalar(0.1, onnx.TensorProto.FLOAT))], "score")
+        graph = helper.make_graph(g.nodes, "score",
+                                  [helper.make_tensor_value_info("parts", TensorProto.FLOAT, [2, parts, L])],
+                                  [helper.make_tensor_value_info("score", TensorProto.FLOAT, [2, L])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+        x = torch.exp(torch.randn(2, parts, L, generator=torch.Generator().manual_seed(parts)))
+        want = informativeness(x, 0.1).numpy()
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"parts": x.numpy()})[0]
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(ReferenceEvaluator(model).run(None, {"parts": x.numpy()})[0], want)
 
 
 def test_function_needs_opset_18():

@@ -54,18 +54,22 @@ def same_bits(got, want) -> bool:
                            y.view(torch.uint8) if y.is_floating_point() else y) for x, y in zip(got, want))
 
 
+SCORE_PARTS = 192  # vim_s: two scans' dt_sums of 768 / 8 channel groups each
+
+
 def merge_inputs(batch: int, length: int = 197, dim: int = 384, hidden_dtype: torch.dtype = torch.float32,
                  residual_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cuda",
-                 merged_before: bool = True) -> dict:
+                 merged_before: bool = True, parts: int = SCORE_PARTS) -> dict:
     """Random arguments of ``token_merge_ref`` with vim_s-like magnitudes (keyword names): unit
-    hidden, a residual stream ten times larger, scores like a mean step size (softplus range
-    0.001..0.1), and with ``merged_before`` the state of an earlier merge: sizes 1..4, origins a
-    permutation, the class token anywhere."""
+    hidden, a residual stream ten times larger, the score as ``parts`` sums of 8 step sizes
+    around a per-token mean step size (softplus range 0.001..0.1), and with ``merged_before`` the
+    state of an earlier merge: sizes 1..4, origins a permutation, the class token anywhere."""
     g = torch.Generator(device=device).manual_seed(seed)
     residual_dtype = residual_dtype or hidden_dtype
     hidden = torch.randn(batch, length, dim, generator=g, device=device).to(hidden_dtype)
     residual = (10 * torch.randn(batch, length, dim, generator=g, device=device)).to(residual_dtype)
-    score = torch.exp(torch.rand(batch, length, generator=g, device=device) * 4.6 - 6.9)
+    mean_step = torch.exp(torch.rand(batch, 1, length, generator=g, device=device) * 4.6 - 6.9)
+    score = 8 * mean_step * torch.exp(0.5 * torch.randn(batch, parts, length, generator=g, device=device))
     if merged_before:
         size = torch.randint(1, 5, (batch, length), generator=g, device=device).float()
         origin = torch.argsort(torch.rand(batch, length, generator=g, device=device), dim=1)

@@ -35,17 +35,17 @@ def _kernel(device: torch.device, variant: merge_launch.Variant, tuning: merge_l
     return cuda_driver.load(("token_merge", device.index, variant, tuning), device.index, compile_variant)
 
 
-def unsupported(hidden: Tensor, residual: Tensor, attrs: MergeAttributes) -> Optional[str]:
+def unsupported(hidden: Tensor, residual: Tensor, score: Tensor, attrs: MergeAttributes) -> Optional[str]:
     """Why the kernel cannot run these inputs (the op then runs the reference), or None."""
     if hidden.dtype not in TORCH_DTYPES:
         return f"no kernel for hidden in {hidden.dtype}"
     if residual.dtype not in (torch.float32, hidden.dtype):
         return f"no kernel for a {residual.dtype} residual with {hidden.dtype} hidden"
-    if hidden.dim() != 3:
-        return "hidden must be (batch, length, dim)"
+    if hidden.dim() != 3 or score.dim() != 3:
+        return "hidden must be (batch, length, dim) and score (batch, parts, length)"
     _, length, dim = hidden.shape
     try:
-        merge_launch.check_shape(length, dim, attrs.r)
+        merge_launch.check_shape(length, dim, attrs.r, score.shape[1])
     except UserError as exc:
         return str(exc)
     return None
@@ -55,7 +55,9 @@ def _check_inputs(hidden, residual, score, size, origin, cls) -> tuple[int, int,
     if hidden.dim() != 3:
         raise UserError(f"token merge: hidden must be (batch, length, dim), got shape {tuple(hidden.shape)}")
     B, L, E = hidden.shape
-    expected = {"residual": (residual, (B, L, E)), "score": (score, (B, L)), "size": (size, (B, L)),
+    if score.dim() != 3:
+        raise UserError(f"token merge: score must be (batch, parts, length), got shape {tuple(score.shape)}")
+    expected = {"residual": (residual, (B, L, E)), "score": (score, (B, score.shape[1], L)), "size": (size, (B, L)),
                 "origin": (origin, (B, L)), "cls": (cls, (B,))}
     for name, (t, shape) in expected.items():
         if tuple(t.shape) != shape:
@@ -79,7 +81,7 @@ def token_merge_cuda(hidden: Tensor, residual: Tensor, score: Tensor, size: Tens
     if not hidden.is_cuda:
         raise UserError("token_merge_cuda needs CUDA tensors; the CPU runs token_merge_ref")
     check_length(L, attrs.r)
-    reason = unsupported(hidden, residual, attrs)
+    reason = unsupported(hidden, residual, score, attrs)
     if reason:
         raise UserError(f"the token-merge kernel cannot run this step: {reason}")
     variant = merge_launch.Variant.of(TORCH_DTYPES[hidden.dtype], TORCH_DTYPES[residual.dtype], L)
@@ -107,7 +109,7 @@ def token_merge_cuda(hidden: Tensor, residual: Tensor, score: Tensor, size: Tens
     params = merge_launch.launch_params(B, tuning)
     tensors = {"hidden": hidden, "residual": residual, "score": score, "size": size, "origin": origin, "cls": cls}
     values = {name: t.data_ptr() for name, t in {**tensors, **outs}.items()}
-    values.update(batch=B, length=L, dim=E, **merge_launch.attribute_scalars(attrs))
+    values.update(batch=B, length=L, dim=E, parts=score.shape[1], **merge_launch.attribute_scalars(attrs))
     holders, array = cuda_driver.pack_args(values, merge_launch.KERNEL_ARGS, merge_launch.KERNEL_ARG_TYPES)
     stream = torch.cuda.current_stream(hidden.device).cuda_stream
     cuda_driver.launch(kernel, params.grid, params.block, params.shared_mem, stream, array,
@@ -131,9 +133,9 @@ def _reference(hidden, residual, score, size, origin, cls, attrs):
 
 
 def _token_merge_cuda_op(hidden, residual, score, size, origin, cls, r, prune, split, arrangement, weighting,
-                         metric, lam):
-    attrs = MergeAttributes(r, prune, split, arrangement, weighting, metric, lam)
-    reason = unsupported(hidden, residual, attrs)
+                         metric, lam, score_scale):
+    attrs = MergeAttributes(r, prune, split, arrangement, weighting, metric, lam, score_scale)
+    reason = unsupported(hidden, residual, score, attrs)
     if reason is None:
         try:
             cuda_driver.driver()

@@ -20,7 +20,8 @@ from onnx import helper
 
 from mame_deploy.ops.onnx_builder import BOOL, FLOAT, FLOAT16, INT64, Body
 
-from .contract import FLOAT_ATTRIBUTES, INPUT_NAMES, INT_ATTRIBUTES, ONNX_DOMAIN, ONNX_OP_TYPE, OUTPUT_NAMES
+from .contract import (FLOAT_ATTRIBUTES, FLOAT_DEFAULTS, INPUT_NAMES, INT_ATTRIBUTES, ONNX_DOMAIN, ONNX_OP_TYPE,
+                       OUTPUT_NAMES, SCORE_LANES)
 
 MIN_OPSET = 18  # ReduceMax/ReduceSum with axes as inputs where needed, Shape(start, end)
 
@@ -117,6 +118,28 @@ class _Ops:
         g = self.g
         norm = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [x, x]), self.vec(-1)], keepdims=1)])
         return g.op("Div", [x, g.op("Max", [norm, self.scalar(1e-12, FLOAT)])])
+
+    def informativeness(self, parts: str, scale: str) -> str:
+        """reference.informativeness: (B, K, L) parts -> (B, L): lanes of every SCORE_LANES-th
+        part (the last row of a CumSum: one add after the other, as the reference; a ReduceSum
+        may add in any order), lanes pairwise, times ``scale``."""
+        g = self.g
+        K = self.dim(parts, 1)
+        lanes = self.scalar(SCORE_LANES)
+        pad = g.op("Mod", [g.op("Sub", [lanes, g.op("Mod", [K, lanes])]), lanes])
+        zero = self.vec(0)
+        pads = g.op("Concat", [zero, zero, zero, zero, self.unsq(pad, 0), zero], axis=0)
+        padded = g.op("Pad", [parts, pads])
+        shape = g.op("Concat", [g.op("Shape", [parts], start=0, end=1), self.vec(-1, SCORE_LANES),
+                                g.op("Shape", [parts], start=2, end=3)], axis=0)
+        running = g.op("CumSum", [g.op("Reshape", [padded, shape]), self.scalar(1)])
+        x = g.op("Squeeze", [g.op("Slice", [running, self.vec(-1), self.vec(np.iinfo(np.int64).max), self.vec(1)]),
+                             self.vec(1)])  # (B, lanes, L)
+        width = SCORE_LANES
+        while width > 1:
+            half = lambda start: g.op("Slice", [x, self.vec(start), self.vec(width), self.vec(1), self.vec(2)])  # noqa
+            x, width = g.op("Add", [half(0), half(1)]), width // 2
+        return g.op("Mul", [g.op("Squeeze", [x, self.vec(1)]), scale])
 
     def minmax(self, s: str) -> str:
         g = self.g
@@ -232,7 +255,7 @@ def token_merge_function(opset: int) -> onnx.FunctionProto:
     if opset < MIN_OPSET:
         raise ValueError(f"the TokenMerge function needs opset >= {MIN_OPSET}, got {opset}")
     g = Body()
-    hidden, residual, score, size, origin, cls = INPUT_NAMES
+    hidden, residual, score_parts, size, origin, cls = INPUT_NAMES
     batch = g.op("Squeeze", [g.op("Shape", [hidden], start=0, end=1)], "batch")
     ops = _Ops(g, batch)
     n = g.op("Sub", [ops.dim(hidden, 1), ops.scalar(1)], "patches")
@@ -242,6 +265,7 @@ def token_merge_function(opset: int) -> onnx.FunctionProto:
     flags["lam"] = g.const_from_attribute("lam", "float", name="lam")
     prune = flags["prune"]
 
+    score = ops.informativeness(score_parts, g.const_from_attribute("score_scale", "float", name="score_scale"))
     # Sequence position of every patch (class token skipped), in scan order; their scores.
     k = ops.arange(n)
     cls_col = ops.unsq(cls, 1)
@@ -287,7 +311,7 @@ def token_merge_function(opset: int) -> onnx.FunctionProto:
         ["hidden_out", "residual_out", "size_out"])
 
     defaults = [helper.make_attribute(a, 0) for a in INT_ATTRIBUTES] + \
-               [helper.make_attribute(a, 0.0) for a in FLOAT_ATTRIBUTES]
+               [helper.make_attribute(a, FLOAT_DEFAULTS[a]) for a in FLOAT_ATTRIBUTES]
     return helper.make_function(
         ONNX_DOMAIN, ONNX_OP_TYPE, list(INPUT_NAMES), list(OUTPUT_NAMES), g.nodes,
         opset_imports=[helper.make_opsetid("", opset)], attribute_protos=defaults,

@@ -19,15 +19,15 @@ Outputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 @torch.library.custom_op("mame::token_merge", mutates_args=())
 def _token_merge_op(hidden: Tensor, residual: Tensor, score: Tensor, size: Tensor, origin: Tensor, cls: Tensor,
                     r: int, prune: int, split: int, arrangement: int, weighting: int, metric: int,
-                    lam: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    attrs = MergeAttributes(r, prune, split, arrangement, weighting, metric, lam)
+                    lam: float, score_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    attrs = MergeAttributes(r, prune, split, arrangement, weighting, metric, lam, score_scale)
     return tuple(t.clone() if t is x else t for t, x in
                  zip(token_merge_ref(hidden, residual, score, size, origin, cls, attrs),
                      (hidden, residual, size, origin, cls)))
 
 
 @_token_merge_op.register_fake
-def _(hidden, residual, score, size, origin, cls, r, prune, split, arrangement, weighting, metric, lam):
+def _(hidden, residual, score, size, origin, cls, r, prune, split, arrangement, weighting, metric, lam, score_scale):
     B, L, E = hidden.shape
     out = L - r
     return (hidden.new_empty(B, out, E), residual.new_empty(B, out, E), size.new_empty(B, out),

@@ -27,7 +27,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .contract import MergeAttributes, check_length
+from .contract import SCORE_LANES, MergeAttributes, check_length
+
+
+def informativeness(score: Tensor, scale: float) -> Tensor:
+    """The per-token informativeness (B, L) from its K parts ``score`` (B, K, L), in the
+    contract's order: lane c adds parts c, c + SCORE_LANES, ... one after the other (from 0), the
+    lanes are added pairwise (neighbours first), and the sum is multiplied by ``scale`` in float32.
+    Element-wise adds in that order, so the kernel, which adds the same way, gets the same bits."""
+    B, K, L = score.shape
+    parts = F.pad(score.float(), (0, 0, 0, -K % SCORE_LANES)).view(B, -1, SCORE_LANES, L)
+    lanes = score.new_zeros(B, SCORE_LANES, L, dtype=torch.float32)
+    for i in range(parts.shape[1]):
+        lanes = lanes + parts[:, i]
+    while lanes.shape[1] > 1:
+        lanes = lanes[:, 0::2] + lanes[:, 1::2]
+    return lanes[:, 0] * scale  # a Python float: PyTorch multiplies by it rounded to float32
 
 
 def decision_key(x: Tensor) -> Tensor:
@@ -125,7 +140,8 @@ def choose(metric: Optional[Callable[[Tensor], Tensor]], s: Tensor, attrs: Merge
 def token_merge_ref(hidden: Tensor, residual: Tensor, score: Tensor, size: Tensor, origin: Tensor,
                     cls: Tensor, attrs: MergeAttributes) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Remove ``attrs.r`` patch tokens from (B, L, E) ``hidden``/``residual`` given the block's
-    informativeness ``score`` (B, L) and the token state (``size``, ``origin``, ``cls``).
+    informativeness as parts ``score`` (B, K, L) (summed by ``informativeness`` with
+    ``attrs.score_scale``) and the token state (``size``, ``origin``, ``cls``).
 
     Full-width (B, L, E) passes are what a step costs on a GPU (it is memory-bound), so only
     the merge metric's rows are gathered for matching, each stream is read once by the gather
@@ -140,7 +156,8 @@ def token_merge_ref(hidden: Tensor, residual: Tensor, score: Tensor, size: Tenso
     # Sequence position of every patch (class token skipped), in scan order.
     k = torch.arange(n, device=device).expand(B, n)
     patch_pos = k + (k >= cls[:, None]).long()
-    s = score.float().gather(1, patch_pos)
+    score = informativeness(score, attrs.score_scale)
+    s = score.gather(1, patch_pos)
     if attrs.prune:
         metric = None
     else:
@@ -178,7 +195,7 @@ def token_merge_ref(hidden: Tensor, residual: Tensor, score: Tensor, size: Tenso
         w_src, w_dst = src_size, dst_size
         if attrs.weighting == 0:
             w_src = w_src * s.gather(1, src)
-            w_dst = w_dst * score.float().gather(1, seq_idx.gather(1, dst_slot))
+            w_dst = w_dst * score.gather(1, seq_idx.gather(1, dst_slot))
         # Only destination rows change. For source i, its destination's row becomes
         # (w_dst * x_dst + sum of w_src_j * x_src_j over the sources j of that destination) / total,
         # i.e. x_dst * keep_w + fold @ x_src with fold (B, r, r). Sources sharing a destination
