@@ -28,12 +28,15 @@ KERNEL = Path(__file__).resolve().parents[1] / "plugins" / "token_merge.cu"
 # Phases by the first source line that opens them, in file order.
 PHASE_STARTS = [
     ("element and cluster helpers", r"^namespace mame_merge"),
-    ("prefix sums and ranks", r"^__device__ int block_prefix"),
+    ("prefix sums", r"^__device__ int block_prefix"),
+    ("score parts: loads and lane sums", r"^// acc \+= parts"),
+    ("ranks", r"^// Stable ranks through integers"),
     ("matching: staging", r"^template <int PER>"),
     ("matching: tile, keys, best match", r"^__device__ __forceinline__ void keep_better"),
     ("output copies", r"^struct FlatIndex"),
     ("destination folds", r"^__device__ __forceinline__ void fma4"),
-    ("kernel: start, keys, ranks, split", r"^extern \"C\" __global__"),
+    ("kernel: start, score parts, exchange", r"^extern \"C\" __global__"),
+    ("kernel: keys, ranks, split", r"^    // Decision keys"),
     ("kernel: matching and exchange", r"^    // 2\. Matching"),
     ("kernel: layout", r"^    // 3\. "),
     ("kernel: rows and state", r"^    // 4\. "),

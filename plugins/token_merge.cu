@@ -45,8 +45,9 @@
 //      (distributed shared memory), meet at one cluster barrier, and each takes the best over
 //      the destination groups (exact: the higher key, on a tie the first destination);
 //   3. every block ranks the sources by the lam-adjusted key (IEEE operations in the
-//      reference's order, no contraction), picks the top r, and lays out the output: survivor
-//      order, class-token slot, each destination's merge weights;
+//      reference's order, no contraction; lam's extremes are step 1's first and last ranks),
+//      stably and descending with the integer compares of step 1, picks the top r, and lays out
+//      the output: survivor order, class-token slot, each destination's merge weights;
 //   4. the blocks share the output rows: the threads copy the rows no source merges into, both
 //      streams, several 16- or 8-byte accesses in flight each, and fold each destination's
 //      sources into its row with float32 weights, a (merge group, 4-channel unit) pair a thread.
@@ -215,11 +216,11 @@ struct Matching {
     int row_b[TILE_D];
 };
 struct Layout {
+    unsigned rank_order[S_CAP + 4];  // descending() of each source's rank key, padded (count_below)
     int pos[N_CAP];          // position of each survivor among the survivors (output order)
     int out_seq[N_CAP + 1];  // sequence position read by each output slot
     int first[N_CAP + 1];    // merge group (its first chosen source) writing each slot, -1: none
-    float rank_key[S_CAP];   // the key sources are ranked by (similarity, lam-adjusted)
-    int chosen[S_CAP];       // sources by descending rank_key (the first r merge / are pruned)
+    int chosen[S_CAP];       // sources by descending rank key (the first r merge)
     int m_seq[S_CAP];        // per chosen source c: its sequence position
     int m_slot[S_CAP];       // output slot of its destination
     float m_w[S_CAP];        // its merge weight
@@ -327,6 +328,13 @@ __device__ __forceinline__ unsigned ordered16(float key) {
     return (h & 0x8000u) ? (~h & 0xffffu) : (h | 0x8000u);
 }
 __device__ __forceinline__ unsigned ascending(float key, int i) { return (ordered16(key) << 16) | i; }
+// Ascending order of these is descending key order, equal keys by position (NaN first, as
+// torch.sort(descending=True) puts it).
+__device__ __forceinline__ unsigned descending(float key, int i) { return ((~ordered16(key) & 0xffffu) << 16) | i; }
+// The key of an ordered16 value (-0 comes back as +0, a NaN as a NaN).
+__device__ __forceinline__ float key_of_ordered16(unsigned u) {
+    return half_to_float(static_cast<unsigned short>((u & 0x8000u) ? (u & 0x7fffu) : (~u & 0xffffu)));
+}
 
 // The count of values[0, n) below v; values is 16-byte aligned and padded with 0xffffffff up to a
 // multiple of 4 entries (pad_order).
@@ -530,9 +538,10 @@ struct FlatIndex {
 
 // Copies of the rows of slots [q_begin, q_end) that no source merges into, both streams: the
 // block's threads walk (slot, 4-channel unit) pairs, COPY_DEPTH of them with all loads in flight
-// before the stores (a row at a time leaves too few bytes in flight to cover the latency); fewer
+// before the stores (a row at a time leaves too few bytes in flight to cover the latency): 12 with
+// a block per SM (a vim_s step on an 8-block cluster is ~9 pairs per thread: one round trip), 4
 // where two blocks share an SM's registers (five spill there).
-constexpr int COPY_DEPTH = TM_MIN_BLOCKS > 1 ? 4 : 8;
+constexpr int COPY_DEPTH = TM_MIN_BLOCKS > 1 ? 4 : 12;
 
 __device__ __forceinline__ void copy_rows(const Shared& sh, const hid_t* __restrict__ hidden,
                                           hid_t* __restrict__ hidden_out, const res_t* __restrict__ residual,
@@ -676,13 +685,24 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
             __syncthreads();
         }
     }
-    for (int i = tid; i < n; i += THREADS) sh.key[i] = decision_key(sh.score_seq[seq_of(i)]);
+    // Decision keys, ranks and the split.
+    // lo and hi (the keys' extremes, for lam) are the keys ranked first and last (NaN last).
+    const bool RANKED = PRUNE || !ALTERNATE;
+    for (int i = tid; i < n; i += THREADS) {
+        const float k = decision_key(sh.score_seq[seq_of(i)]);
+        sh.key[i] = k;
+        if (RANKED) sh.rk.order[i] = ascending(k, i);
+    }
+    if (RANKED) pad_order(sh.rk.order, n);
     __syncthreads();
-    if (PRUNE || !ALTERNATE) {
-        for (int i = tid; i < n; i += THREADS) sh.rk.order[i] = ascending(sh.key[i], i);
-        pad_order(sh.rk.order, n);
-        __syncthreads();
-        for (int i = tid; i < n; i += THREADS) sh.rank[i] = count_below(sh.rk.order, n, sh.rk.order[i]);
+    if (RANKED) {
+        for (int i = tid; i < n; i += THREADS) {
+            const unsigned own = sh.rk.order[i];
+            const int rank = count_below(sh.rk.order, n, own);
+            sh.rank[i] = rank;
+            if (rank == 0) sh.lo = key_of_ordered16(own >> 16);
+            if (rank == n - 1) sh.hi = key_of_ordered16(own >> 16);
+        }
         __syncthreads();
     }
     const int half = n / 2;
@@ -729,26 +749,28 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     }
 
     // 3. Which sources go (the top r by rank key), then the output layout.
-    if (LAM_ON) {
-        if (matching) {  // min and max are exact: any reduction order gives the same values
-            if (warp == 0) {
-                float lo = sh.key[0], hi = sh.key[0];
-                for (int i = lane; i < n; i += 32) {
-                    lo = fminf(lo, sh.key[i]);
-                    hi = fmaxf(hi, sh.key[i]);
-                }
-                for (int o = 16; o > 0; o >>= 1) {
-                    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-                    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
-                }
-                if (lane == 0) {
-                    sh.lo = lo;
-                    sh.hi = hi;
-                }
+    if (LAM_ON && matching && !RANKED) {  // no ranks (alternate split): the extremes by a reduction
+        if (warp == 0) {                  // of the ordered values, exact in any order
+            unsigned lo = 0xffffu, hi = 0u;
+            for (int i = lane; i < n; i += 32) {
+                const unsigned u = ordered16(sh.key[i]);
+                lo = min(lo, u);
+                hi = max(hi, u);
             }
-            __syncthreads();
+            for (int o = 16; o > 0; o >>= 1) {
+                lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+                hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+            }
+            if (lane == 0) {
+                sh.lo = key_of_ordered16(lo);
+                sh.hi = key_of_ordered16(hi);
+            }
         }
+        __syncthreads();
     }
+    // 0: survives, -1: removed (ordered before the writes below by their first barrier).
+    // (Here, not in step 1's loops: written there, the default split spills registers.)
+    for (int i = tid; i < n; i += THREADS) sh.slot[i] = PRUNE && sh.rank[i] < r ? -1 : 0;
     if (matching) {
         const float lam = __int_as_float(lam_bits);
         for (int m = tid; m < S; m += THREADS) {
@@ -758,29 +780,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
                 const float t = __fdiv_rn(__fsub_rn(sh.key[sh.src[m]], sh.lo), fmaxf(__fsub_rn(sh.hi, sh.lo), 1e-12f));
                 k = decision_key(__fsub_rn(k, __fmul_rn(lam, t)));
             }
-            sh.ly.rank_key[m] = k;
+            sh.ly.rank_order[m] = descending(k, m);
         }
+        pad_order(sh.ly.rank_order, S);
         __syncthreads();
-        // Descending, equal keys by position. (Float tests here: the integer ranks of step 1
-        // make the default split spill registers when used for these S <= n / 2 keys too.)
+        // Stable descending ranks (equal keys by position); the top r leave.
         for (int m = tid; m < S; m += THREADS) {
-            const float km = sh.ly.rank_key[m];
-            int c = 0;
-            for (int j = 0; j < S; ++j) {
-                const float kj = sh.ly.rank_key[j];
-                c += (kj > km) | ((kj == km) & (j < m));
+            const int c = count_below(sh.ly.rank_order, S, sh.ly.rank_order[m]);
+            if (c < r) {
+                sh.ly.chosen[c] = m;
+                sh.slot[sh.src[m]] = -1;
             }
-            if (c < r) sh.ly.chosen[c] = m;
         }
-    }
-    for (int i = tid; i < n; i += THREADS) sh.slot[i] = 0;  // 0: survives, -1: removed
-    __syncthreads();
-    if (PRUNE) {
-        for (int i = tid; i < n; i += THREADS)
-            if (sh.rank[i] < r) sh.slot[i] = -1;
-    } else {
-        if (matching)
-            for (int c = tid; c < r; c += THREADS) sh.slot[sh.src[sh.ly.chosen[c]]] = -1;
     }
     __syncthreads();
     // Output positions among the survivors: scan order, or ToMe's [unmerged sources; destinations].

@@ -194,6 +194,36 @@ def test_weighted_mean_uses_size_times_informativeness():
     torch.testing.assert_close(h[0, 1], (2.0 * hidden[0, 0] + 1.0 * hidden[0, 2]) / 3.0)
 
 
+@pytest.mark.parametrize("parts", [1, 5, 8, 13, 192])
+def test_informativeness_adds_the_parts_in_the_contracts_order(parts):
+    """Lane c adds parts c, c + 8, ... in turn from zero, the 8 lanes are added pairwise
+    (neighbours first), then scaled: written out with Python floats rounded to float32 at every
+    step, the reference must give the same bits (the kernel adds the same way)."""
+    from mame_deploy.ops.token_merge.reference import informativeness
+
+    f32 = lambda x: float(np.float32(x))  # noqa: E731
+    x = torch.exp(3 * torch.randn(2, parts, 7, generator=torch.Generator().manual_seed(parts)))
+    got = informativeness(x, 0.1)
+    for b in range(2):
+        for t in range(7):
+            lanes = [0.0] * 8
+            for k in range(parts):
+                lanes[k % 8] = f32(lanes[k % 8] + float(x[b, k, t]))
+            while len(lanes) > 1:
+                lanes = [f32(lanes[i] + lanes[i + 1]) for i in range(0, len(lanes), 2)]
+            assert float(got[b, t]) == f32(lanes[0] * f32(0.1)), (b, t)
+
+
+def test_a_two_dimensional_score_is_one_part():
+    hidden, residual, score, state = random_state(3, 21, 8, seed=4)
+    opts = merge_options("mame")
+    flat = merge_step(hidden, residual, score, state, 5, "mame", opts)
+    parts = merge_step(hidden, residual, score[:, None], state, 5, "mame", opts)
+    assert torch.equal(flat[0], parts[0]) and torch.equal(flat[2].origin, parts[2].origin)
+    halves = merge_step(hidden, residual, torch.stack([score, score], 1), state, 5, "mame", opts, score_scale=0.5)
+    assert torch.equal(flat[2].origin, halves[2].origin) and torch.equal(flat[0], halves[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # The patched model
 

@@ -194,6 +194,28 @@ def test_score_parts_add_up_in_the_contracts_order():
             check_against_reference(run_kernel(args, attrs, tuning), want, (torch.float32,) * 2, f"midpoints {attrs}")
 
 
+@pytest.mark.parametrize("method", ["mame", "mame-lam0", "tome", "prune"])
+def test_nan_inputs_stay_contained(method):
+    """A NaN score part (one token's, a whole sample's) or a NaN hidden row -- a broken upstream
+    layer -- must not send the kernel out of bounds or into other samples: every state output
+    written, each sample's tokens kept at most once, a clean sample's result as if alone, and
+    the same bits on every split (NaN keys rank first in the descending rank and last in the
+    ascending one, as torch.sort puts them)."""
+    attrs = METHODS[method]
+    args = merge_inputs(4, 197, 384, seed=31)
+    args["score"][0, :, 5] = float("nan")
+    args["score"][1] = float("nan")
+    args["hidden"][2, 7] = float("nan")
+    outs = [run_kernel(args, attrs, tuning) for tuning in merge_launch.TUNINGS]
+    for tuning, other in zip(merge_launch.TUNINGS[1:], outs[1:]):
+        assert same_bits(outs[0], other), f"split {tuning} gives other bits on NaN inputs"
+    _, _, size, origin, cls = outs[0]
+    assert torch.isfinite(size).all() and (cls >= 0).all() and (cls < 197 - attrs.r).all()
+    assert (origin >= 0).all() and all(o.unique().numel() == o.numel() for o in origin)
+    alone = run_kernel({k: v[3:] for k, v in args.items()}, attrs)
+    assert same_bits(alone, tuple(t[3:] for t in outs[0])), "NaNs in other samples changed a clean one"
+
+
 @pytest.mark.parametrize("method", ["mame", "tome", "prune"])
 def test_a_sample_alone_equals_it_in_a_batch_and_runs_repeat(method):
     attrs = METHODS[method]
