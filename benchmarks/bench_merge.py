@@ -28,7 +28,7 @@ import torch
 from bench_e2e import graph_time_ms  # benchmarks/ is on sys.path when run as a script
 from mame_deploy.merge import DEFAULT_OPTIONS
 from mame_deploy.models import create_model
-from mame_deploy.ops.fixtures import merge_inputs
+from mame_deploy.ops.fixtures import merge_inputs, same_bits
 from mame_deploy.ops.selective_scan.contract import dt_groups
 from mame_deploy.ops.token_merge.contract import MergeAttributes
 from mame_deploy.ops.token_merge.reference import token_merge_ref
@@ -107,7 +107,6 @@ def main(argv=None) -> int:
     mixer = model.layers[0].mixer
     score_scale, parts = mixer.score_scale, 2 * dt_groups(mixer.d_inner)
     if gpu:
-        from mame_deploy.ops.fixtures import same_bits
         from mame_deploy.ops.token_merge.cuda import token_merge_cuda
         from mame_deploy.plugins import merge_launch
     tunings = []

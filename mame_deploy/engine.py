@@ -204,7 +204,7 @@ class MergeNode:
     batch: Dim
     length: Dim
     dim: Dim
-    parts: Dim = None  # the score's second dimension (parts summed into the informativeness)
+    parts: Dim  # the score's second dimension (parts summed into the informativeness)
 
 
 def _merge_attributes(node: onnx.NodeProto, label: str) -> merge_contract.MergeAttributes:

@@ -56,7 +56,6 @@ LAYOUT = "hidden, residual: batch x length x dim; score: batch x parts x length;
 # Integer attributes in declaration order, then the floats.
 INT_ATTRIBUTES = ("r", "prune", "split", "arrangement", "weighting", "metric")
 FLOAT_ATTRIBUTES = ("lam", "score_scale")
-FLOAT_DEFAULTS = {"lam": 0.0, "score_scale": 1.0}
 SCORE_LANES = 8  # the score's parts are summed in this many interleaved lanes (a power of two)
 ATTRIBUTES = INT_ATTRIBUTES + FLOAT_ATTRIBUTES
 

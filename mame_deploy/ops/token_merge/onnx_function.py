@@ -20,8 +20,7 @@ from onnx import helper
 
 from mame_deploy.ops.onnx_builder import BOOL, FLOAT, FLOAT16, INT64, Body
 
-from .contract import (FLOAT_ATTRIBUTES, FLOAT_DEFAULTS, INPUT_NAMES, INT_ATTRIBUTES, ONNX_DOMAIN, ONNX_OP_TYPE,
-                       OUTPUT_NAMES, SCORE_LANES)
+from .contract import INPUT_NAMES, ONNX_DOMAIN, ONNX_OP_TYPE, OUTPUT_NAMES, SCORE_LANES, MergeAttributes
 
 MIN_OPSET = 18  # ReduceMax/ReduceSum with axes as inputs where needed, Shape(start, end)
 
@@ -310,8 +309,8 @@ def token_merge_function(opset: int) -> onnx.FunctionProto:
               new_cls, src, dst),
         ["hidden_out", "residual_out", "size_out"])
 
-    defaults = [helper.make_attribute(a, 0) for a in INT_ATTRIBUTES] + \
-               [helper.make_attribute(a, FLOAT_DEFAULTS[a]) for a in FLOAT_ATTRIBUTES]
+    # The attributes' defaults are MergeAttributes' own (r = 0: a step that removes nothing).
+    defaults = [helper.make_attribute(a, v) for a, v in MergeAttributes(r=0).as_dict().items()]
     return helper.make_function(
         ONNX_DOMAIN, ONNX_OP_TYPE, list(INPUT_NAMES), list(OUTPUT_NAMES), g.nodes,
         opset_imports=[helper.make_opsetid("", opset)], attribute_protos=defaults,
