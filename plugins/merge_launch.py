@@ -8,8 +8,9 @@ The one launch contract of ``mame::TokenMerge``, shared unchanged by the PyTorch
   arguments (:func:`attribute_scalars`; lam as its float32 bits), so one variant serves every
   method and option.
 * :class:`Tuning` -- the work split: blocks per sample (a thread-block cluster) and the matching
-  tile. :func:`tuning_for` picks one by batch; :data:`TUNINGS` are all of them (the TensorRT
-  plugin offers them as tactics).
+  tile. :func:`tuning_for` picks one by batch; :data:`TUNINGS` are all of them, and
+  :data:`PORTABLE_TUNINGS` those a plain ``cuLaunchKernel`` launches (the TensorRT plugin offers
+  them as tactics; a 16-block cluster needs a function attribute TensorRT's AOT launch cannot set).
 * :func:`compile_ptx` -- NVRTC (``plugins/nvrtc.py``) PTX of one (variant, tuning).
 * :func:`launch_params` -- grid ``(cluster * batch, 1, 1)``, the tuning's block, no dynamic shared memory,
   computed with ``*`` alone on ``batch`` so TensorRT's symbolic batch works.
@@ -47,6 +48,7 @@ DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}  # TM_*_DTYPE codes in the 
 N_CAPS = (64, 128, 256, 512)  # decision-array capacities (patches), one compiled variant each
 MAX_LENGTH = N_CAPS[-1] + 1
 MAX_DIM = 4096  # channels: the kernel's float32 row index over (row, 4-channel unit) pairs is exact up to here
+MAX_PORTABLE_CLUSTER = 8  # larger clusters need CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ class Tuning:
 
     def __post_init__(self):
         problems = [
-            self.cluster not in (1, 2, 4, 8) and "cluster must be 1, 2, 4 or 8",
+            self.cluster not in (1, 2, 4, 8, 16) and "cluster must be 1, 2, 4, 8 or 16",
             (self.threads % 32 or not 128 <= self.threads <= 1024) and "threads must be a multiple of 32 in 128..1024",
             (self.ty < 1 or self.threads % self.ty or self.threads // self.ty > 32)
             and "ty must divide threads, leaving at most 32 threads per source row",
@@ -118,6 +120,11 @@ class Tuning:
         problems = [p for p in problems if p]
         if problems:
             raise UserError(f"bad token-merge tuning {self}: {'; '.join(problems)}")
+
+    @property
+    def portable(self) -> bool:
+        """Launchable by a plain cuLaunchKernel (TensorRT's AOT launch): at most 8 blocks a cluster."""
+        return self.cluster <= MAX_PORTABLE_CLUSTER
 
     @classmethod
     def parse(cls, text: str) -> "Tuning":
@@ -141,20 +148,29 @@ class Tuning:
 
 # Many samples: one block per sample, 112 x 112 matching tile (Vim's 98 x 98 in one pass), two
 # blocks per SM. Few samples: a cluster of blocks per sample shares the matching, so batch 1
-# spreads over 8 SMs instead of one. Chosen on the H200 by benchmarks/bench_merge.py.
+# spreads over 8 SMs instead of one, or over 16 where the launcher may allow a non-portable
+# cluster (PyTorch; not TensorRT's AOT launch). Chosen on the H200 by benchmarks/bench_merge.py
+# (docs/perf-notes.md: 16 blocks cut the batch-1 vim_s step from 30.7 to 26.1 us; an H200 GPC
+# holds one 16-block cluster, so above a few samples the 8-block split keeps more of them resident).
 DEFAULT_TUNING = Tuning()
 SMALL_BATCH_TUNING = Tuning(cluster=8, ty=8, my=4, mx=2, kt=64, min_blocks=1, dst_groups=2)  # 32 x 64 per block
 MEDIUM_BATCH_TUNING = Tuning(cluster=2, ty=16, my=7, mx=4, kt=16, min_blocks=2, dst_groups=2)  # 112 x 64 per block
-TUNINGS = (DEFAULT_TUNING, MEDIUM_BATCH_TUNING, SMALL_BATCH_TUNING)
+TINY_BATCH_TUNING = Tuning(cluster=16, ty=8, my=4, mx=1, kt=64, min_blocks=1, dst_groups=4)  # 32 x 32 per block
+TUNINGS = (DEFAULT_TUNING, MEDIUM_BATCH_TUNING, SMALL_BATCH_TUNING, TINY_BATCH_TUNING)
+PORTABLE_TUNINGS = tuple(t for t in TUNINGS if t.portable)
+TINY_BATCH = 4  # batch sizes up to which TINY_BATCH_TUNING is used where non-portable clusters may be
 SMALL_BATCH = 16  # batch sizes up to which SMALL_BATCH_TUNING is used
 MEDIUM_BATCH = 64  # ... then MEDIUM_BATCH_TUNING
 
 
-def tuning_for(batch) -> Tuning:
-    """The split for ``batch`` samples; a symbolic (TensorRT) batch gets DEFAULT_TUNING.
+def tuning_for(batch, portable: bool = False) -> Tuning:
+    """The split for ``batch`` samples; a symbolic (TensorRT) batch gets DEFAULT_TUNING;
+    ``portable``: only splits a plain cuLaunchKernel launches (TensorRT's AOT plugin).
     Every split computes the same bits (see the source's header), so this is speed only."""
     if not isinstance(batch, int):
         return DEFAULT_TUNING
+    if batch <= TINY_BATCH and not portable:
+        return TINY_BATCH_TUNING
     if batch <= SMALL_BATCH:
         return SMALL_BATCH_TUNING
     if batch <= MEDIUM_BATCH:

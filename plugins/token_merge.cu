@@ -19,7 +19,8 @@
 //   TM_KERNEL_NAME        extern "C" name of the kernel
 //   TM_HIDDEN_DTYPE       0 float32, 1 float16, 2 bfloat16 (hidden, hidden_out)
 //   TM_RESIDUAL_DTYPE     same codes (residual, residual_out): float32 or the hidden's type
-//   TM_CLUSTER            thread blocks per sample (a thread-block cluster when > 1)
+//   TM_CLUSTER            thread blocks per sample (a thread-block cluster when > 1); 16 is a
+//                         non-portable cluster size: the launcher must allow it on the function
 //   TM_DST_GROUPS         groups the cluster splits the destinations into (divides TM_CLUSTER);
 //                         the sources are split into TM_CLUSTER / TM_DST_GROUPS groups
 //   TM_THREADS            threads per block (a multiple of 32, 128 to 1024)
@@ -30,7 +31,7 @@
 //
 // One launch does the whole step. Grid (CLUSTER * batch): the CLUSTER blocks of a sample form a
 // cluster (compile-time __cluster_dims__, so a plain cuLaunchKernel launches it, as TensorRT
-// does). Per sample:
+// does; up to 8 blocks, 16 once the function allows non-portable clusters). Per sample:
 //   1. the blocks share the informativeness: each sums the score's parts for a slice of the
 //      tokens (SCORE_LANES interleaved lanes, then the lanes pairwise: the contract's order) and
 //      writes it into every block of the cluster; every block then rounds the scores to float16
@@ -90,7 +91,8 @@ static_assert(TILE_S + TILE_D <= THREADS, "one thread per staged row keeps its n
 static_assert(KT % 4 == 0 && KT >= 4, "TM_KT must be a multiple of 4");
 static_assert(ROW / 4 % 2 == 1, "row stride must be an odd number of 16-byte units");
 static_assert(N_CAP % 32 == 0 && N_CAP <= 1024, "TM_N_CAP must be a multiple of 32, at most 1024");
-static_assert(CLUSTER == 1 || CLUSTER == 2 || CLUSTER == 4 || CLUSTER == 8, "TM_CLUSTER must be 1, 2, 4 or 8");
+static_assert(CLUSTER == 1 || CLUSTER == 2 || CLUSTER == 4 || CLUSTER == 8 || CLUSTER == 16,
+              "TM_CLUSTER must be 1, 2, 4, 8 or 16");
 static_assert(DST_GROUPS >= 1 && CLUSTER % DST_GROUPS == 0, "TM_DST_GROUPS must divide TM_CLUSTER");
 
 // ---------------------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ declares them (the ONNX node's order), the int32 ``extra_args`` (batch, length, 
 parts and the node's attributes, the floats as their float32 bits), the five outputs
 (``merge_launch.KERNEL_ARGS``).
 
-Tactics: every work split of ``merge_launch.TUNINGS`` is offered as a tactic (1, 2, ...), so
-TensorRT times them for the engine's shapes (a dynamic-batch engine at its profile's optimum)
-and bakes the fastest into the engine; they compute the same bits. Tactic 0 (TensorRT's default
-when it does not time) is the split ``merge_launch.tuning_for`` gives a static batch.
+Tactics: every work split of ``merge_launch.PORTABLE_TUNINGS`` is offered as a tactic (1, 2,
+...), so TensorRT times them for the engine's shapes (a dynamic-batch engine at its profile's
+optimum) and bakes the fastest into the engine; they compute the same bits. Tactic 0 (TensorRT's
+default when it does not time) is the portable split ``merge_launch.tuning_for`` gives a static
+batch. The 16-block split the PyTorch launcher uses at batch 1..4 is not offered: a cluster above
+8 blocks needs a function attribute set before the launch, which TensorRT's AOT launch cannot do.
 
 :func:`aot_kernel` is the plugin's whole computation with plain values: tests call it with ints
 or shape stand-ins, as the plugin calls it with TensorRT's shape expressions.
@@ -38,16 +40,16 @@ FIXED_TRT_TYPES = {"score": "FP32", "size": "FP32", "origin": "INT64", "cls": "I
 
 def tactics() -> Tuple[int, ...]:
     """The custom tactics offered to TensorRT: one per work split."""
-    return tuple(range(1, len(launch.TUNINGS) + 1))
+    return tuple(range(1, len(launch.PORTABLE_TUNINGS) + 1))
 
 
 def tuning_of(tactic: int, batch):
     """The work split of ``tactic`` (0: the one ``tuning_for`` gives ``batch``)."""
     if tactic == 0:
-        return launch.tuning_for(batch)
-    if not 1 <= tactic <= len(launch.TUNINGS):
+        return launch.tuning_for(batch, portable=True)
+    if not 1 <= tactic <= len(launch.PORTABLE_TUNINGS):
         raise ValueError(f"TokenMerge has no tactic {tactic}")
-    return launch.TUNINGS[tactic - 1]
+    return launch.PORTABLE_TUNINGS[tactic - 1]
 
 
 def kernel_scalars(batch, length, dim, parts, attrs: MergeAttributes) -> Tuple[Any, ...]:

@@ -39,7 +39,8 @@ def test_launch_params_on_symbolic_batches_match_ints(tuning):
 
 
 def test_tuning_for_batch_and_the_symbolic_default():
-    assert merge_launch.tuning_for(1) == merge_launch.SMALL_BATCH_TUNING
+    assert merge_launch.tuning_for(1) == merge_launch.tuning_for(4) == merge_launch.TINY_BATCH_TUNING
+    assert merge_launch.tuning_for(1, portable=True) == merge_launch.tuning_for(5) == merge_launch.SMALL_BATCH_TUNING
     assert merge_launch.tuning_for(64) == merge_launch.MEDIUM_BATCH_TUNING
     assert merge_launch.tuning_for(256) == merge_launch.DEFAULT_TUNING
     assert merge_launch.tuning_for(Sym.var("b")) == merge_launch.DEFAULT_TUNING
@@ -48,7 +49,7 @@ def test_tuning_for_batch_and_the_symbolic_default():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: merge_launch.Tuning(cluster=3), "cluster must be 1, 2, 4 or 8"),
+    (lambda: merge_launch.Tuning(cluster=3), "cluster must be 1, 2, 4, 8 or 16"),
     (lambda: merge_launch.Tuning(ty=16, my=9, mx=9), "must be at most threads"),
     (lambda: merge_launch.Tuning(ty=4), "at most 32 threads per source row"),
     (lambda: merge_launch.Tuning(threads=200), "multiple of 32 in 128..1024"),
@@ -101,11 +102,36 @@ def test_aot_kernel_is_the_same_for_ints_and_shape_expressions(monkeypatch):
         assert tuple(evaluate(x, {"b": 64}) for x in symbolic.scalars) == static.scalars
         assert static.scalars[:5] == (64, 197, 384, 192, 6)
     assert seen[0] == merge_launch.DEFAULT_TUNING and seen[1] == merge_launch.MEDIUM_BATCH_TUNING
-    assert seen[2:] == [t for t in merge_launch.TUNINGS for _ in range(2)]
+    assert seen[2:] == [t for t in merge_launch.PORTABLE_TUNINGS for _ in range(2)]
+    # TensorRT's launch cannot allow a 16-block cluster: batch 1's tactic 0 is the 8-block split.
+    trt_token_merge.aot_kernel("float32", "float32", 1, 197, 384, 192, attrs, 0)
+    assert seen[-1] == merge_launch.SMALL_BATCH_TUNING
     with pytest.raises(ValueError, match="no tactic 9"):
         trt_token_merge.aot_kernel("float32", "float32", 1, 197, 384, 192, attrs, 9)
     with pytest.raises(UserError, match="static sequence length"):
         trt_token_merge.aot_kernel("float32", "float32", 1, Sym.var("L"), 384, 192, attrs)
+
+
+def test_only_portable_clusters_are_tensorrt_tactics():
+    from mame_deploy.plugins import trt_token_merge
+
+    assert not merge_launch.TINY_BATCH_TUNING.portable and merge_launch.TINY_BATCH_TUNING in merge_launch.TUNINGS
+    assert all(t.portable for t in merge_launch.PORTABLE_TUNINGS)
+    assert set(merge_launch.TUNINGS) - set(merge_launch.PORTABLE_TUNINGS) == {merge_launch.TINY_BATCH_TUNING}
+    assert [trt_token_merge.tuning_of(t, 1) for t in trt_token_merge.tactics()] == list(merge_launch.PORTABLE_TUNINGS)
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_default_tuning_falls_back_where_a_large_cluster_cannot_be_placed(monkeypatch, fits):
+    import torch
+
+    from mame_deploy.ops.token_merge import cuda
+
+    monkeypatch.setattr(cuda, "_cluster_fits", lambda *args: fits)
+    variant = merge_launch.Variant("float32", "float32")
+    chosen = cuda.default_tuning(torch.device("cuda", 0), variant, 1)
+    assert chosen == (merge_launch.TINY_BATCH_TUNING if fits else merge_launch.SMALL_BATCH_TUNING)
+    assert cuda.default_tuning(torch.device("cuda", 0), variant, 256) == merge_launch.DEFAULT_TUNING
 
 
 def test_autotune_type_combinations_pair_each_stream_with_its_output():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from mame_deploy.errors import UserError
 
@@ -56,17 +56,51 @@ _lock = threading.Lock()
 _loaded: dict = {}
 
 
-def load(key, device_index: int, compile_fn: Callable[[], tuple[bytes, str]]) -> Loaded:
+def load(key, device_index: int, compile_fn: Callable[[], tuple[bytes, str]],
+         prepare: Optional[Callable[[Loaded], None]] = None) -> Loaded:
     """The kernel cached under ``key`` (per process; include the device in it), compiled by
-    ``compile_fn() -> (ptx, name)`` and loaded on first use."""
+    ``compile_fn() -> (ptx, name)`` and loaded on first use; ``prepare(kernel)`` then runs once
+    (e.g. function attributes), before any thread can launch it."""
     found = _loaded.get(key)
     if found is None:
         with _lock:
             found = _loaded.get(key)
             if found is None:
                 ptx, name = compile_fn()
-                found = _loaded[key] = Loaded(device_index, ptx, name)
+                found = Loaded(device_index, ptx, name)
+                if prepare is not None:
+                    prepare(found)
+                _loaded[key] = found
     return found
+
+
+def allow_large_clusters(kernel: Loaded) -> None:
+    """Let ``kernel`` (compiled with a cluster of more than 8 blocks) launch: such clusters are
+    "non-portable" and refused unless the function says it may use them."""
+    drv = driver()
+    attribute = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+    check(drv.cuCtxPushCurrent(kernel.context), "cuCtxPushCurrent")
+    try:
+        check(drv.cuFuncSetAttribute(kernel.function, attribute, 1), "allowing a cluster of more than 8 blocks")
+    finally:
+        check(drv.cuCtxPopCurrent(), "cuCtxPopCurrent")
+
+
+def max_active_clusters(kernel: Loaded, cluster: int, block, shared_mem: int) -> int:
+    """How many of ``kernel``'s (compile-time) clusters of ``cluster`` blocks the device can run at
+    once; 0 where one cannot be placed (e.g. a GPU partition with fewer SMs per GPC)."""
+    drv = driver()
+    config = drv.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = cluster, 1, 1
+    config.blockDimX, config.blockDimY, config.blockDimZ = block
+    config.sharedMemBytes = shared_mem
+    config.numAttrs = 0
+    check(drv.cuCtxPushCurrent(kernel.context), "cuCtxPushCurrent")
+    try:
+        err, count = drv.cuOccupancyMaxActiveClusters(kernel.function, config)
+    finally:
+        check(drv.cuCtxPopCurrent(), "cuCtxPopCurrent")
+    return count if err == drv.CUresult.CUDA_SUCCESS else 0
 
 
 def pack_args(values: Mapping[str, int], names: Sequence[str], types: Mapping[str, str]) -> tuple[list, ctypes.Array]:

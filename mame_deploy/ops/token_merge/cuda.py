@@ -10,6 +10,7 @@ registered until :func:`register_cuda` is called.
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from typing import Optional
@@ -32,7 +33,25 @@ def _kernel(device: torch.device, variant: merge_launch.Variant, tuning: merge_l
         major, minor = torch.cuda.get_device_capability(device)
         return merge_launch.compile_ptx(variant, tuning, f"sm_{major}{minor}")
 
-    return cuda_driver.load(("token_merge", device.index, variant, tuning), device.index, compile_variant)
+    prepare = None if tuning.portable else cuda_driver.allow_large_clusters
+    return cuda_driver.load(("token_merge", device.index, variant, tuning), device.index, compile_variant, prepare)
+
+
+@functools.lru_cache(maxsize=None)
+def _cluster_fits(device_index: int, variant: merge_launch.Variant, tuning: merge_launch.Tuning) -> bool:
+    """Whether one cluster of ``tuning`` can be placed on the device at all."""
+    kernel = _kernel(torch.device("cuda", device_index), variant, tuning)
+    params = merge_launch.launch_params(1, tuning)
+    return cuda_driver.max_active_clusters(kernel, tuning.cluster, params.block, params.shared_mem) > 0
+
+
+def default_tuning(device: torch.device, variant: merge_launch.Variant, batch: int) -> merge_launch.Tuning:
+    """``merge_launch.tuning_for(batch)``, or its portable choice where the device cannot place a
+    cluster of more than 8 blocks."""
+    tuning = merge_launch.tuning_for(batch)
+    if tuning.portable or _cluster_fits(device.index, variant, tuning):
+        return tuning
+    return merge_launch.tuning_for(batch, portable=True)
 
 
 def unsupported(hidden: Tensor, residual: Tensor, score: Tensor, attrs: MergeAttributes) -> Optional[str]:
@@ -74,7 +93,7 @@ def token_merge_cuda(hidden: Tensor, residual: Tensor, score: Tensor, size: Tens
 
     hidden in float32/float16/bfloat16, residual in float32 or hidden's type; score and size are
     used as float32, origin and cls as int64; non-contiguous inputs are copied. ``tuning`` (the
-    work split) defaults to ``merge_launch.tuning_for(batch)``; every split gives the same bits.
+    work split) defaults to :func:`default_tuning`; every split gives the same bits.
     ``out``: the five output tensors to write (contiguous, the results' shapes and dtypes).
     """
     B, L, E = _check_inputs(hidden, residual, score, size, origin, cls)
@@ -85,7 +104,7 @@ def token_merge_cuda(hidden: Tensor, residual: Tensor, score: Tensor, size: Tens
     if reason:
         raise UserError(f"the token-merge kernel cannot run this step: {reason}")
     variant = merge_launch.Variant.of(TORCH_DTYPES[hidden.dtype], TORCH_DTYPES[residual.dtype], L)
-    tuning = tuning or merge_launch.tuning_for(B)
+    tuning = tuning or default_tuning(hidden.device, variant, B)
     Q = output_length(L, attrs.r)
     hidden, residual = hidden.contiguous(), residual.contiguous()
     score, size = score.float().contiguous(), size.float().contiguous()
