@@ -164,48 +164,10 @@ class BiMambaMixer(nn.Module):
         if not return_score:
             return self.out_proj(((y_f + y_b) / 2).transpose(1, 2))
         # The scans already summed dt over channel groups; the merge operator sums the groups
-        # (one launch instead of an add, a strided reduction and a scale here). The concatenation
-        # needs only the scans, so on a GPU it runs beside the output projection.
-        with _Beside(dt_sums_f) as beside:
-            score = torch.cat([dt_sums_f, dt_sums_b], dim=1)
-        out = self.out_proj(((y_f + y_b) / 2).transpose(1, 2))
-        return out, beside.join(score)
-
-
-class _Beside:
-    """Runs what is queued inside the ``with`` on a side stream, beside what the current stream
-    queues after it, until ``join(result)``: inference on CUDA only (batch 1 is latency-bound,
-    so a launch off the critical path is time saved); elsewhere, and under autograd or
-    torch.compile, the work runs in place."""
-
-    enabled = True
-    _streams: dict = {}
-
-    def __init__(self, like: Tensor):
-        self.side = None
-        if self.enabled and like.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self.main = torch.cuda.current_stream(like.device)
-            self.side = self._streams.get(like.device)
-            if self.side is None:
-                self.side = self._streams[like.device] = torch.cuda.Stream(like.device)
-        self._inside = None
-
-    def __enter__(self) -> "_Beside":
-        if self.side is not None:
-            self.side.wait_stream(self.main)  # its inputs are ready
-            self._inside = torch.cuda.stream(self.side)
-            self._inside.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._inside is not None:
-            self._inside.__exit__(*exc)
-
-    def join(self, result: Tensor) -> Tensor:
-        if self.side is not None:
-            self.main.wait_stream(self.side)
-            result.record_stream(self.main)  # made on the side stream, used and freed on this one
-        return result
+        # (one launch instead of an add, a strided reduction and a scale here). A side stream for
+        # this concatenation, beside the output projection, made batch 1 slower (perf-notes).
+        score = torch.cat([dt_sums_f, dt_sums_b], dim=1)
+        return self.out_proj(((y_f + y_b) / 2).transpose(1, 2)), score
 
 
 class Block(nn.Module):

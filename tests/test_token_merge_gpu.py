@@ -240,28 +240,6 @@ def test_small_batches_take_the_16_block_cluster_where_it_fits():
     assert same_bits(run_kernel(args, METHODS["mame"]), run_kernel(args, METHODS["mame"], merge_launch.SMALL_BATCH_TUNING))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_the_score_built_beside_the_output_projection_changes_no_bit(monkeypatch, dtype):
-    from mame_deploy.models import create_model, vim
-    from mame_deploy.ops.selective_scan.cuda import register_cuda as register_scan
-    from mame_deploy.patch import patch
-    from mame_deploy.runners import capture_cuda_graph
-
-    register_cuda()
-    register_scan()
-    model = patch(create_model("vim_t"), ratio=0.5).eval().cuda().to(dtype)
-    images = torch.randn(1, 3, 224, 224, device="cuda", dtype=dtype)
-    with torch.no_grad():
-        beside = model(images)
-        graph, captured = capture_cuda_graph(lambda: model(images))
-        graph.replay()
-        monkeypatch.setattr(vim._Beside, "enabled", False)
-        in_line = model(images)
-    torch.cuda.synchronize()
-    assert vim._Beside._streams, "the side stream was not used"
-    assert torch.equal(beside, in_line) and torch.equal(captured, in_line)
-
-
 def test_the_op_runs_the_kernel_on_cuda_and_graphs_capture_it():
     from mame_deploy.ops.token_merge.contract import ATTRIBUTES
     from mame_deploy.runners import capture_cuda_graph
