@@ -8,6 +8,7 @@ Used by the selective scan (``mame_deploy.ops.selective_scan.cuda``) and the tok
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 from typing import Callable, Mapping, Optional, Sequence
@@ -35,6 +36,16 @@ def check(result, what: str):
     return values[0] if len(values) == 1 else values
 
 
+@contextlib.contextmanager
+def current(context):
+    """``context`` made the calling thread's current one for the block, the previous one after."""
+    check(driver().cuCtxPushCurrent(context), "cuCtxPushCurrent")
+    try:
+        yield
+    finally:
+        check(driver().cuCtxPopCurrent(), "cuCtxPopCurrent")
+
+
 class Loaded:
     """One compiled kernel on one device: its module (kept alive), function and context."""
 
@@ -44,12 +55,9 @@ class Loaded:
         dev = check(drv.cuDeviceGet(device_index), "cuDeviceGet")
         # PyTorch runs in the device's primary context; the module must live there too.
         self.context = check(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-        check(drv.cuCtxPushCurrent(self.context), "cuCtxPushCurrent")
-        try:
+        with current(self.context):
             self.module = check(drv.cuModuleLoadData(ptx + b"\0"), "loading the kernel's PTX")
             self.function = check(drv.cuModuleGetFunction(self.module, name.encode()), "cuModuleGetFunction")
-        finally:
-            check(drv.cuCtxPopCurrent(), "cuCtxPopCurrent")
 
 
 _lock = threading.Lock()
@@ -79,11 +87,8 @@ def allow_large_clusters(kernel: Loaded) -> None:
     "non-portable" and refused unless the function says it may use them."""
     drv = driver()
     attribute = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
-    check(drv.cuCtxPushCurrent(kernel.context), "cuCtxPushCurrent")
-    try:
+    with current(kernel.context):
         check(drv.cuFuncSetAttribute(kernel.function, attribute, 1), "allowing a cluster of more than 8 blocks")
-    finally:
-        check(drv.cuCtxPopCurrent(), "cuCtxPopCurrent")
 
 
 def max_active_clusters(kernel: Loaded, cluster: int, block, shared_mem: int) -> int:
@@ -95,11 +100,8 @@ def max_active_clusters(kernel: Loaded, cluster: int, block, shared_mem: int) ->
     config.blockDimX, config.blockDimY, config.blockDimZ = block
     config.sharedMemBytes = shared_mem
     config.numAttrs = 0
-    check(drv.cuCtxPushCurrent(kernel.context), "cuCtxPushCurrent")
-    try:
+    with current(kernel.context):
         err, count = drv.cuOccupancyMaxActiveClusters(kernel.function, config)
-    finally:
-        check(drv.cuCtxPopCurrent(), "cuCtxPopCurrent")
     return count if err == drv.CUresult.CUDA_SUCCESS else 0
 
 
