@@ -13,6 +13,16 @@ file by that name.)
 ``-lineinfo``, so ncu maps SASS to ``plugins/token_merge.cu``. ``summarize`` sums the per-SASS
 stall samples and executed instructions by source line and by phase (the kernel's helpers and
 its numbered steps, found in the source by name), and prints two tables.
+
+Stall samples say where warps wait, not how long a barrier-bound step takes from end to end.
+``timeline`` does: it compiles the kernel with ``-DTM_TRACE`` (thread 0 of each block of the
+first sample stamps ``%globaltimer`` and ``clock64`` at the source's ``TM_MARK`` points), launches
+many steps back to back, and prints, per phase, the median time from the launch's first block
+start to the phase's end in its last block, and the gap from one launch's end to the next one's
+start (at batch 1 the cost of a launch that no kernel time shows; only the first sample's blocks
+are traced, so at larger batches the gap also holds the other samples' tail)::
+
+    python benchmarks/profile_merge.py timeline --batch 1 --dtype float32 [--tuning T] [--graph]
 """
 
 from __future__ import annotations
@@ -20,9 +30,13 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import ctypes
+import json
 import re
+import struct
 import sys
 from pathlib import Path
+from typing import Optional
 
 KERNEL = Path(__file__).resolve().parents[1] / "plugins" / "token_merge.cu"
 # Phases by the first source line that opens them, in file order.
@@ -126,6 +140,175 @@ def run(batch: int, dtype_name: str, steps: int) -> None:
     torch.cuda.synchronize()
 
 
+# The kernel's TM_MARK points, in order: (mark, the phase that ends there).
+MARKS = [
+    (0, "block start"),
+    (1, "score parts summed (this block's tokens)"),
+    (2, "scores exchanged (cluster barrier)"),
+    (3, "decision keys and ranks"),
+    (4, "split into sources and destinations"),
+    (14, "matching: first channels staged"),
+    (15, "matching: every channel stage"),
+    (5, "matching: norms, keys, best per source"),
+    (6, "best matches exchanged (cluster barrier)"),
+    (7, "best over destination groups"),
+    (8, "lam keys, top r chosen"),
+    (9, "output order"),
+    (10, "merge weights"),
+    (11, "destination folds (thread 0)"),
+    (12, "row copies (thread 0)"),
+    (13, "state written, block end"),
+]
+
+
+def _read_global(kernel, name: str, nbytes: int) -> bytes:
+    from mame_deploy.ops import cuda_driver
+
+    drv = cuda_driver.driver()
+    with cuda_driver.current(kernel.context):
+        ptr, size = cuda_driver.check(drv.cuModuleGetGlobal(kernel.module, name.encode()), "cuModuleGetGlobal")
+        if size != nbytes:
+            raise SystemExit(f"error: {name} is {size} bytes, expected {nbytes}: TRACE_MARKS/TRACE_LAUNCHES changed?")
+        buf = bytearray(nbytes)
+        host = (ctypes.c_char * nbytes).from_buffer(buf)
+        cuda_driver.check(drv.cuMemcpyDtoH(ctypes.addressof(host), ptr, nbytes), "cuMemcpyDtoH")
+    return bytes(buf)
+
+
+TRACE_MARKS, TRACE_LAUNCHES = 16, 8  # token_merge.cu's, under -DTM_TRACE
+END_MARK = 13
+
+
+def read_ring(times, clocks, count: int, cluster: int) -> list[dict]:
+    """The traced launches in a ring read back (``times``/``clocks`` flattened
+    [TRACE_LAUNCHES][cluster][TRACE_MARKS]; ``count`` launches so far), oldest first, each as
+    {"start": first block's start, "at": {mark: ns from start to the mark in the last block that
+    reached it}, "cycles": {mark: block 0's clock64 from its start}, "end": last block's end}.
+    A mark no block reached in a launch (its path skips it) still holds an older launch's stamp
+    and is left out."""
+    def slot_of(i):
+        return (count - TRACE_LAUNCHES + i) % TRACE_LAUNCHES
+
+    def at(values, slot, blk, m):
+        return values[(slot * cluster + blk) * TRACE_MARKS + m]
+
+    out = []
+    for i in range(min(count, TRACE_LAUNCHES)):
+        slot = slot_of(i + max(TRACE_LAUNCHES - count, 0))
+        start = min(at(times, slot, blk, 0) for blk in range(cluster))
+        row = {"start": start, "at": {}, "cycles": {}}
+        for m, _ in MARKS:
+            stamped = [at(times, slot, blk, m) for blk in range(cluster) if at(times, slot, blk, m) >= start]
+            if stamped:
+                row["at"][m] = max(stamped) - start
+            if at(times, slot, 0, m) >= start:
+                row["cycles"][m] = at(clocks, slot, 0, m) - at(clocks, slot, 0, 0)
+        row["end"] = start + row["at"].get(END_MARK, 0)
+        out.append(row)
+    return out
+
+
+def summarize_launches(launches: list[dict]) -> dict:
+    """Medians over launches: per mark, ns from start and block 0's cycles (None: never
+    reached), and the gap from one launch's end to the next one's start."""
+    import statistics
+
+    def med(values):
+        return statistics.median(values) if values else None
+
+    gaps = [b["start"] - a["end"] for a, b in zip(launches, launches[1:])]
+    return {
+        "at": {m: med([r["at"][m] for r in launches if m in r["at"]]) for m, _ in MARKS},
+        "cycles": {m: med([r["cycles"][m] for r in launches if m in r["cycles"]]) for m, _ in MARKS},
+        "gap": med(gaps),
+    }
+
+
+def timeline(batch: int, dtype_name: str, tuning_text: Optional[str], rounds: int, graph: bool,
+             method: str, json_path: Optional[str] = None) -> dict:
+    """Trace ``rounds`` x 8 vim_s-shaped steps; print the table and return its numbers."""
+    import torch
+
+    from mame_deploy.ops.fixtures import merge_inputs
+    from mame_deploy.ops.token_merge import cuda as merge_cuda
+    from mame_deploy.ops.token_merge.contract import MergeAttributes
+    from mame_deploy.plugins import merge_launch
+
+    plain = merge_launch.compile_options
+    merge_launch.compile_options = lambda variant, tuning=merge_launch.DEFAULT_TUNING: plain(variant, tuning) + [
+        "-DTM_TRACE"]
+    try:
+        dtype = getattr(torch, dtype_name)
+        args = merge_inputs(batch, 197, 384, dtype, torch.float32, seed=1)
+        attrs = MergeAttributes(6, lam=1.0) if method == "mame" else MergeAttributes(6, prune=1)
+        variant = merge_launch.Variant.of(dtype_name, "float32", 197)
+        device = args["hidden"].device
+        tuning = (merge_launch.Tuning.parse(tuning_text) if tuning_text
+                  else merge_cuda.default_tuning(device, variant, batch))
+        # The traced build lives in the launcher's cache under the plain build's key: a process
+        # that traces must not also time plain steps.
+        kernel = merge_cuda._kernel(device, variant, tuning)
+    finally:
+        merge_launch.compile_options = plain
+    cluster = tuning.cluster
+
+    def eight():
+        for _ in range(TRACE_LAUNCHES):
+            merge_cuda.token_merge_cuda(**args, attrs=attrs, tuning=tuning)
+
+    for _ in range(3):
+        eight()
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            eight()
+        eight = g.replay
+    n = TRACE_LAUNCHES * cluster * TRACE_MARKS
+    launches = []
+    for _ in range(rounds):
+        eight()
+        torch.cuda.synchronize()
+        t = struct.unpack(f"{n}Q", _read_global(kernel, "tm_trace_time", 8 * n))
+        c = struct.unpack(f"{n}Q", _read_global(kernel, "tm_trace_clock", 8 * n))
+        (count,) = struct.unpack("I", _read_global(kernel, "tm_trace_count", 4))
+        launches.append(read_ring(t, c, count, cluster))
+    # Gaps only between launches of one round (rounds are separated by a host synchronisation).
+    per_round = [summarize_launches(r) for r in launches]
+    summary = summarize_launches([row for r in launches for row in r])
+    gaps = [g["gap"] for g in per_round if g["gap"] is not None]
+    summary["gap"] = sorted(gaps)[len(gaps) // 2] if gaps else None
+    where = "a CUDA graph" if graph else "eager back-to-back launches"
+    print(f"## token-merge step timeline: {torch.cuda.get_device_name(device)}, {dtype_name}, batch {batch}, "
+          f"{method}, r = 6 of 197, split {tuning} ({cluster} blocks), {where}, {rounds * TRACE_LAUNCHES} launches\n")
+    print("| mark | phase ends | us from start (all blocks) | phase us | block 0 cycles |\n|---|---|---|---|---|")
+    prev = 0.0
+    for m, name in MARKS:
+        ns = summary["at"][m]
+        if ns is None:
+            print(f"| {m} | {name} | not reached | | |")
+            continue
+        cycles = summary["cycles"][m]
+        print(f"| {m} | {name} | {ns / 1e3:.2f} | {ns / 1e3 - prev:.2f} | {'' if cycles is None else f'{cycles:.0f}'} |")
+        prev = ns / 1e3
+    end, gap = summary["at"][END_MARK], summary["gap"]
+    ghz = summary["cycles"][END_MARK] / end if end else float("nan")
+    gap_us = float("nan") if gap is None else gap / 1e3
+    # Only the first sample's blocks are traced: beyond one sample the gap also holds the others' tail.
+    what = "step as seen from the stream" if batch == 1 else "first sample's end to end, with the others' tail"
+    print(f"\ngap from the first sample's last block end to the next launch's first block start: "
+          f"median {gap_us:.2f} us; {what}: {end / 1e3 + gap_us:.2f} us; block 0 clock {ghz:.2f} GHz\n")
+    result = {"device": torch.cuda.get_device_name(device), "dtype": dtype_name, "batch": batch, "method": method,
+              "tuning": str(tuning), "graph": graph, "launches": rounds * TRACE_LAUNCHES,
+              "marks": [{"mark": m, "phase": name,
+                         "us_from_start": None if summary["at"][m] is None else summary["at"][m] / 1e3,
+                         "block0_cycles": summary["cycles"][m]} for m, name in MARKS],
+              "gap_us": gap_us}
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -133,6 +316,14 @@ def main(argv=None) -> int:
     r.add_argument("--batch", type=int, default=1)
     r.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     r.add_argument("--steps", type=int, default=4)
+    t = sub.add_parser("timeline", help="per-phase times of a step from the kernel's own clocks (-DTM_TRACE)")
+    t.add_argument("--batch", type=int, default=1)
+    t.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    t.add_argument("--method", default="mame", choices=["mame", "prune"])
+    t.add_argument("--tuning", help="a split (merge_launch.Tuning.parse syntax); default: the launcher's choice")
+    t.add_argument("--rounds", type=int, default=40, help="rounds of 8 launches")
+    t.add_argument("--graph", action="store_true", help="replay the 8 launches as a CUDA graph")
+    t.add_argument("--json", help="also write the table as JSON here")
     s = sub.add_parser("summarize", help="tables from ncu's source-page CSV")
     s.add_argument("csv")
     s.add_argument("--top", type=int, default=30)
@@ -141,6 +332,8 @@ def main(argv=None) -> int:
     opts = ap.parse_args(argv)
     if opts.what == "run":
         run(opts.batch, opts.dtype, opts.steps)
+    elif opts.what == "timeline":
+        timeline(opts.batch, opts.dtype, opts.tuning, opts.rounds, opts.graph, opts.method, opts.json)
     else:
         summarize(opts.csv, opts.top, opts.source)
     return 0

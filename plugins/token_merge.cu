@@ -78,6 +78,11 @@ constexpr int TILE_S = TY * MY;  // sources per matching pass
 constexpr int TILE_D = TX * MX;  // destinations per matching pass
 constexpr int KT = TM_KT;
 constexpr int U = KT / 4;  // 4-channel units per staged row
+// Unrolled channel units of the matching loop: a small register tile (the batch-1 splits) has
+// few independent FMAs per unit to cover its shared-memory loads, and unrolling lets the next
+// units' loads go out early (the batch-1 split's channel stages 9.98 -> 9.66 us, H200); a large
+// tile has enough FMAs per unit, and unrolling it would spill.
+constexpr int TILE_UNROLL = MY * MX <= 8 ? 4 : 1;
 // Row stride of the staged tiles: KT plus 4 floats, an odd number of 16-byte units, so that the
 // 16-byte reads of 8 consecutive rows fall in different banks.
 constexpr int ROW = KT + 4;
@@ -202,6 +207,31 @@ __device__ __forceinline__ void cluster_sync() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Phase timeline (benchmarks/profile_merge.py timeline), compiled in only with -DTM_TRACE: thread
+// 0 of each block of the first sample stamps %globaltimer and clock64 at each numbered mark, into
+// a ring of TRACE_LAUNCHES launches that the host reads with cuModuleGetGlobal.
+
+#ifdef TM_TRACE
+constexpr int TRACE_MARKS = 16, TRACE_LAUNCHES = 8;
+}  // namespace mame_merge
+// At global scope, so their names are not mangled.
+__device__ unsigned long long tm_trace_time[mame_merge::TRACE_LAUNCHES][TM_CLUSTER][mame_merge::TRACE_MARKS];
+__device__ unsigned long long tm_trace_clock[mame_merge::TRACE_LAUNCHES][TM_CLUSTER][mame_merge::TRACE_MARKS];
+__device__ unsigned tm_trace_count;  // launches so far; block 0 counts its launch at its end
+namespace mame_merge {
+__device__ __forceinline__ void trace_mark(unsigned launch, int mark) {
+    if (threadIdx.x != 0 || blockIdx.x >= CLUSTER) return;
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    tm_trace_time[launch % TRACE_LAUNCHES][blockIdx.x][mark] = t;
+    tm_trace_clock[launch % TRACE_LAUNCHES][blockIdx.x][mark] = clock64();
+}
+#define TM_MARK(k) trace_mark(sh.trace_launch, k)
+#else
+#define TM_MARK(k)
+#endif
+
+// ---------------------------------------------------------------------------------------------
 // Shared memory.
 
 struct Tiles {
@@ -262,6 +292,9 @@ struct Shared {
     int best_dst[S_CAP];     // ... and that destination (index into dst)
     int warp_total[WARPS];
     float lo, hi;
+#ifdef TM_TRACE
+    unsigned trace_launch;  // thread 0's only
+#endif
 };
 static_assert(sizeof(Shared) <= 48 * 1024, "shared memory exceeds 48 KB: use a smaller tile or TM_N_CAP");
 
@@ -339,11 +372,12 @@ __device__ __forceinline__ float key_of_ordered16(unsigned u) {
 }
 
 // The count of values[0, n) below v; values is 16-byte aligned and padded with 0xffffffff up to a
-// multiple of 4 entries (pad_order).
+// multiple of 4 entries (pad_order). Eight loads in flight: a rank is a chain of them, on the
+// critical path of every step.
 __device__ __forceinline__ int count_below(const unsigned* values, int n, unsigned v) {
     const uint4* v4 = reinterpret_cast<const uint4*>(values);
     int c = 0;
-#pragma unroll 2
+#pragma unroll 8
     for (int j = 0; j < (n + 3) / 4; ++j) {
         const uint4 w = v4[j];
         c += (w.x < v) + (w.y < v) + (w.z < v) + (w.w < v);
@@ -450,20 +484,21 @@ __device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, cons
             for (int k0 = 0; k0 < E; k0 += KT) {
                 store_chunk(sh, stream_metric, st);
                 __syncthreads();
+                if (k0 == 0 && ts == s_begin && td == d_begin) TM_MARK(14);
                 if (k0 + KT < E) load_chunk(sh, hidden, residual, stream_metric, sample_row, E, k0 + KT, st);  // in flight meanwhile
-                if (tid < TILE_S + TILE_D) {
-                    const float* row = tid < TILE_S ? sh.mt.tiles.a[tid] : sh.mt.tiles.b[tid - TILE_S];
-#pragma unroll
-                    for (int c = 0; c < U; ++c) {
-                        const float4 v = *reinterpret_cast<const float4*>(row + 4 * c);
+                // The norms' chains run inside the tile's loop, not before it: a warp that keeps a
+                // norm no longer walks its row alone while the block waits at the next barrier.
+                const float* own = tid < TILE_S ? sh.mt.tiles.a[tid] : sh.mt.tiles.b[max(tid - TILE_S, 0)];
+                const bool keeps_norm = tid < TILE_S + TILE_D;
+#pragma unroll TILE_UNROLL
+                for (int c = 0; c < U; ++c) {
+                    if (keeps_norm) {
+                        const float4 v = *reinterpret_cast<const float4*>(own + 4 * c);
                         sumsq = fmaf(v.x, v.x, sumsq);
                         sumsq = fmaf(v.y, v.y, sumsq);
                         sumsq = fmaf(v.z, v.z, sumsq);
                         sumsq = fmaf(v.w, v.w, sumsq);
                     }
-                }
-#pragma unroll 1
-                for (int c = 0; c < U; ++c) {
                     float4 av[MY];
 #pragma unroll
                     for (int i = 0; i < MY; ++i) av[i] = *reinterpret_cast<const float4*>(&sh.mt.tiles.a[ty + TY * i][4 * c]);
@@ -481,6 +516,7 @@ __device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, cons
                 }
                 __syncthreads();
             }
+            if (ts == s_begin && td == d_begin) TM_MARK(15);
             // F.normalize divides by max(||x||, 1e-12).
             if (tid < TILE_S) {
                 sh.mt.den_a[tid] = fmaxf(sqrtf(sumsq), 1e-12f);
@@ -652,6 +688,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     const int cls_pos = static_cast<int>(cls_in < 0 ? 0 : (cls_in > n ? n : cls_in));
     // Sequence position of patch k (scan order, class token skipped).
     auto seq_of = [&](int k) { return k + (k >= cls_pos); };
+#ifdef TM_TRACE
+    // Read before the first cluster barrier; block 0 adds this launch after the second.
+    if (tid == 0) sh.trace_launch = *static_cast<volatile unsigned*>(&tm_trace_count);
+#endif
+    TM_MARK(0);
     if constexpr (CLUSTER > 1) cluster_arrive_relaxed();  // waited on before the first remote store
 
     // 1. The informativeness, decision keys, and the stable ascending ranks the split and pruning use.
@@ -675,6 +716,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
             sh.sc.lane[c][l] = acc;
         }
         __syncthreads();
+        TM_MARK(1);
         const float scale = __int_as_float(score_scale_bits);
         for (int l = l_begin + tid; l < l_end; l += THREADS) sh.score_seq[l] = score_of_lanes(sh, l, scale);
         if constexpr (CLUSTER > 1) {
@@ -687,6 +729,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
             __syncthreads();
         }
     }
+    TM_MARK(2);
     // Decision keys, ranks and the split.
     // lo and hi (the keys' extremes, for lam) are the keys ranked first and last (NaN last).
     const bool RANKED = PRUNE || !ALTERNATE;
@@ -707,6 +750,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
         }
         __syncthreads();
     }
+    TM_MARK(3);
     const int half = n / 2;
     auto is_source = [&](int i) { return ALTERNATE ? (i % 2 == 0) : (sh.rank[i] < half); };
     int S = 0, D = 0;
@@ -715,6 +759,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
                          [&](int i, int p) { sh.dst[p] = static_cast<short>(i); });
         D = n - S;
     }
+    TM_MARK(4);
 
     // 2. Matching: the cluster's blocks split the sources into SRC_GROUPS and the destinations
     // into DST_GROUPS; each block matches one pair and hands its best matches to every block.
@@ -726,6 +771,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     if (matching)
         match_sources(sh, hidden, residual, STREAM_METRIC, row0, E, cls_pos, s_begin, s_end, d_begin, d_end,
                       sh.part_key[dg], sh.part_dst[dg]);
+    TM_MARK(5);
     if constexpr (CLUSTER > 1) {
         if (matching)
             for (int i = s_begin + tid; i < s_end; i += THREADS)
@@ -738,6 +784,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     } else {
         __syncthreads();
     }
+    TM_MARK(6);
     if (matching) {  // the best over the destination groups, in any order (keep_better is exact)
         for (int m = tid; m < S; m += THREADS) {
             float bk = -__int_as_float(0x7f800000);
@@ -749,6 +796,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
         }
         __syncthreads();
     }
+    TM_MARK(7);
 
     // 3. Which sources go (the top r by rank key), then the output layout.
     if (LAM_ON && matching && !RANKED) {  // no ranks (alternate split): the extremes by a reduction
@@ -796,6 +844,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
         }
     }
     __syncthreads();
+    TM_MARK(8);
     // Output positions among the survivors: scan order, or ToMe's [unmerged sources; destinations].
     auto group_of = [&](int i) { return sh.slot[i] < 0 ? 2 : (CONCAT && !is_source(i) ? 1 : 0); };
     int new_cls;
@@ -825,6 +874,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     for (int q = tid; q < Q; q += THREADS) sh.ly.first[q] = -1;
     if (tid == 0) sh.ly.out_seq[new_cls] = cls_pos;
     __syncthreads();
+    TM_MARK(9);
     if (matching) {
         for (int c = tid; c < r; c += THREADS) {
             const int m = sh.ly.chosen[c];
@@ -860,6 +910,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
         }
         __syncthreads();
     }
+    TM_MARK(10);
 
     // 4. Output rows, shared among the cluster's blocks; then the per-token state.
     const int per_q = (Q + CLUSTER - 1) / CLUSTER;
@@ -870,11 +921,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     const int q_own = q_begin + tid;
     const long long origin_own = q_own < q_end ? origin[row0 + sh.ly.out_seq[q_own]] : 0;
     if (matching) fold_rows(sh, hidden, hidden_out, residual, residual_out, row0, out0, q_begin, q_end, r, E);
+    TM_MARK(11);
     copy_rows(sh, hidden, hidden_out, residual, residual_out, row0, out0, q_begin, q_end, E);
+    TM_MARK(12);
     for (int q = q_own; q < q_end; q += THREADS) {
         const int seq = sh.ly.out_seq[q], group = sh.ly.first[q];
         size_out[out0 + q] = group < 0 ? sh.size_seq[seq] : sh.ly.m_new_size[group];
         origin_out[out0 + q] = q == q_own ? origin_own : origin[row0 + seq];
     }
     if (crank == 0 && tid == 0) cls_out[b] = new_cls;
+#ifdef TM_TRACE
+    __syncthreads();  // the block's end, not thread 0's
+    TM_MARK(13);
+    if (blockIdx.x == 0 && tid == 0) atomicAdd(&tm_trace_count, 1u);
+#endif
 }

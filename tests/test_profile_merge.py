@@ -1,6 +1,9 @@
 """benchmarks/profile_merge.py's summary of an Nsight Compute source page: per-line sums of the
 SASS rows under each CUDA line, and phases found in the kernel source by name."""
 
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,3 +54,74 @@ def test_a_page_without_metrics_is_a_one_line_error(tmp_path):
     page.write_text('"Line No","Source"\n"1","// x"\n')
     with pytest.raises(SystemExit, match="no stall-sampling column"):
         profile_merge.per_line(str(page))
+
+
+# The step timeline (-DTM_TRACE): the ring the kernel writes, read back on the host.
+
+def ring(cluster, stamps):
+    """Flattened [TRACE_LAUNCHES][cluster][TRACE_MARKS] arrays from {(slot, block, mark): (time, clock)}."""
+    n = profile_merge.TRACE_LAUNCHES * cluster * profile_merge.TRACE_MARKS
+    times, clocks = [0] * n, [0] * n
+    for (slot, blk, m), (t, c) in stamps.items():
+        i = (slot * cluster + blk) * profile_merge.TRACE_MARKS + m
+        times[i], clocks[i] = t, c
+    return times, clocks
+
+
+def test_read_ring_orders_launches_and_leaves_out_marks_a_launch_did_not_reach():
+    cluster, stamps = 2, {}
+    # 10 launches so far: the ring holds launches 2..9; launch k in slot k % 8 starts at 1000 k.
+    for k in range(2, 10):
+        for blk in range(cluster):
+            base = 1000 * k + 5 * blk  # block 1 starts 5 ns later
+            for m, _ in profile_merge.MARKS:
+                if m == 14 and k % 2:  # odd launches skip mark 14: it keeps a stamp from long ago
+                    stamps[(k % 8, blk, m)] = (7, 7)
+                    continue
+                stamps[(k % 8, blk, m)] = (base + 10 * m, 2 * (10 * m))
+    launches = profile_merge.read_ring(*ring(cluster, stamps), count=10, cluster=cluster)
+    assert [r["start"] for r in launches] == [1000 * k for k in range(2, 10)]
+    first = launches[0]
+    assert first["at"][3] == 5 + 30 and first["cycles"][3] == 60  # the last block's stamp; block 0's clock
+    assert 14 in first["at"] and 14 not in launches[1]["at"] and 14 not in launches[1]["cycles"]
+    assert first["end"] == 2000 + 5 + 10 * profile_merge.END_MARK
+    summary = profile_merge.summarize_launches(launches)
+    assert summary["gap"] == 1000 - 5 - 10 * profile_merge.END_MARK
+    assert summary["at"][14] == 5 + 140 and summary["at"][profile_merge.END_MARK] == 5 + 130
+
+
+def test_a_ring_not_yet_full_holds_the_launches_so_far():
+    stamps = {(k, 0, m): (100 * (k + 1) + m, m) for k in range(3) for m, _ in profile_merge.MARKS}
+    launches = profile_merge.read_ring(*ring(1, stamps), count=3, cluster=1)
+    assert [r["start"] for r in launches] == [100, 200, 300]
+
+
+def test_the_table_names_every_mark_of_the_kernel_once():
+    source = profile_merge.KERNEL.read_text()
+    in_source = [int(m) for m in re.findall(r"TM_MARK\((\d+)\)", source)]
+    assert sorted(in_source) == sorted(m for m, _ in profile_merge.MARKS)
+    assert len(set(in_source)) == len(in_source)
+    sizes = re.search(r"constexpr int TRACE_MARKS = (\d+), TRACE_LAUNCHES = (\d+);", source)
+    assert (int(sizes.group(1)), int(sizes.group(2))) == (profile_merge.TRACE_MARKS, profile_merge.TRACE_LAUNCHES)
+    assert max(in_source) < profile_merge.TRACE_MARKS
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_the_trace_is_compiled_in_only_on_request(tmp_path):
+    from mame_deploy.plugins import merge_launch
+
+    tuning = merge_launch.TINY_BATCH_TUNING
+    opts = merge_launch.compile_options(merge_launch.Variant("float32", "float32"), tuning)
+    ptx = {}
+    for traced in (False, True):
+        out = tmp_path / f"k{traced}.ptx"
+        cmd = ["nvcc", "-arch=sm_90", "-ptx", "-o", str(out), *opts, *(["-DTM_TRACE"] if traced else []),
+               str(merge_launch.KERNEL_SOURCE)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        ptx[traced] = out.read_text()
+    assert "tm_trace" not in ptx[False]
+    entries = profile_merge.TRACE_LAUNCHES * tuning.cluster * profile_merge.TRACE_MARKS
+    for name in ("tm_trace_time", "tm_trace_clock"):  # unmangled, 8-byte stamps, the size the host reads
+        assert re.search(rf"\.global \.align 8 \.b8 {name}\[{8 * entries}\]", ptx[True]), name
+    assert re.search(r"\.global \.align 4 \.u32 tm_trace_count", ptx[True])

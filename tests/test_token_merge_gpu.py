@@ -240,6 +240,27 @@ def test_small_batches_take_the_16_block_cluster_where_it_fits():
     assert same_bits(run_kernel(args, METHODS["mame"]), run_kernel(args, METHODS["mame"], merge_launch.SMALL_BATCH_TUNING))
 
 
+@pytest.mark.parametrize("method", ["mame", "prune"])
+def test_the_step_timeline_reads_the_kernels_own_clocks(tmp_path, method):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # In its own process: the traced build sits in the launcher's cache under the plain key.
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_merge.py"
+    out = tmp_path / "timeline.json"
+    run = subprocess.run([sys.executable, str(script), "timeline", "--batch", "1", "--rounds", "3", "--graph",
+                          "--method", method, "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    reached = [m["us_from_start"] for m in result["marks"] if m["us_from_start"] is not None]
+    skipped = {m["mark"] for m in result["marks"] if m["us_from_start"] is None}
+    assert skipped == (set() if method == "mame" else {14, 15})  # pruning stages no channels
+    assert reached == sorted(reached) and 0 < reached[-1] < 1000  # phases in program order, a step in us
+    assert result["gap_us"] >= 0
+
+
 def test_the_op_runs_the_kernel_on_cuda_and_graphs_capture_it():
     from mame_deploy.ops.token_merge.contract import ATTRIBUTES
     from mame_deploy.runners import capture_cuda_graph
