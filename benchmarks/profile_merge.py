@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import ctypes
 import json
@@ -121,22 +122,34 @@ def summarize(csv_path: str, top: int, source: Path = KERNEL) -> None:
         print(f"| {line} | {s / s_all:.1%} | {n / i_all:.1%} | `{text.get(line, '')[:80]}` |")
 
 
+@contextlib.contextmanager
+def extra_compile_option(option: str):
+    """Kernels compiled inside the block get ``option`` too (compile_ptx looks
+    ``merge_launch.compile_options`` up at call time). The launcher caches a kernel under its
+    variant and split alone, so a kernel first compiled here stays the one the process runs."""
+    from mame_deploy.plugins import merge_launch
+
+    plain = merge_launch.compile_options
+    merge_launch.compile_options = lambda variant, tuning=merge_launch.DEFAULT_TUNING: plain(variant, tuning) + [
+        option]
+    try:
+        yield
+    finally:
+        merge_launch.compile_options = plain
+
+
 def run(batch: int, dtype_name: str, steps: int) -> None:
     import torch
 
     from mame_deploy.ops.fixtures import merge_inputs
     from mame_deploy.ops.token_merge.contract import MergeAttributes
     from mame_deploy.ops.token_merge.cuda import token_merge_cuda
-    from mame_deploy.plugins import merge_launch
 
-    plain = merge_launch.compile_options
-    # Line information for ncu's source view; compile_ptx looks the function up at call time.
-    merge_launch.compile_options = lambda variant, tuning=merge_launch.DEFAULT_TUNING: plain(variant, tuning) + [
-        "-lineinfo"]
     dtype = getattr(torch, dtype_name)
     args = merge_inputs(batch, 197, 384, dtype, torch.float32, seed=1)
-    for _ in range(steps):
-        token_merge_cuda(**args, attrs=MergeAttributes(6, lam=1.0))
+    with extra_compile_option("-lineinfo"):  # line information for ncu's source view
+        for _ in range(steps):
+            token_merge_cuda(**args, attrs=MergeAttributes(6, lam=1.0))
     torch.cuda.synchronize()
 
 
@@ -186,15 +199,12 @@ def read_ring(times, clocks, count: int, cluster: int) -> list[dict]:
     reached it}, "cycles": {mark: block 0's clock64 from its start}, "end": last block's end}.
     A mark no block reached in a launch (its path skips it) still holds an older launch's stamp
     and is left out."""
-    def slot_of(i):
-        return (count - TRACE_LAUNCHES + i) % TRACE_LAUNCHES
-
     def at(values, slot, blk, m):
         return values[(slot * cluster + blk) * TRACE_MARKS + m]
 
     out = []
-    for i in range(min(count, TRACE_LAUNCHES)):
-        slot = slot_of(i + max(TRACE_LAUNCHES - count, 0))
+    for launch in range(max(count - TRACE_LAUNCHES, 0), count):
+        slot = launch % TRACE_LAUNCHES
         start = min(at(times, slot, blk, 0) for blk in range(cluster))
         row = {"start": start, "at": {}, "cycles": {}}
         for m, _ in MARKS:
@@ -208,15 +218,17 @@ def read_ring(times, clocks, count: int, cluster: int) -> list[dict]:
     return out
 
 
-def summarize_launches(launches: list[dict]) -> dict:
-    """Medians over launches: per mark, ns from start and block 0's cycles (None: never
-    reached), and the gap from one launch's end to the next one's start."""
+def summarize_launches(rounds: list[list[dict]]) -> dict:
+    """Medians over the launches of ``rounds`` (each as read_ring returns them): per mark, ns
+    from start and block 0's cycles (None: never reached), and the gap from one launch's end to
+    the next one's start, within a round (rounds are apart by a host synchronisation)."""
     import statistics
 
     def med(values):
         return statistics.median(values) if values else None
 
-    gaps = [b["start"] - a["end"] for a, b in zip(launches, launches[1:])]
+    gaps = [b["start"] - a["end"] for r in rounds for a, b in zip(r, r[1:])]
+    launches = [row for r in rounds for row in r]
     return {
         "at": {m: med([r["at"][m] for r in launches if m in r["at"]]) for m, _ in MARKS},
         "cycles": {m: med([r["cycles"][m] for r in launches if m in r["cycles"]]) for m, _ in MARKS},
@@ -234,22 +246,17 @@ def timeline(batch: int, dtype_name: str, tuning_text: Optional[str], rounds: in
     from mame_deploy.ops.token_merge.contract import MergeAttributes
     from mame_deploy.plugins import merge_launch
 
-    plain = merge_launch.compile_options
-    merge_launch.compile_options = lambda variant, tuning=merge_launch.DEFAULT_TUNING: plain(variant, tuning) + [
-        "-DTM_TRACE"]
-    try:
-        dtype = getattr(torch, dtype_name)
-        args = merge_inputs(batch, 197, 384, dtype, torch.float32, seed=1)
-        attrs = MergeAttributes(6, lam=1.0) if method == "mame" else MergeAttributes(6, prune=1)
-        variant = merge_launch.Variant.of(dtype_name, "float32", 197)
-        device = args["hidden"].device
+    dtype = getattr(torch, dtype_name)
+    args = merge_inputs(batch, 197, 384, dtype, torch.float32, seed=1)
+    attrs = MergeAttributes(6, lam=1.0) if method == "mame" else MergeAttributes(6, prune=1)
+    variant = merge_launch.Variant.of(dtype_name, "float32", 197)
+    device = args["hidden"].device
+    # The traced build stays in the launcher's cache: a process that traces must not also time
+    # plain steps.
+    with extra_compile_option("-DTM_TRACE"):
         tuning = (merge_launch.Tuning.parse(tuning_text) if tuning_text
                   else merge_cuda.default_tuning(device, variant, batch))
-        # The traced build lives in the launcher's cache under the plain build's key: a process
-        # that traces must not also time plain steps.
         kernel = merge_cuda._kernel(device, variant, tuning)
-    finally:
-        merge_launch.compile_options = plain
     cluster = tuning.cluster
 
     def eight():
@@ -273,11 +280,7 @@ def timeline(batch: int, dtype_name: str, tuning_text: Optional[str], rounds: in
         c = struct.unpack(f"{n}Q", _read_global(kernel, "tm_trace_clock", 8 * n))
         (count,) = struct.unpack("I", _read_global(kernel, "tm_trace_count", 4))
         launches.append(read_ring(t, c, count, cluster))
-    # Gaps only between launches of one round (rounds are separated by a host synchronisation).
-    per_round = [summarize_launches(r) for r in launches]
-    summary = summarize_launches([row for r in launches for row in r])
-    gaps = [g["gap"] for g in per_round if g["gap"] is not None]
-    summary["gap"] = sorted(gaps)[len(gaps) // 2] if gaps else None
+    summary = summarize_launches(launches)
     where = "a CUDA graph" if graph else "eager back-to-back launches"
     print(f"## token-merge step timeline: {torch.cuda.get_device_name(device)}, {dtype_name}, batch {batch}, "
           f"{method}, r = 6 of 197, split {tuning} ({cluster} blocks), {where}, {rounds * TRACE_LAUNCHES} launches\n")

@@ -28,6 +28,7 @@
 //   TM_KT                 channels staged in shared memory at a time for the matching
 //   TM_N_CAP              most patches (length - 1) the decision arrays hold
 //   TM_MIN_BLOCKS         blocks per SM the register allocation must allow (__launch_bounds__)
+//   TM_TRACE              optional: compile in the phase timeline (benchmarks/profile_merge.py)
 //
 // One launch does the whole step. Grid (CLUSTER * batch): the CLUSTER blocks of a sample form a
 // cluster (compile-time __cluster_dims__, so a plain cuLaunchKernel launches it, as TensorRT

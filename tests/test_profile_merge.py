@@ -85,7 +85,7 @@ def test_read_ring_orders_launches_and_leaves_out_marks_a_launch_did_not_reach()
     assert first["at"][3] == 5 + 30 and first["cycles"][3] == 60  # the last block's stamp; block 0's clock
     assert 14 in first["at"] and 14 not in launches[1]["at"] and 14 not in launches[1]["cycles"]
     assert first["end"] == 2000 + 5 + 10 * profile_merge.END_MARK
-    summary = profile_merge.summarize_launches(launches)
+    summary = profile_merge.summarize_launches([launches])
     assert summary["gap"] == 1000 - 5 - 10 * profile_merge.END_MARK
     assert summary["at"][14] == 5 + 140 and summary["at"][profile_merge.END_MARK] == 5 + 130
 
