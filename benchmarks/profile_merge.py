@@ -44,10 +44,10 @@ KERNEL = Path(__file__).resolve().parents[1] / "plugins" / "token_merge.cu"
 PHASE_STARTS = [
     ("element and cluster helpers", r"^namespace mame_merge"),
     ("prefix sums", r"^__device__ int block_prefix"),
-    ("score parts: loads and lane sums", r"^// acc \+= parts"),
+    ("score parts: loads and lane sums", r"^// One token's score parts"),
     ("ranks", r"^// Stable ranks through integers"),
     ("matching: staging", r"^template <int PER>"),
-    ("matching: tile, keys, best match", r"^__device__ __forceinline__ void keep_better"),
+    ("matching: tile, keys, best match", r"^// One 4-channel unit of a staged row's norm"),
     ("output copies", r"^struct FlatIndex"),
     ("destination folds", r"^__device__ __forceinline__ void fma4"),
     ("kernel: start, score parts, exchange", r"^extern \"C\" __global__"),

@@ -205,6 +205,7 @@ class MergeNode:
     length: Dim
     dim: Dim
     parts: Dim  # the score's second dimension (parts summed into the informativeness)
+    parts_b: Dim  # ... and score_b's
 
 
 def _merge_attributes(node: onnx.NodeProto, label: str) -> merge_contract.MergeAttributes:
@@ -241,22 +242,22 @@ def _check_merge_node(label: str, attrs, types: dict, shapes: dict) -> tuple:
         if shapes[name] is not None and len(shapes[name]) != rank:
             raise UserError(f"{label}: input {name} has rank {len(shapes[name])}, the plugin expects {rank}")
     batch, length, dim = shapes["hidden"] or (None, None, None)
-    parts = shapes["score"][1] if shapes["score"] is not None else None
-    for name, want in merge_contract.input_shapes(batch, length, dim, parts).items():
+    parts, parts_b = (shapes[name][1] if shapes[name] is not None else None for name in ("score", "score_b"))
+    for name, want in merge_contract.input_shapes(batch, length, dim, parts, parts_b).items():
         got = shapes[name]
         if got is not None and not all(_same(g, w) for g, w in zip(got, want)):
             raise UserError(f"{label}: input {name} has shape {list(got)}, expected {list(want)} "
                             f"({merge_contract.LAYOUT})")
-    for what, value in (("length", length), ("dim", dim), ("score's parts", parts)):
+    for what, value in (("length", length), ("dim", dim), ("score's parts", parts), ("score_b's parts", parts_b)):
         if isinstance(value, str):
             raise UserError(f"{label}: {what} is symbolic ({value!r}); only the batch axis may be dynamic")
-    if isinstance(length, int) and isinstance(dim, int) and isinstance(parts, int):
+    if all(isinstance(v, int) for v in (length, dim, parts, parts_b)):
         try:
             merge_contract.check_length(length, attrs.r)
-            merge_launch.check_shape(length, dim, attrs.r, parts)
+            merge_launch.check_shape(length, dim, attrs.r, parts, parts_b)
         except (ValueError, UserError) as exc:
             raise UserError(f"{label}: {exc}") from None
-    return batch, length, dim, parts
+    return batch, length, dim, parts, parts_b
 
 
 def merge_nodes(model: onnx.ModelProto) -> list[MergeNode]:

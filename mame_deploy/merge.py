@@ -21,7 +21,7 @@ and a sample's result never depends on its batch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -114,16 +114,27 @@ def attributes(r: int, method: str, opts: MergeOptions, score_scale: float = 1.0
                                         opts.metric, opts.lam, score_scale)
 
 
-def merge_step(hidden: Tensor, residual: Tensor, score: Tensor, state: TokenState, r: int,
+Score = Union[Tensor, tuple[Tensor, Tensor]]
+
+
+def score_inputs(score: Score) -> tuple[Tensor, Tensor]:
+    """The operator's two score inputs from a (B, L) score, its parts (B, K, L), or two sets of
+    parts (Vim's two scans'); a lone score gets a part of zeros, which adds nothing."""
+    if isinstance(score, tuple):
+        return score
+    parts = score[:, None] if score.dim() == 2 else score
+    return parts, torch.zeros_like(parts[:, :1])
+
+
+def merge_step(hidden: Tensor, residual: Tensor, score: Score, state: TokenState, r: int,
                method: str, opts: MergeOptions, score_scale: float = 1.0) -> tuple[Tensor, Tensor, TokenState]:
     """Remove ``r`` patch tokens from (B, L, E) ``hidden``/``residual`` given the block's
-    informativeness: ``score`` (B, L), or its parts (B, K, L) whose sum the operator takes
-    times ``score_scale`` (ops/token_merge/contract.py); returns the two streams (B, L - r, E)
-    and the new state. One ``mame::TokenMerge`` op (ops/token_merge: the reference on the CPU
-    and while training, the fused kernel on CUDA, one ONNX node in an export)."""
-    if score.dim() == 2:
-        score = score[:, None]  # one part
-    hidden, residual, size, origin, cls = token_merge(hidden, residual, score, *state,
+    informativeness: ``score`` (B, L), its parts (B, K, L), or two sets of parts (each
+    (B, K_i, L)), whose sum the operator takes times ``score_scale``
+    (ops/token_merge/contract.py); returns the two streams (B, L - r, E) and the new state. One
+    ``mame::TokenMerge`` op (ops/token_merge: the reference on the CPU and while training, the
+    fused kernel on CUDA, one ONNX node in an export)."""
+    hidden, residual, size, origin, cls = token_merge(hidden, residual, *score_inputs(score), *state,
                                                       attributes(r, method, opts, score_scale))
     return hidden, residual, TokenState(size, origin, cls)
 
@@ -148,13 +159,14 @@ class TokenMerge:
     def start(self, tokens: Tensor, cls_position: int) -> TokenState:
         return start_state(tokens, cls_position)
 
-    def __call__(self, layer: int, hidden: Tensor, residual: Tensor, score: Tensor,
+    def __call__(self, layer: int, hidden: Tensor, residual: Tensor, score: Score,
                  state: TokenState, score_scale: float = 1.0) -> tuple[Tensor, Tensor, TokenState]:
         """One step after block ``layer``; ``score`` and ``score_scale`` as ``merge_step`` takes them."""
         if self.perturb is not None and self.perturb[0] == layer:
             noise = self.perturb[1]
-            hidden, residual, score = (x * (1 + noise * torch.randn_like(x, dtype=torch.float32)).to(x.dtype)
-                                       for x in (hidden, residual, score))
+            hidden, residual, *scores = (x * (1 + noise * torch.randn_like(x, dtype=torch.float32)).to(x.dtype)
+                                         for x in (hidden, residual, *score_inputs(score)))
+            score = tuple(scores)
         hidden, residual, state = merge_step(hidden, residual, score, state, self.schedule[layer], self.method,
                                              self.options, score_scale)
         if self.trace is not None:

@@ -154,20 +154,20 @@ class BiMambaMixer(nn.Module):
         return 0.5 / self.d_inner
 
     def forward(self, h: Tensor, return_score: bool = False):
-        """h: (B, L, E) -> (B, L, E); with ``return_score`` also MaMe's informativeness as parts
-        (B, K, L): ``score_scale`` x their sum over K is the mean over channels of the two
-        branches' step sizes, each at its own token (``mame::TokenMerge`` adds them up)."""
+        """h: (B, L, E) -> (B, L, E); with ``return_score`` also MaMe's informativeness as two
+        sets of parts, each (B, K, L), the two scans' dt_sums: ``score_scale`` x the sum of all
+        2K parts is the mean over channels of the two branches' step sizes, each at its own
+        token (``mame::TokenMerge`` adds them up)."""
         xz = self.in_proj(h).transpose(1, 2)  # (B, 2*Di, L)
         x, z = xz.chunk(2, dim=1)
         y_f, dt_sums_f = self._branch(x, z, reverse=False, want_dt_sums=return_score)
         y_b, dt_sums_b = self._branch(x, z, reverse=True, want_dt_sums=return_score)
         if not return_score:
             return self.out_proj(((y_f + y_b) / 2).transpose(1, 2))
-        # The scans already summed dt over channel groups; the merge operator sums the groups
-        # (one launch instead of an add, a strided reduction and a scale here). A side stream for
-        # this concatenation, beside the output projection, made batch 1 slower (perf-notes).
-        score = torch.cat([dt_sums_f, dt_sums_b], dim=1)
-        return self.out_proj(((y_f + y_b) / 2).transpose(1, 2)), score
+        # The scans already summed dt over channel groups; the merge operator sums the groups of
+        # both (one launch instead of an add, a strided reduction and a scale here, and no copy
+        # to concatenate them).
+        return self.out_proj(((y_f + y_b) / 2).transpose(1, 2)), (dt_sums_f, dt_sums_b)
 
 
 class Block(nn.Module):

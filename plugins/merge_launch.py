@@ -17,8 +17,8 @@ The one launch contract of ``mame::TokenMerge``, shared unchanged by the PyTorch
 * :data:`KERNEL_ARGS` -- the kernel's parameters in TensorRT's AOT order: the six inputs, the
   int32 scalars, the five outputs; :data:`KERNEL_ARG_TYPES` gives each one's C type.
 
-Layouts (contiguous): hidden, residual (batch, length, dim); score (batch, parts, length) and size
-(batch, length) float32;
+Layouts (contiguous): hidden, residual (batch, length, dim); score (batch, parts, length), score_b
+(batch, parts_b, length) and size (batch, length) float32;
 origin (batch, length) int64; cls (batch,) int64; the outputs likewise with length - r tokens.
 """
 
@@ -35,11 +35,11 @@ from mame_deploy.plugins import nvrtc
 
 KERNEL_SOURCE = Path(__file__).with_name("token_merge.cu")
 ATTRIBUTE_ARGS = ("r", "prune", "split", "arrangement", "weighting", "metric", "lam_bits", "score_scale_bits")
-SCALAR_ARGS = ("batch", "length", "dim", "parts") + ATTRIBUTE_ARGS
+SCALAR_ARGS = ("batch", "length", "dim", "parts", "parts_b") + ATTRIBUTE_ARGS
 KERNEL_ARGS = INPUT_NAMES + SCALAR_ARGS + OUTPUT_NAMES
 KERNEL_ARG_TYPES = {
     "hidden": "const hidden_t*", "residual": "const residual_t*", "score": "const float*",
-    "size": "const float*", "origin": "const int64*", "cls": "const int64*",
+    "score_b": "const float*", "size": "const float*", "origin": "const int64*", "cls": "const int64*",
     **{name: "int32" for name in SCALAR_ARGS},
     "hidden_out": "hidden_t*", "residual_out": "residual_t*", "size_out": "float*",
     "origin_out": "int64*", "cls_out": "int64*",
@@ -92,8 +92,9 @@ class Tuning:
     """Work split: ``cluster`` blocks per sample share the matching and the output rows; the
     cluster splits the destinations into ``dst_groups`` groups and the sources into
     ``cluster // dst_groups``, a pair per block; each block's matching pass covers ``ty * my``
-    sources x ``(threads // ty) * mx`` destinations, ``kt`` channels staged at a time;
-    ``min_blocks`` per SM for the registers; ``threads`` per block."""
+    sources x ``(match_threads // ty) * mx`` destinations on its first ``match_threads`` threads
+    (0: all), ``kt`` channels staged at a time; ``min_blocks`` per SM for the registers;
+    ``threads`` per block."""
 
     cluster: int = 1
     ty: int = 16
@@ -103,16 +104,19 @@ class Tuning:
     min_blocks: int = 2
     dst_groups: int = 1
     threads: int = 256
+    match_threads: int = 0
 
     def __post_init__(self):
         problems = [
             self.cluster not in (1, 2, 4, 8, 16) and "cluster must be 1, 2, 4, 8 or 16",
             (self.threads % 32 or not 128 <= self.threads <= 1024) and "threads must be a multiple of 32 in 128..1024",
-            (self.ty < 1 or self.threads % self.ty or self.threads // self.ty > 32)
-            and "ty must divide threads, leaving at most 32 threads per source row",
+            (self.match_threads and (self.match_threads % 32 or not 0 < self.match_threads <= self.threads))
+            and "match_threads must be 0 (all) or a multiple of 32 up to threads",
+            (self.ty < 1 or self.matchers % self.ty or self.matchers // self.ty > 32)
+            and "ty must divide match_threads, leaving at most 32 threads per source row",
             (self.my < 1 or self.mx < 1) and "my and mx must be positive",
-            self.ty * self.my + (self.threads // max(self.ty, 1)) * self.mx > self.threads
-            and "ty * my + (threads / ty) * mx must be at most threads",
+            self.ty * self.my + (self.matchers // max(self.ty, 1)) * self.mx > self.threads
+            and "ty * my + (match_threads / ty) * mx must be at most threads",
             (self.kt % 4 or self.kt < 4 or (self.kt // 4 + 1) % 2 != 1) and "kt must be a multiple of 8",
             self.min_blocks < 1 and "min_blocks must be at least 1",
             (self.dst_groups < 1 or self.cluster % self.dst_groups) and "dst_groups must divide cluster",
@@ -122,25 +126,33 @@ class Tuning:
             raise UserError(f"bad token-merge tuning {self}: {'; '.join(problems)}")
 
     @property
+    def matchers(self) -> int:
+        """Threads that compute the matching tile."""
+        return self.match_threads or self.threads
+
+    @property
     def portable(self) -> bool:
         """Launchable by a plain cuLaunchKernel (TensorRT's AOT launch): at most 8 blocks a cluster."""
         return self.cluster <= MAX_PORTABLE_CLUSTER
 
     @classmethod
     def parse(cls, text: str) -> "Tuning":
-        """``CLUSTERxTYxMYxMXxKTxMIN_BLOCKS[xDST_GROUPS[xTHREADS]]``, e.g. ``1x16x7x7x8x2`` or
-        ``8x16x2x2x64x1x2x512`` (benchmark option syntax; DST_GROUPS defaults to 1, THREADS to 256)."""
+        """``CLUSTERxTYxMYxMXxKTxMIN_BLOCKS[xDST_GROUPS[xTHREADS[xMATCH_THREADS]]]``, e.g.
+        ``1x16x7x7x8x2`` or ``16x8x4x4x64x1x4x256x64`` (benchmark option syntax; DST_GROUPS
+        defaults to 1, THREADS to 256, MATCH_THREADS to all of them)."""
         try:
             values = [int(v) for v in text.lower().split("x")]
         except ValueError:
             values = []
-        if len(values) not in (6, 7, 8):
+        if len(values) not in (6, 7, 8, 9):
             raise UserError(f"bad token-merge tuning {text!r}; write "
-                            "CLUSTERxTYxMYxMXxKTxMIN_BLOCKS[xDST_GROUPS[xTHREADS]], e.g. 1x16x7x7x8x2")
+                            "CLUSTERxTYxMYxMXxKTxMIN_BLOCKS[xDST_GROUPS[xTHREADS[xMATCH_THREADS]]], e.g. 1x16x7x7x8x2")
         return cls(*values)
 
     def __str__(self) -> str:
         text = f"{self.cluster}x{self.ty}x{self.my}x{self.mx}x{self.kt}x{self.min_blocks}"
+        if self.match_threads:
+            return f"{text}x{self.dst_groups}x{self.threads}x{self.match_threads}"
         if self.threads != 256:
             return f"{text}x{self.dst_groups}x{self.threads}"
         return text if self.dst_groups == 1 else f"{text}x{self.dst_groups}"
@@ -153,9 +165,14 @@ class Tuning:
 # (docs/perf-notes.md: 16 blocks cut the batch-1 vim_s step from 30.7 to 26.1 us; an H200 GPC
 # holds one 16-block cluster, so above a few samples the 8-block split keeps more of them resident).
 DEFAULT_TUNING = Tuning()
-SMALL_BATCH_TUNING = Tuning(cluster=8, ty=8, my=4, mx=2, kt=64, min_blocks=1, dst_groups=2)  # 32 x 64 per block
+# The few-sample splits match on half the block, 4 x 4 and 4 x 2 tiles a thread: their stages
+# took 9.18 and 6.27 us at batch 1 against 11.90 and 8.93 for 4 x 2 and 4 x 1 on all 256
+# threads (H200, docs/perf-notes.md, "Fewer threads match").
+SMALL_BATCH_TUNING = Tuning(cluster=8, ty=8, my=4, mx=4, kt=64, min_blocks=1, dst_groups=2,
+                            match_threads=128)  # 32 x 64 per block
 MEDIUM_BATCH_TUNING = Tuning(cluster=2, ty=16, my=7, mx=4, kt=16, min_blocks=2, dst_groups=2)  # 112 x 64 per block
-TINY_BATCH_TUNING = Tuning(cluster=16, ty=8, my=4, mx=1, kt=64, min_blocks=1, dst_groups=4)  # 32 x 32 per block
+TINY_BATCH_TUNING = Tuning(cluster=16, ty=8, my=4, mx=2, kt=64, min_blocks=1, dst_groups=4,
+                           match_threads=128)  # 32 x 32 per block
 TUNINGS = (DEFAULT_TUNING, MEDIUM_BATCH_TUNING, SMALL_BATCH_TUNING, TINY_BATCH_TUNING)
 PORTABLE_TUNINGS = tuple(t for t in TUNINGS if t.portable)
 TINY_BATCH = 4  # batch sizes up to which TINY_BATCH_TUNING is used where non-portable clusters may be
@@ -189,12 +206,13 @@ def n_cap(length: int) -> int:
                     "the PyTorch reference (token_merge_ref) runs longer sequences")
 
 
-def check_shape(length: int, dim: int, r: int, parts: int = 1) -> None:
-    """What the kernel needs of a node beyond the contract (``parts``: the score's second
-    dimension): UserError otherwise."""
+def check_shape(length: int, dim: int, r: int, parts: int = 1, parts_b: int = 1) -> None:
+    """What the kernel needs of a node beyond the contract (``parts``, ``parts_b``: the two
+    scores' second dimension): UserError otherwise."""
     n_cap(length)
-    if not isinstance(parts, int) or parts < 1:
-        raise UserError(f"the token-merge kernel needs a static, positive number of score parts, got {parts}")
+    for what, count in (("score", parts), ("score_b", parts_b)):
+        if not isinstance(count, int) or count < 1:
+            raise UserError(f"the token-merge kernel needs a static, positive number of {what} parts, got {count}")
     if not isinstance(dim, int) or dim % 4 or not 0 < dim <= MAX_DIM:
         raise UserError(f"the token-merge kernel needs a static channel count that is a multiple of 4, at most "
                         f"{MAX_DIM}, got {dim}; the PyTorch reference (token_merge_ref) runs wider streams")
@@ -242,6 +260,7 @@ def compile_options(variant: Variant, tuning: Tuning = DEFAULT_TUNING) -> list[s
         "TM_MIN_BLOCKS": tuning.min_blocks,
         "TM_DST_GROUPS": tuning.dst_groups,
         "TM_THREADS": tuning.threads,
+        "TM_MATCH_THREADS": tuning.matchers,
     }
     return [f"-D{key}={value}" for key, value in defines.items()]
 

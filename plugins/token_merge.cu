@@ -24,7 +24,9 @@
 //   TM_DST_GROUPS         groups the cluster splits the destinations into (divides TM_CLUSTER);
 //                         the sources are split into TM_CLUSTER / TM_DST_GROUPS groups
 //   TM_THREADS            threads per block (a multiple of 32, 128 to 1024)
-//   TM_TY, TM_MY, TM_MX   matching tile: TY x (THREADS / TY) threads, MY sources x MX destinations each
+//   TM_MATCH_THREADS      threads of the block that compute the matching tile (a multiple of 32, at
+//                         most TM_THREADS); the others keep the norms and wait
+//   TM_TY, TM_MY, TM_MX   matching tile: TY x (MATCH_THREADS / TY) threads, MY sources x MX destinations each
 //   TM_KT                 channels staged in shared memory at a time for the matching
 //   TM_N_CAP              most patches (length - 1) the decision arrays hold
 //   TM_MIN_BLOCKS         blocks per SM the register allocation must allow (__launch_bounds__)
@@ -60,7 +62,7 @@
 #if !defined(TM_KERNEL_NAME) || !defined(TM_HIDDEN_DTYPE) || !defined(TM_RESIDUAL_DTYPE) ||     \
     !defined(TM_CLUSTER) || !defined(TM_TY) || !defined(TM_MY) || !defined(TM_MX) ||          \
     !defined(TM_KT) || !defined(TM_N_CAP) || !defined(TM_MIN_BLOCKS) || !defined(TM_DST_GROUPS) ||          \
-    !defined(TM_THREADS)
+    !defined(TM_THREADS) || !defined(TM_MATCH_THREADS)
 #error "compile with the -D options of mame_deploy.plugins.merge_launch.compile_options()"
 #endif
 
@@ -72,18 +74,23 @@ constexpr int CLUSTER = TM_CLUSTER;
 constexpr int DST_GROUPS = TM_DST_GROUPS;
 constexpr int SRC_GROUPS = CLUSTER / DST_GROUPS;
 constexpr int TY = TM_TY;
-constexpr int TX = THREADS / TY;
+// The tile's products are bound by shared-memory bandwidth, not FMAs: every 16-byte read of a
+// warp costs 4 cycles of the SM's shared memory, broadcast or not, so a stage costs 4 cycles x
+// the warps' tile reads (MY + MX per warp per 4 channels). Few threads with large tiles read the
+// least: on the batch-1 split, 64 threads of 4 x 4 read 8 where 256 threads of 4 x 1 read 40.
+constexpr int MATCH_THREADS = TM_MATCH_THREADS;
+constexpr int TX = MATCH_THREADS / TY;
 constexpr int MY = TM_MY;
 constexpr int MX = TM_MX;
 constexpr int TILE_S = TY * MY;  // sources per matching pass
 constexpr int TILE_D = TX * MX;  // destinations per matching pass
 constexpr int KT = TM_KT;
 constexpr int U = KT / 4;  // 4-channel units per staged row
-// Unrolled channel units of the matching loop: a small register tile (the batch-1 splits) has
+// Unrolled channel units of the matching loop: a small register tile (the few-sample splits) has
 // few independent FMAs per unit to cover its shared-memory loads, and unrolling lets the next
-// units' loads go out early (the batch-1 split's channel stages 9.98 -> 9.66 us, H200); a large
-// tile has enough FMAs per unit, and unrolling it would spill.
-constexpr int TILE_UNROLL = MY * MX <= 8 ? 4 : 1;
+// units' loads go out early (H200, batch 1: 9.98 -> 9.66 us for 4 x 1 tiles, 10.50 -> 9.18 us
+// for the 8-block split's 4 x 4); a large tile has enough FMAs per unit, and unrolling it would spill.
+constexpr int TILE_UNROLL = MY * MX <= 16 ? 4 : 1;
 // Row stride of the staged tiles: KT plus 4 floats, an odd number of 16-byte units, so that the
 // 16-byte reads of 8 consecutive rows fall in different banks.
 constexpr int ROW = KT + 4;
@@ -92,8 +99,12 @@ constexpr int S_CAP = (N_CAP + 1) / 2;  // most sources (and destinations)
 constexpr int SCORE_LANES = 8;           // contract.SCORE_LANES: the score's parts add up in 8 lanes
 
 static_assert(THREADS % 32 == 0 && THREADS >= 128 && THREADS <= 1024, "TM_THREADS must be a multiple of 32 in 128..1024");
-static_assert(THREADS % TY == 0 && TX <= 32, "TM_TY must divide TM_THREADS, at most 32 threads per source row (one warp)");
+static_assert(MATCH_THREADS % 32 == 0 && MATCH_THREADS <= THREADS, "TM_MATCH_THREADS must be a multiple of 32, at most TM_THREADS");
+static_assert(MATCH_THREADS % TY == 0 && TX <= 32, "TM_TY must divide TM_MATCH_THREADS, at most 32 threads per source row (one warp)");
 static_assert(TILE_S + TILE_D <= THREADS, "one thread per staged row keeps its norm: TILE_S + TILE_D <= TM_THREADS");
+// The threads that keep the norms: those that do not match where there are enough of them (so
+// the norms' reads overlap the tile's on other schedulers), else the first ones.
+constexpr int NORM_BASE = THREADS - MATCH_THREADS >= TILE_S + TILE_D ? MATCH_THREADS : 0;
 static_assert(KT % 4 == 0 && KT >= 4, "TM_KT must be a multiple of 4");
 static_assert(ROW / 4 % 2 == 1, "row stride must be an odd number of 16-byte units");
 static_assert(N_CAP % 32 == 0 && N_CAP <= 1024, "TM_N_CAP must be a multiple of 32, at most 1024");
@@ -330,12 +341,23 @@ __device__ int block_prefix(Shared& sh, int n, Flag flag, Out out, Other other =
     return base;
 }
 
+// One token's score parts: those of score, then those of score_b (the contract's concatenation),
+// read where they lie: concatenating them first would be a copy per merge block.
+struct TokenParts {
+    const float* __restrict__ a;  // score's part 0 of the token
+    const float* __restrict__ b;  // score_b's part 0 of the token
+    int parts_a, L;
+    __device__ __forceinline__ float operator[](int k) const {
+        return k < parts_a ? a[static_cast<long long>(k) * L] : b[static_cast<long long>(k - parts_a) * L];
+    }
+};
+
 // acc += parts k, k + SCORE_LANES, ... (N of them, in that order), all N loads in flight first.
 template <int N>
-__device__ __forceinline__ void add_parts(float& acc, const float* __restrict__ at, int& k, int L) {
+__device__ __forceinline__ void add_parts(float& acc, const TokenParts& at, int& k) {
     float v[N];
 #pragma unroll
-    for (int u = 0; u < N; ++u) v[u] = at[static_cast<long long>(k + u * SCORE_LANES) * L];
+    for (int u = 0; u < N; ++u) v[u] = at[k + u * SCORE_LANES];
 #pragma unroll
     for (int u = 0; u < N; ++u) acc = __fadd_rn(acc, v[u]);
     k += N * SCORE_LANES;
@@ -439,6 +461,33 @@ __device__ __forceinline__ void store_chunk(Shared& sh, bool stream_metric,
     }
 }
 
+// One 4-channel unit of a staged row's norm: sumsq += its squares, in channel order.
+__device__ __forceinline__ void norm_unit(float& sumsq, const float* own, int c) {
+    const float4 v = *reinterpret_cast<const float4*>(own + 4 * c);
+    sumsq = fmaf(v.x, v.x, sumsq);
+    sumsq = fmaf(v.y, v.y, sumsq);
+    sumsq = fmaf(v.z, v.z, sumsq);
+    sumsq = fmaf(v.w, v.w, sumsq);
+}
+
+// One 4-channel unit of this thread's MY x MX dot products, each one FMA chain in channel order.
+__device__ __forceinline__ void tile_unit(float (&acc)[MY][MX], const Shared& sh, int ty, int tx, int c) {
+    float4 av[MY];
+#pragma unroll
+    for (int i = 0; i < MY; ++i) av[i] = *reinterpret_cast<const float4*>(&sh.mt.tiles.a[ty + TY * i][4 * c]);
+#pragma unroll
+    for (int j = 0; j < MX; ++j) {
+        const float4 bv = *reinterpret_cast<const float4*>(&sh.mt.tiles.b[tx + TX * j][4 * c]);
+#pragma unroll
+        for (int i = 0; i < MY; ++i) {
+            acc[i][j] = fmaf(av[i].x, bv.x, acc[i][j]);
+            acc[i][j] = fmaf(av[i].y, bv.y, acc[i][j]);
+            acc[i][j] = fmaf(av[i].z, bv.z, acc[i][j]);
+            acc[i][j] = fmaf(av[i].w, bv.w, acc[i][j]);
+        }
+    }
+}
+
 // The better of two candidate matches: the higher key, on equal keys the first destination (the
 // reference's first maximum). Exact, and the same whatever order candidates are combined in.
 __device__ __forceinline__ void keep_better(float& bk, int& bd, float k, int d) {
@@ -489,46 +538,41 @@ __device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, cons
                 if (k0 + KT < E) load_chunk(sh, hidden, residual, stream_metric, sample_row, E, k0 + KT, st);  // in flight meanwhile
                 // The norms' chains run inside the tile's loop, not before it: a warp that keeps a
                 // norm no longer walks its row alone while the block waits at the next barrier.
-                const float* own = tid < TILE_S ? sh.mt.tiles.a[tid] : sh.mt.tiles.b[max(tid - TILE_S, 0)];
-                const bool keeps_norm = tid < TILE_S + TILE_D;
-#pragma unroll TILE_UNROLL
-                for (int c = 0; c < U; ++c) {
+                const int nt = tid - NORM_BASE;  // the staged row whose norm this thread keeps
+                const bool keeps_norm = nt >= 0 && nt < TILE_S + TILE_D, matches = tid < MATCH_THREADS;
+                const float* own = nt < TILE_S ? sh.mt.tiles.a[max(nt, 0)] : sh.mt.tiles.b[min(nt - TILE_S, TILE_D - 1)];
+                if constexpr (NORM_BASE > 0) {  // the norms and the tile on different warps
                     if (keeps_norm) {
-                        const float4 v = *reinterpret_cast<const float4*>(own + 4 * c);
-                        sumsq = fmaf(v.x, v.x, sumsq);
-                        sumsq = fmaf(v.y, v.y, sumsq);
-                        sumsq = fmaf(v.z, v.z, sumsq);
-                        sumsq = fmaf(v.w, v.w, sumsq);
+#pragma unroll TILE_UNROLL
+                        for (int c = 0; c < U; ++c) norm_unit(sumsq, own, c);
+                    } else if (matches) {
+#pragma unroll TILE_UNROLL
+                        for (int c = 0; c < U; ++c) tile_unit(acc, sh, ty, tx, c);
                     }
-                    float4 av[MY];
-#pragma unroll
-                    for (int i = 0; i < MY; ++i) av[i] = *reinterpret_cast<const float4*>(&sh.mt.tiles.a[ty + TY * i][4 * c]);
-#pragma unroll
-                    for (int j = 0; j < MX; ++j) {
-                        const float4 bv = *reinterpret_cast<const float4*>(&sh.mt.tiles.b[tx + TX * j][4 * c]);
-#pragma unroll
-                        for (int i = 0; i < MY; ++i) {
-                            acc[i][j] = fmaf(av[i].x, bv.x, acc[i][j]);
-                            acc[i][j] = fmaf(av[i].y, bv.y, acc[i][j]);
-                            acc[i][j] = fmaf(av[i].z, bv.z, acc[i][j]);
-                            acc[i][j] = fmaf(av[i].w, bv.w, acc[i][j]);
-                        }
+                } else {
+#pragma unroll TILE_UNROLL
+                    for (int c = 0; c < U; ++c) {
+                        if (keeps_norm) norm_unit(sumsq, own, c);
+                        if (matches) tile_unit(acc, sh, ty, tx, c);
                     }
                 }
                 __syncthreads();
             }
             if (ts == s_begin && td == d_begin) TM_MARK(15);
             // F.normalize divides by max(||x||, 1e-12).
-            if (tid < TILE_S) {
-                sh.mt.den_a[tid] = fmaxf(sqrtf(sumsq), 1e-12f);
-            } else if (tid < TILE_S + TILE_D) {
-                sh.mt.den_b[tid - TILE_S] = fmaxf(sqrtf(sumsq), 1e-12f);
+            const int nt = tid - NORM_BASE;
+            if (nt >= 0 && nt < TILE_S) {
+                sh.mt.den_a[nt] = fmaxf(sqrtf(sumsq), 1e-12f);
+            } else if (nt >= TILE_S && nt < TILE_S + TILE_D) {
+                sh.mt.den_b[nt - TILE_S] = fmaxf(sqrtf(sumsq), 1e-12f);
             }
             __syncthreads();
             // Each thread's first maximum over its destinations (ascending), then over the TX
-            // threads of the source's row: consecutive lanes of one warp (TX <= 32).
+            // threads of the source's row: consecutive lanes of one warp (TX <= 32). Only the
+            // matching threads hold products (whole warps: MATCH_THREADS is a multiple of 32).
 #pragma unroll
             for (int i = 0; i < MY; ++i) {
+                if (tid >= MATCH_THREADS) break;
                 const int m = ty + TY * i;
                 float bk = -__int_as_float(0x7f800000);
                 int bd = 0x7fffffff;
@@ -667,13 +711,14 @@ using namespace mame_merge;
 #endif
 
 // Arguments (TensorRT's AOT order: the inputs, int32 scalars, the outputs). Layouts, contiguous:
-// hidden, residual (batch, length, dim); score (batch, parts, length); size, origin (batch, length);
+// hidden, residual (batch, length, dim); score (batch, parts, length), score_b (batch, parts_b,
+// length); size, origin (batch, length);
 // cls (batch,);
 // outputs the same with length - r tokens. dim must be a multiple of 4.
 extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_ATTR TM_KERNEL_NAME(
     const hid_t* __restrict__ hidden, const res_t* __restrict__ residual, const float* __restrict__ score,
-    const float* __restrict__ size, const long long* __restrict__ origin, const long long* __restrict__ cls,
-    int batch, int length, int dim, int parts, int r, int prune_flag, int split, int arrangement, int weighting,
+    const float* __restrict__ score_b, const float* __restrict__ size, const long long* __restrict__ origin,
+    const long long* __restrict__ cls, int batch, int length, int dim, int parts, int parts_b, int r, int prune_flag, int split, int arrangement, int weighting,
     int metric, int lam_bits, int score_scale_bits, hid_t* __restrict__ hidden_out, res_t* __restrict__ residual_out,
     float* __restrict__ size_out, long long* __restrict__ origin_out, long long* __restrict__ cls_out) {
     __shared__ __align__(16) Shared sh;
@@ -704,16 +749,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
         const int per_l = (L + CLUSTER - 1) / CLUSTER;
         const int l_begin = min(L, static_cast<int>(crank) * per_l), l_end = min(L, l_begin + per_l);
         const int chunks = (l_end - l_begin + 31) / 32;
-        const float* __restrict__ sample_parts = score + static_cast<long long>(b) * parts * L;
+        const float* __restrict__ sample_a = score + static_cast<long long>(b) * parts * L;
+        const float* __restrict__ sample_b = score_b + static_cast<long long>(b) * parts_b * L;
+        const int all_parts = parts + parts_b;
         for (int item = warp; item < chunks * SCORE_LANES; item += WARPS) {
             const int c = item % SCORE_LANES, l = l_begin + item / SCORE_LANES * 32 + lane;
             if (l >= l_end) continue;
-            const float* __restrict__ at = sample_parts + l;
+            const TokenParts at{sample_a + l, sample_b + l, parts, L};
             float acc = 0.f;
             int k = c;
-            while (k + 23 * SCORE_LANES < parts) add_parts<24>(acc, at, k, L);  // vim_s: one round trip
-            if (k + 7 * SCORE_LANES < parts) add_parts<8>(acc, at, k, L);
-            for (; k < parts; k += SCORE_LANES) acc = __fadd_rn(acc, at[static_cast<long long>(k) * L]);
+            while (k + 23 * SCORE_LANES < all_parts) add_parts<24>(acc, at, k);  // vim_s: one round trip
+            if (k + 7 * SCORE_LANES < all_parts) add_parts<8>(acc, at, k);
+            for (; k < all_parts; k += SCORE_LANES) acc = __fadd_rn(acc, at[k]);
             sh.sc.lane[c][l] = acc;
         }
         __syncthreads();

@@ -2,9 +2,9 @@
 
 As for the scan (``trt_plugin.py``): ``aot_impl`` hands the builder the PTX NVRTC compiles from
 the one kernel source (``token_merge.cu``) and the launch parameters of ``merge_launch``, so the
-engine runs without Python. Arguments follow TensorRT's AOT order: the six inputs as the plugin
-declares them (the ONNX node's order), the int32 ``extra_args`` (batch, length, dim, the score's
-parts and the node's attributes, the floats as their float32 bits), the five outputs
+engine runs without Python. Arguments follow TensorRT's AOT order: the seven inputs as the plugin
+declares them (the ONNX node's order), the int32 ``extra_args`` (batch, length, dim, the two
+scores' parts and the node's attributes, the floats as their float32 bits), the five outputs
 (``merge_launch.KERNEL_ARGS``).
 
 Tactics: every work split of ``merge_launch.PORTABLE_TUNINGS`` is offered as a tactic (1, 2,
@@ -34,7 +34,7 @@ from mame_deploy.plugins.trt_aot import AotKernel, Registration, aot_result, con
 
 IntAttr = npt.NDArray[np.int32]  # TensorRT hands attributes over as 1-D arrays (see trt_plugin.py)
 FloatAttr = npt.NDArray[np.float32]
-FIXED_TRT_TYPES = {"score": "FP32", "size": "FP32", "origin": "INT64", "cls": "INT64",
+FIXED_TRT_TYPES = {"score": "FP32", "score_b": "FP32", "size": "FP32", "origin": "INT64", "cls": "INT64",
                    "size_out": "FP32", "origin_out": "INT64", "cls_out": "INT64"}
 
 
@@ -52,7 +52,7 @@ def tuning_of(tactic: int, batch):
     return launch.PORTABLE_TUNINGS[tactic - 1]
 
 
-def kernel_scalars(batch, length, dim, parts, attrs: MergeAttributes) -> Tuple[Any, ...]:
+def kernel_scalars(batch, length, dim, parts, parts_b, attrs: MergeAttributes) -> Tuple[Any, ...]:
     """The int32 arguments between the inputs and the outputs, in kernel order; checks that
     ``merge_launch.KERNEL_ARGS`` follows TensorRT's AOT convention."""
     args = tuple(launch.KERNEL_ARGS)
@@ -60,31 +60,32 @@ def kernel_scalars(batch, length, dim, parts, attrs: MergeAttributes) -> Tuple[A
     if args[:n_in] != INPUT_NAMES or args[-n_out:] != OUTPUT_NAMES:
         raise RuntimeError(f"merge_launch.KERNEL_ARGS {args} does not follow TensorRT's AOT order "
                            f"{INPUT_NAMES} + scalars + {OUTPUT_NAMES}")
-    values = {"batch": batch, "length": length, "dim": dim, "parts": parts, **launch.attribute_scalars(attrs)}
+    values = {"batch": batch, "length": length, "dim": dim, "parts": parts, "parts_b": parts_b,
+              **launch.attribute_scalars(attrs)}
     unknown = [name for name in args[n_in:-n_out] if name not in values]
     if unknown:
         raise RuntimeError(f"merge_launch.KERNEL_ARGS has scalars the plugin cannot supply: {unknown}")
     return tuple(values[name] for name in args[n_in:-n_out])
 
 
-def aot_kernel(hidden_dtype: str, residual_dtype: str, batch, length: int, dim: int, parts: int,
+def aot_kernel(hidden_dtype: str, residual_dtype: str, batch, length: int, dim: int, parts: int, parts_b: int,
                attrs: MergeAttributes, tactic: int = 0, arch: Optional[str] = None) -> AotKernel:
     """PTX, kernel name, launch configuration and scalars for one TokenMerge node.
 
     ``batch`` may be an int or a TensorRT shape expression (only ``*`` with an int is applied
-    to it); ``length``, ``dim`` and ``parts`` (the score's second dimension) must be ints (the
+    to it); ``length``, ``dim``, ``parts`` and ``parts_b`` (the scores' second dimension) must be ints (the
     decision arrays' capacity is compiled in, and the contract's shapes are static but for the
     batch). ``tactic`` picks the work split.
     """
     if hidden_dtype not in KERNEL_DTYPES:
         raise UserError(f"the token-merge kernel has no {hidden_dtype} variant; use one of {KERNEL_DTYPES}")
-    launch.check_shape(length, dim, attrs.r, parts)
+    launch.check_shape(length, dim, attrs.r, parts, parts_b)
     tuning = tuning_of(tactic, batch)
     variant = launch.Variant.of(hidden_dtype, residual_dtype, length)
     ptx, name = launch.compile_ptx(variant, tuning, arch)
     params = launch.launch_params(batch, tuning)
     return AotKernel(name=name, ptx=ptx, grid=tuple(params.grid), block=tuple(params.block),
-                     shared_mem=params.shared_mem, scalars=kernel_scalars(batch, length, dim, parts, attrs))
+                     shared_mem=params.shared_mem, scalars=kernel_scalars(batch, length, dim, parts, parts_b, attrs))
 
 
 def attributes_of(r, prune, split, arrangement, weighting, metric, lam, score_scale) -> MergeAttributes:
@@ -125,13 +126,14 @@ def _bind_aot() -> None:
     Desc = trtp.TensorDesc
 
     @trtp.register(PLUGIN_ID)
-    def _describe(hidden: Desc, residual: Desc, score: Desc, size: Desc, origin: Desc, cls: Desc,
+    def _describe(hidden: Desc, residual: Desc, score: Desc, score_b: Desc, size: Desc, origin: Desc, cls: Desc,
                   r: IntAttr, prune: IntAttr, split: IntAttr, arrangement: IntAttr, weighting: IntAttr,
                   metric: IntAttr, lam: FloatAttr, score_scale: FloatAttr) -> Tuple[Desc, Desc, Desc, Desc, Desc]:
         attrs = attributes_of(r, prune, split, arrangement, weighting, metric, lam, score_scale)
         if hidden.dtype not in names or residual.dtype not in (trt.float32, hidden.dtype):
             raise ValueError(f"TokenMerge has no kernel for hidden {hidden.dtype} with residual {residual.dtype}")
-        for name, desc, want in (("score", score, trt.float32), ("size", size, trt.float32),
+        for name, desc, want in (("score", score, trt.float32), ("score_b", score_b, trt.float32),
+                                 ("size", size, trt.float32),
                                  ("origin", origin, trt.int64), ("cls", cls, trt.int64)):
             if desc.dtype != want:
                 raise ValueError(f"TokenMerge input {name} is {desc.dtype}, expected {want}")
@@ -144,13 +146,13 @@ def _bind_aot() -> None:
                 trtp.from_shape_expr((B,), dtype=trt.int64))
 
     @trtp.autotune(PLUGIN_ID)
-    def _formats(hidden: Desc, residual: Desc, score: Desc, size: Desc, origin: Desc, cls: Desc,
+    def _formats(hidden: Desc, residual: Desc, score: Desc, score_b: Desc, size: Desc, origin: Desc, cls: Desc,
                  outputs: Tuple[Desc]) -> List[trtp.AutoTuneCombination]:
         # Linear layouts only; each work split is a tactic TensorRT times.
         return [trtp.AutoTuneCombination(types, "LINEAR", list(tactics())) for types in io_type_combinations()]
 
     @trtp.aot_impl(PLUGIN_ID)
-    def _aot(hidden: Desc, residual: Desc, score: Desc, size: Desc, origin: Desc, cls: Desc,
+    def _aot(hidden: Desc, residual: Desc, score: Desc, score_b: Desc, size: Desc, origin: Desc, cls: Desc,
              r: IntAttr, prune: IntAttr, split: IntAttr, arrangement: IntAttr, weighting: IntAttr,
              metric: IntAttr, lam: FloatAttr, score_scale: FloatAttr, outputs: Tuple[Desc], tactic: int,
              ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
@@ -159,7 +161,8 @@ def _bind_aot() -> None:
         length = constant_dim(hidden.shape_expr[1], "TokenMerge", "sequence length")
         dim = constant_dim(hidden.shape_expr[2], "TokenMerge", "channel count")
         parts = constant_dim(score.shape_expr[1], "TokenMerge", "score parts")
-        kernel = aot_kernel(names[hidden.dtype], names[residual.dtype], batch, length, dim, parts, attrs,
+        parts_b = constant_dim(score_b.shape_expr[1], "TokenMerge", "score_b parts")
+        kernel = aot_kernel(names[hidden.dtype], names[residual.dtype], batch, length, dim, parts, parts_b, attrs,
                             int(tactic))
         return aot_result(trtp, kernel)
 
@@ -170,8 +173,8 @@ def _bind_jit() -> None:
     Tensor = trtp.Tensor
 
     @trtp.impl(PLUGIN_ID)
-    def _run(hidden: Tensor, residual: Tensor, score: Tensor, size: Tensor, origin: Tensor, cls: Tensor,
-             r: IntAttr, prune: IntAttr, split: IntAttr, arrangement: IntAttr, weighting: IntAttr,
+    def _run(hidden: Tensor, residual: Tensor, score: Tensor, score_b: Tensor, size: Tensor, origin: Tensor,
+             cls: Tensor, r: IntAttr, prune: IntAttr, split: IntAttr, arrangement: IntAttr, weighting: IntAttr,
              metric: IntAttr, lam: FloatAttr, score_scale: FloatAttr, outputs: Tuple[Tensor], stream: int) -> None:
         import torch
 
@@ -181,7 +184,7 @@ def _bind_jit() -> None:
         # TensorRT's buffers through __cuda_array_interface__ (no bfloat16 there: build --jit
         # refuses bf16), made and used on TensorRT's stream, as NVIDIA's sample does.
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            args = [torch.as_tensor(t, device="cuda") for t in (hidden, residual, score, size, origin, cls)]
+            args = [torch.as_tensor(t, device="cuda") for t in (hidden, residual, score, score_b, size, origin, cls)]
             for out, value in zip(outputs, token_merge_ref(*args, attrs)):
                 torch.as_tensor(out, device="cuda").copy_(value)
 

@@ -80,10 +80,10 @@ def launcher():
     return Launcher()
 
 
-def plugin_kernel(hidden, residual, batch, length, dim, parts, attrs, tactic, dynamic):
+def plugin_kernel(hidden, residual, batch, length, dim, parts, parts_b, attrs, tactic, dynamic):
     if not dynamic:
-        return aot_kernel(hidden, residual, batch, length, dim, parts, attrs, tactic)
-    kernel = aot_kernel(hidden, residual, Sym.var("batch"), length, dim, parts, attrs, tactic)
+        return aot_kernel(hidden, residual, batch, length, dim, parts, parts_b, attrs, tactic)
+    kernel = aot_kernel(hidden, residual, Sym.var("batch"), length, dim, parts, parts_b, attrs, tactic)
     env = {"batch": batch}
     return replace(kernel, grid=tuple(evaluate(x, env) for x in kernel.grid),
                    block=tuple(evaluate(x, env) for x in kernel.block),
@@ -112,7 +112,8 @@ def test_aot_launch_matches_the_reference(launcher, dtypes, dynamic):
                 want = token_merge_ref(**args, attrs=attrs)
                 for tactic in (0,) + tactics():
                     kernel = plugin_kernel(NAMES[dtypes[0]], NAMES[dtypes[1]], batch, length, 384,
-                                           args["score"].shape[1], attrs, tactic, dynamic)
+                                           args["score"].shape[1], args["score_b"].shape[1], attrs, tactic,
+                                           dynamic)
                     Q = length - r
                     outs = [torch.full((batch, Q, 384), float("nan"), device="cuda", dtype=dtypes[0]),
                             torch.full((batch, Q, 384), float("nan"), device="cuda", dtype=dtypes[1]),

@@ -348,15 +348,16 @@ def test_engine_manifest_must_record_this_very_plan(exported):
 
 
 def merge_model(batch=2, length=9, dim=8, r=2, hidden=TensorProto.FLOAT, residual=None, attrs=None, shapes=None,
-                types=None, inputs=None, outputs=None, with_function=True, opset_mame=1, parts=4):
+                types=None, inputs=None, outputs=None, with_function=True, opset_mame=1, parts=4, parts_b=3):
     """One scan node (every model has them) plus one mame::TokenMerge node with its function."""
     from mame_deploy.ops.token_merge import contract
 
     model = scan_model(opset_mame=opset_mame)
     residual = hidden if residual is None else residual
     shapes = {"hidden": [batch, length, dim], "residual": [batch, length, dim], "score": [batch, parts, length],
-              "size": [batch, length], "origin": [batch, length], "cls": [batch], **(shapes or {})}
-    elem = {"hidden": hidden, "residual": residual, "score": TensorProto.FLOAT, "size": TensorProto.FLOAT,
+              "score_b": [batch, parts_b, length], "size": [batch, length], "origin": [batch, length], "cls": [batch], **(shapes or {})}
+    elem = {"hidden": hidden, "residual": residual, "score": TensorProto.FLOAT, "score_b": TensorProto.FLOAT,
+            "size": TensorProto.FLOAT,
             "origin": TensorProto.INT64, "cls": TensorProto.INT64, **(types or {})}
     names = list(contract.INPUT_NAMES if inputs is None else inputs)
     for name in contract.INPUT_NAMES:
@@ -398,9 +399,9 @@ def test_merge_nodes_reads_attributes_dtypes_and_shapes():
     from mame_deploy.ops.token_merge.contract import MergeAttributes
 
     (node,) = engine.merge_nodes(merge_model(batch="N", length=197, dim=384, r=6, hidden=TensorProto.BFLOAT16,
-                                             residual=TensorProto.FLOAT, parts=192))
+                                             residual=TensorProto.FLOAT, parts=96, parts_b=96))
     assert node == engine.MergeNode("merge0", MergeAttributes(6, lam=1.0, score_scale=0.5), "bfloat16", "float32",
-                                    "N", 197, 384, 192)
+                                    "N", 197, 384, 96, 96)
     assert engine.merge_nodes(scan_model()) == []
 
 
@@ -420,7 +421,8 @@ def test_merge_nodes_reads_attributes_dtypes_and_shapes():
         (dict(attrs={"r": 2, "prune": 0, "split": 0, "arrangement": 0, "weighting": 0, "metric": 0, "lam": 1.0,
                      "score_scale": 1.0, "tile": 4}), "does not know: ['tile']"),
         (dict(r=5), "r=5 exceeds half of the 8 patches"),
-        (dict(inputs=["hidden", "residual", "score", "size", "origin", ""]), "takes all of hidden, residual"),
+        (dict(inputs=["hidden", "residual", "score", "score_b", "size", "origin", ""]), "takes all of hidden, residual"),
+        (dict(inputs=["hidden", "residual", "score", "size", "origin", "cls"]), "takes all of hidden, residual"),
         (dict(outputs=["hidden_out", "residual_out", "size_out", "origin_out"]), "must have the 5 outputs"),
         (dict(types={"score": TensorProto.FLOAT16}), "input score is float16, the plugin expects float32"),
         (dict(types={"cls": TensorProto.INT32}), "input cls is int32, the plugin expects int64"),
@@ -429,6 +431,8 @@ def test_merge_nodes_reads_attributes_dtypes_and_shapes():
         (dict(shapes={"score": [2, 4, 8]}), "input score has shape [2, 4, 8], expected [2, 4, 9]"),
         (dict(shapes={"score": [2, 9]}), "input score has rank 2, the plugin expects 3"),
         (dict(shapes={"score": [2, "K", 9]}), "score's parts is symbolic ('K')"),
+        (dict(shapes={"score_b": [2, 3, 8]}), "input score_b has shape [2, 3, 8], expected [2, 3, 9]"),
+        (dict(types={"score_b": TensorProto.DOUBLE}), "input score_b is double, the plugin expects float32"),
         (dict(shapes={"cls": [2, 1]}), "input cls has rank 2, the plugin expects 1"),
         (dict(length="L"), "length is symbolic ('L'); only the batch axis may be dynamic"),
         (dict(dim=6), "multiple of 4"),

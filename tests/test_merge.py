@@ -13,6 +13,8 @@ import mame_deploy
 from mame_deploy.errors import UserError
 from mame_deploy.merge import TokenState, merge_options, merge_step, start_state
 from mame_deploy.models import create_model
+from mame_deploy.ops.token_merge import MergeAttributes
+from mame_deploy.ops.token_merge.reference import token_merge_ref
 from mame_deploy.schedule import tokens_per_layer
 
 OPTION_SETS = [
@@ -222,6 +224,23 @@ def test_a_two_dimensional_score_is_one_part():
     assert torch.equal(flat[0], parts[0]) and torch.equal(flat[2].origin, parts[2].origin)
     halves = merge_step(hidden, residual, torch.stack([score, score], 1), state, 5, "mame", opts, score_scale=0.5)
     assert torch.equal(flat[2].origin, halves[2].origin) and torch.equal(flat[0], halves[0])
+    # Two sets of parts (Vim's two scans') are summed as their concatenation, with no copy made.
+    two = merge_step(hidden, residual, (score[:, None], score[:, None]), state, 5, "mame", opts, score_scale=0.5)
+    assert torch.equal(flat[2].origin, two[2].origin) and torch.equal(flat[0], two[0])
+
+
+def test_two_score_inputs_sum_as_their_concatenation():
+    from mame_deploy.ops.token_merge.reference import informativeness
+
+    hidden, residual, _, state = random_state(2, 21, 8, seed=5)
+    parts = torch.rand(2, 13, 21) + 0.01
+    want = token_merge_ref(hidden, residual, parts, torch.zeros(2, 1, 21), *state,
+                           MergeAttributes(5, lam=1.0, score_scale=0.1))
+    for cut in (1, 5, 8, 12):  # the boundary inside a lane's run of parts, and on one
+        got = token_merge_ref(hidden, residual, parts[:, :cut], parts[:, cut:], *state,
+                              MergeAttributes(5, lam=1.0, score_scale=0.1))
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), cut
+    assert torch.equal(informativeness(torch.cat([parts, torch.zeros(2, 1, 21)], 1), 0.1), informativeness(parts, 0.1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,6 +48,15 @@ def test_tuning_for_batch_and_the_symbolic_default():
         assert merge_launch.Tuning.parse(str(tuning)) == tuning
 
 
+def test_match_threads_select_the_tile_threads_and_reach_the_kernel():
+    tuning = merge_launch.Tuning.parse("16x8x4x2x64x1x4x256x128")
+    assert (tuning.threads, tuning.match_threads, tuning.matchers) == (256, 128, 128)
+    assert merge_launch.Tuning().matchers == 256  # 0: every thread matches
+    opts = merge_launch.compile_options(merge_launch.Variant("float32", "float32"), tuning)
+    assert "-DTM_MATCH_THREADS=128" in opts and "-DTM_THREADS=256" in opts
+    assert "-DTM_MATCH_THREADS=256" in merge_launch.compile_options(merge_launch.Variant("float32", "float32"))
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: merge_launch.Tuning(cluster=3), "cluster must be 1, 2, 4, 8 or 16"),
     (lambda: merge_launch.Tuning(ty=16, my=9, mx=9), "must be at most threads"),
@@ -55,6 +64,9 @@ def test_tuning_for_batch_and_the_symbolic_default():
     (lambda: merge_launch.Tuning(threads=200), "multiple of 32 in 128..1024"),
     (lambda: merge_launch.Tuning(cluster=8, dst_groups=3), "dst_groups must divide cluster"),
     (lambda: merge_launch.Tuning(kt=12), "multiple of 8"),
+    (lambda: merge_launch.Tuning(match_threads=48), "match_threads must be 0 (all) or a multiple of 32"),
+    (lambda: merge_launch.Tuning(match_threads=512), "match_threads must be 0 (all) or a multiple of 32"),
+    (lambda: merge_launch.Tuning(ty=64, my=1, mx=1, match_threads=96), "ty must divide match_threads"),
     (lambda: merge_launch.Tuning.parse("1x2"), "CLUSTERxTYxMYxMXxKTxMIN_BLOCKS"),
     (lambda: merge_launch.Variant("float64", "float64"), "no 'float64' hidden"),
     (lambda: merge_launch.Variant("float16", "bfloat16"), "float32 residual or one in hidden's type"),
@@ -94,22 +106,22 @@ def test_aot_kernel_is_the_same_for_ints_and_shape_expressions(monkeypatch):
     monkeypatch.setattr(merge_launch, "compile_ptx", lambda v, t, arch=None: seen.append(t) or (b"ptx", "k"))
     attrs = MergeAttributes(6, lam=1.0)
     for tactic in (0,) + trt_token_merge.tactics():
-        symbolic = trt_token_merge.aot_kernel("float32", "float32", Sym.var("b"), 197, 384, 192, attrs, tactic)
-        static = trt_token_merge.aot_kernel("float32", "float32", 64, 197, 384, 192, attrs, tactic)
+        symbolic = trt_token_merge.aot_kernel("float32", "float32", Sym.var("b"), 197, 384, 96, 96, attrs, tactic)
+        static = trt_token_merge.aot_kernel("float32", "float32", 64, 197, 384, 96, 96, attrs, tactic)
         tuning = seen[-1]
         assert tuple(evaluate(x, {"b": 64}) for x in symbolic.grid) == (64 * seen[-2].cluster, 1, 1)
         assert static.grid == (64 * tuning.cluster, 1, 1)
         assert tuple(evaluate(x, {"b": 64}) for x in symbolic.scalars) == static.scalars
-        assert static.scalars[:5] == (64, 197, 384, 192, 6)
+        assert static.scalars[:6] == (64, 197, 384, 96, 96, 6)
     assert seen[0] == merge_launch.DEFAULT_TUNING and seen[1] == merge_launch.MEDIUM_BATCH_TUNING
     assert seen[2:] == [t for t in merge_launch.PORTABLE_TUNINGS for _ in range(2)]
     # TensorRT's launch cannot allow a 16-block cluster: batch 1's tactic 0 is the 8-block split.
-    trt_token_merge.aot_kernel("float32", "float32", 1, 197, 384, 192, attrs, 0)
+    trt_token_merge.aot_kernel("float32", "float32", 1, 197, 384, 96, 96, attrs, 0)
     assert seen[-1] == merge_launch.SMALL_BATCH_TUNING
     with pytest.raises(ValueError, match="no tactic 9"):
-        trt_token_merge.aot_kernel("float32", "float32", 1, 197, 384, 192, attrs, 9)
+        trt_token_merge.aot_kernel("float32", "float32", 1, 197, 384, 96, 96, attrs, 9)
     with pytest.raises(UserError, match="static sequence length"):
-        trt_token_merge.aot_kernel("float32", "float32", 1, Sym.var("L"), 384, 192, attrs)
+        trt_token_merge.aot_kernel("float32", "float32", 1, Sym.var("L"), 384, 96, 96, attrs)
 
 
 def test_only_portable_clusters_are_tensorrt_tactics():
@@ -178,6 +190,6 @@ def test_nvrtc_ptx_declares_the_cluster_and_the_parameters():
     entry = re.search(rb"\.entry\s+(\w+)\s*\((.*?)\)", ptx, re.S)
     assert entry.group(1).decode() == name
     params = re.findall(rb"\.param\s+\.(\w+)", entry.group(2))
-    assert params == [b"u64"] * 6 + [b"u32"] * 10 + [b"u64"] * 5
+    assert params == [b"u64"] * len(INPUT_NAMES) + [b"u32"] * len(merge_launch.SCALAR_ARGS) + [b"u64"] * len(OUTPUT_NAMES)
     assert b".reqnctapercluster 8" in ptx
     assert nvrtc.ptx_version(ptx) != "unknown"

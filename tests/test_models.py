@@ -165,7 +165,8 @@ def test_informativeness_does_not_change_the_mixer_output():
     with torch.no_grad():
         out, parts = mixer(h, return_score=True)
         torch.testing.assert_close(out, mixer(h), rtol=0, atol=0)
-    assert parts.shape == (2, 2 * 384 // 8, 20) and (parts > 0).all()  # both scans' dt_sums
+    assert len(parts) == 2  # both scans' dt_sums, each (batch, channel groups, length)
+    assert all(p.shape == (2, 384 // 8, 20) and (p > 0).all() for p in parts)
 
 
 def test_informativeness_is_the_mean_step_size_of_both_branches(monkeypatch):
@@ -184,7 +185,7 @@ def test_informativeness_is_the_mean_step_size_of_both_branches(monkeypatch):
     mixer = mame_deploy.create_model("vim_t", depth=1, seed=3).layers[0].mixer
     with torch.no_grad():
         _, parts = mixer(torch.randn(2, 21, 192), return_score=True)
-    score = informativeness(parts, mixer.score_scale)  # what mame::TokenMerge makes of them
+    score = informativeness(torch.cat(parts, dim=1), mixer.score_scale)  # what mame::TokenMerge makes of them
     (delta_f, bias_f), (delta_b, bias_b) = seen
     step = lambda delta, bias: F.softplus(delta + bias[None, :, None])  # noqa: E731
     want = (step(delta_f, bias_f).mean(1) + step(delta_b, bias_b).mean(1)) / 2

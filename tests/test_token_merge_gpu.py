@@ -47,6 +47,11 @@ METHODS = {
 }
 
 
+def all_parts(args) -> torch.Tensor:
+    """The score parts of both inputs in the contract's order (their concatenation)."""
+    return torch.cat([args["score"], args["score_b"]], dim=1)
+
+
 def poisoned(B, L, E, r, hidden_dtype, residual_dtype):
     Q = L - r
     nan = float("nan")
@@ -96,6 +101,22 @@ def test_kernel_matches_the_reference(method, dtypes):
     print(f"\n{method} {dtypes}: worst relative error {err:.2e}")
 
 
+# Thread layouts of the matching beyond the shipped splits: the tile on part of the block with the
+# norms on other warps, the norms on the first threads while fewer threads match (their rows
+# overlap the tile's threads), every thread matching with an unrolled and a plain loop.
+LAYOUTS = ("16x8x4x2x64x1x4x256x128", "8x8x4x4x64x1x2x256x128", "1x16x7x4x16x2x1x256x128",
+           "4x8x4x1x64x1x2", "2x16x7x4x16x2x2")
+
+
+@pytest.mark.parametrize("method", ["mame", "tome", "metric-stream"])
+def test_every_matching_layout_gives_the_same_bits(method):
+    attrs = METHODS[method]
+    args = merge_inputs(3, 197, 384, torch.bfloat16, torch.float32, seed=41)
+    want = run_kernel(args, attrs, merge_launch.DEFAULT_TUNING)
+    for text in LAYOUTS:
+        assert same_bits(run_kernel(args, attrs, merge_launch.Tuning.parse(text)), want), f"split {text}"
+
+
 @pytest.mark.parametrize("split", [0, 1])
 def test_r0_with_concat_only_reorders(split):
     """r = 0 removes nothing; the concatenated arrangement still puts the sources first and the
@@ -110,7 +131,7 @@ def test_r0_with_concat_only_reorders(split):
         if split:
             sources = [k for k in range(n) if k % 2 == 0]
         else:
-            key = decision_key(informativeness(args["score"], 1.0))[b, seq].tolist()
+            key = decision_key(informativeness(all_parts(args), 1.0))[b, seq].tolist()
             rank = sorted(range(n), key=lambda k: (key[k], k))
             sources = sorted(rank[: n // 2])
         order = [seq[k] for k in sources] + [seq[k] for k in range(n) if k not in set(sources)]
@@ -140,6 +161,7 @@ def tied_inputs(kind: str, B=6, L=197, E=384):
     """Exact ties (duplicate tokens, equal scores) and near-ties (differences below float16's
     spacing, which the decision keys round away)."""
     args = merge_inputs(B, L, E, seed=11)
+    args["score_b"] = torch.zeros_like(args["score"][:, :1])  # the whole score in one input: zeros add nothing
     h, score = args["hidden"], args["score"]
     g = torch.Generator(device="cuda").manual_seed(3)
     if kind == "duplicate-tokens":  # every token repeated 4 times: tied similarities, tied best matches
@@ -184,9 +206,10 @@ def test_score_parts_add_up_in_the_contracts_order():
     """The kernel sums the score's parts in the reference's order, bit for bit: on inputs where
     another order (torch.sum's) rounds keys the other way, decisions still match the reference."""
     args = merge_inputs(8, 197, 384, seed=21)
-    args["score"] = midpoint_scores()
-    ours = decision_key(informativeness(args["score"], 1.0))
-    other = decision_key(args["score"].sum(dim=1))
+    parts = midpoint_scores()
+    args["score"], args["score_b"] = parts[:, :101].contiguous(), parts[:, 101:].contiguous()  # as two scans'
+    ours = decision_key(informativeness(parts, 1.0))
+    other = decision_key(parts.sum(dim=1))
     assert (ours != other).sum() > 50, "the inputs must be sensitive to the order of the adds"
     for attrs in (MergeAttributes(98, prune=1), METHODS["mame"], METHODS["mame-lam0"]):
         want = token_merge_ref(**args, attrs=attrs)
@@ -295,3 +318,26 @@ def test_the_op_falls_back_to_the_reference_where_the_kernel_cannot_run():
     assert same_bits(got, want)
     with pytest.raises(UserError, match="at most 513 tokens"):
         token_merge_cuda(**args, attrs=MergeAttributes(6))
+
+
+def test_a_merged_vim_hands_both_scans_scores_to_the_kernel(monkeypatch):
+    """The model passes its two scans' dt_sums as the operator's two score inputs; the kernel
+    (no fallback: its warning is an error here) decides every step as the reference does on the
+    same scores."""
+    import mame_deploy
+    import mame_deploy.merge as merge_module
+    from mame_deploy.models import create_model
+
+    model = mame_deploy.patch(create_model("vim_t", depth=6, seed=5).cuda().eval(), ratio=0.5)
+    images = torch.randn(2, 3, 224, 224, device="cuda", generator=torch.Generator("cuda").manual_seed(6))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.token_merge.trace = {}
+        got, kernel_steps = model(images), model.token_merge.trace
+        monkeypatch.setattr(merge_module, "token_merge", token_merge_ref)
+        model.token_merge.trace = {}
+        want, reference_steps = model(images), model.token_merge.trace
+    assert len(kernel_steps) == len(model.token_merge.layers) >= 2
+    for layer, (origin, size) in reference_steps.items():
+        assert torch.equal(kernel_steps[layer][0], origin) and torch.equal(kernel_steps[layer][1], size), layer
+    assert ((got - want).norm() / want.norm()).item() < 1e-5

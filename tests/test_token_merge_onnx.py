@@ -17,13 +17,15 @@ from mame_deploy.ops.token_merge.reference import token_merge_ref
 
 B, L, E, R = 3, 25, 8, 6
 K = 11  # score parts: not a multiple of SCORE_LANES, so the last lanes hold fewer
+K_B = 5  # score_b parts: concatenated after an odd count, so a lane takes parts of both
 
 
 def one_node(attrs: MergeAttributes) -> onnx.ModelProto:
     node = helper.make_node("TokenMerge", list(INPUT_NAMES), list(OUTPUT_NAMES), domain="mame", **attrs.as_dict())
     types = {"hidden": TensorProto.FLOAT, "residual": TensorProto.FLOAT, "score": TensorProto.FLOAT,
-             "size": TensorProto.FLOAT, "origin": TensorProto.INT64, "cls": TensorProto.INT64}
-    shapes = {"hidden": [B, L, E], "residual": [B, L, E], "score": [B, K, L], "cls": [B]}
+             "score_b": TensorProto.FLOAT, "size": TensorProto.FLOAT, "origin": TensorProto.INT64,
+             "cls": TensorProto.INT64}
+    shapes = {"hidden": [B, L, E], "residual": [B, L, E], "score": [B, K, L], "score_b": [B, K_B, L], "cls": [B]}
     inputs = [helper.make_tensor_value_info(n, types[n], shapes.get(n, [B, L])) for n in INPUT_NAMES]
     outputs = [helper.make_value_info(n, onnx.TypeProto()) for n in OUTPUT_NAMES]
     return helper.make_model(helper.make_graph([node], "merge", inputs, outputs),
@@ -36,7 +38,8 @@ def inputs(seed: int) -> dict:
     size = 1 + torch.randint(0, 3, (B, L), generator=g).float()
     origin = torch.sort(torch.randperm(3 * L, generator=g)[:L]).values.expand(B, L).clone()
     return dict(hidden=torch.randn(B, L, E, generator=g), residual=torch.randn(B, L, E, generator=g),
-                score=torch.rand(B, K, L, generator=g) + 0.05, size=size, origin=origin,
+                score=torch.rand(B, K, L, generator=g) + 0.05, score_b=torch.rand(B, K_B, L, generator=g) + 0.05,
+                size=size, origin=origin,
                 cls=torch.tensor([L // 2, 0, L - 1]))    # the class token in the middle, first, last
 
 
@@ -61,7 +64,7 @@ def test_function_equals_the_reference(attrs):
 def test_ties_are_broken_by_position_as_in_the_reference():
     """Equal scores and duplicate tokens: exact ties everywhere, resolved alike."""
     args = inputs(seed=3)
-    args["score"] = torch.full((B, K, L), 0.5)
+    args["score"], args["score_b"] = torch.full((B, K, L), 0.5), torch.full((B, K_B, L), 0.25)
     args["hidden"][:, 1::2] = args["hidden"][:, :1]            # many identical rows: tied similarities
     attrs = MergeAttributes(R, lam=1.0)
     want = token_merge_ref(*args.values(), attrs)

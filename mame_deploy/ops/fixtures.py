@@ -62,14 +62,20 @@ def merge_inputs(batch: int, length: int = 197, dim: int = 384, hidden_dtype: to
                  merged_before: bool = True, parts: int = SCORE_PARTS) -> dict:
     """Random arguments of ``token_merge_ref`` with vim_s-like magnitudes (keyword names): unit
     hidden, a residual stream ten times larger, the score as ``parts`` sums of 8 step sizes
-    around a per-token mean step size (softplus range 0.001..0.1), and with ``merged_before`` the
-    state of an earlier merge: sizes 1..4, origins a permutation, the class token anywhere."""
+    around a per-token mean step size (softplus range 0.001..0.1), split between ``score`` and
+    ``score_b`` as two scans' (the first gets the odd one; one part: ``score_b`` is a part of
+    zeros), and with ``merged_before`` the state of an earlier merge: sizes 1..4, origins a
+    permutation, the class token anywhere."""
     g = torch.Generator(device=device).manual_seed(seed)
     residual_dtype = residual_dtype or hidden_dtype
     hidden = torch.randn(batch, length, dim, generator=g, device=device).to(hidden_dtype)
     residual = (10 * torch.randn(batch, length, dim, generator=g, device=device)).to(residual_dtype)
     mean_step = torch.exp(torch.rand(batch, 1, length, generator=g, device=device) * 4.6 - 6.9)
     score = 8 * mean_step * torch.exp(0.5 * torch.randn(batch, parts, length, generator=g, device=device))
+    first = parts - parts // 2
+    score, score_b = score[:, :first].contiguous(), score[:, first:].contiguous()
+    if score_b.shape[1] == 0:
+        score_b = torch.zeros_like(score[:, :1])
     if merged_before:
         size = torch.randint(1, 5, (batch, length), generator=g, device=device).float()
         origin = torch.argsort(torch.rand(batch, length, generator=g, device=device), dim=1)
@@ -78,4 +84,4 @@ def merge_inputs(batch: int, length: int = 197, dim: int = 384, hidden_dtype: to
         size = torch.ones(batch, length, device=device)
         origin = torch.arange(length, device=device).expand(batch, length).contiguous()
         cls = torch.full((batch,), length // 2, device=device, dtype=torch.long)
-    return dict(hidden=hidden, residual=residual, score=score, size=size, origin=origin, cls=cls)
+    return dict(hidden=hidden, residual=residual, score=score, score_b=score_b, size=size, origin=origin, cls=cls)

@@ -7,6 +7,7 @@ Inputs, in order (B batch, L tokens with the class token, E channels):
     hidden   (B, L, E)  T: float32 / float16 / bfloat16   the block's mixer output
     residual (B, L, E)  T2: float32 or T                  the residual stream
     score    (B, K, L)  float32                           informativeness as K partial sums (see below)
+    score_b  (B, K2, L) float32                           K2 more of them (Vim: the backward scan's)
     size     (B, L)     float32                           original patches each token stands for
     origin   (B, L)     int64                             original position of each token
     cls      (B,)       int64                             where the class token is
@@ -18,13 +19,14 @@ switches of ``mame_deploy.merge.MergeOptions`` as codes: ``split`` (0 informativ
 alternate), ``arrangement`` (0 ordered, 1 concat), ``weighting`` (0 informativeness, 1 size),
 ``metric`` (0 hidden, 1 residual + hidden), ``lam``; ``score_scale``.
 
-The informativeness of token l is ``score_scale`` x the sum of ``score[:, :, l]`` over its K
-parts, added in one fixed order (``SCORE_LANES`` lane sums of every SCORE_LANES-th part, then the
-lanes pairwise; ``reference.informativeness``), so the kernel and the reference get the same bits
-and no decision flips between them on the score's rounding. Vim passes its two scans' dt_sums
-(groups of channels) concatenated, with the scale 0.5 / d_inner: the mean step size, summed by
-the operator instead of by separate kernels. A caller with a finished (B, L) score passes it as
-(B, 1, L) with scale 1.
+The informativeness of token l is ``score_scale`` x the sum of the K + K2 parts of token l,
+``score`` then ``score_b`` along the parts (their concatenation), added in one fixed order
+(``SCORE_LANES`` lane sums of every SCORE_LANES-th part, then the lanes pairwise;
+``reference.informativeness``), so the kernel and the reference get the same bits and no decision
+flips between them on the score's rounding. Vim passes its two scans' dt_sums (groups of
+channels) as the two inputs, with the scale 0.5 / d_inner: the mean step size, summed by the
+operator instead of by separate kernels, and not concatenated first (a copy per merge block). A
+caller with a finished (B, L) score passes it as (B, 1, L) with a (B, 1, L) of zeros and scale 1.
 
 Decisions (which tokens are sources, where each goes, which merge) are made on keys rounded to
 float16 (round to nearest even), with equal keys ordered by position, in every face alike:
@@ -45,14 +47,15 @@ PLUGIN_ID = f"{ONNX_DOMAIN}::{ONNX_OP_TYPE}"
 PLUGIN_VERSION = "1"
 FUNCTION_VERSION = 1  # the "mame" opset version the function is declared under
 
-INPUT_NAMES = ("hidden", "residual", "score", "size", "origin", "cls")
+INPUT_NAMES = ("hidden", "residual", "score", "score_b", "size", "origin", "cls")
 OUTPUT_NAMES = ("hidden_out", "residual_out", "size_out", "origin_out", "cls_out")
 # Inputs whose element type is fixed whatever the model's precision.
-FIXED_TYPES = {"score": "float32", "size": "float32", "origin": "int64", "cls": "int64"}
+FIXED_TYPES = {"score": "float32", "score_b": "float32", "size": "float32", "origin": "int64", "cls": "int64"}
 # Element types of hidden (and of residual, which may also be float32) that every face runs.
 DTYPES = ("float32", "float16", "bfloat16")
-RANKS = {"hidden": 3, "residual": 3, "score": 3, "size": 2, "origin": 2, "cls": 1}
-LAYOUT = "hidden, residual: batch x length x dim; score: batch x parts x length; size, origin: batch x length; cls: batch"
+RANKS = {"hidden": 3, "residual": 3, "score": 3, "score_b": 3, "size": 2, "origin": 2, "cls": 1}
+LAYOUT = ("hidden, residual: batch x length x dim; score, score_b: batch x parts x length; size, origin: "
+          "batch x length; cls: batch")
 # Integer attributes in declaration order, then the floats.
 INT_ATTRIBUTES = ("r", "prune", "split", "arrangement", "weighting", "metric")
 FLOAT_ATTRIBUTES = ("lam", "score_scale")
@@ -109,10 +112,10 @@ def check_length(length: int, r: int) -> None:
         raise ValueError(f"TokenMerge: r={r} exceeds half of the {length - 1} patches")
 
 
-def input_shapes(batch, length, dim, parts) -> dict:
-    """Each input's shape in terms of the four sizes (any of them may be unknown)."""
+def input_shapes(batch, length, dim, parts, parts_b) -> dict:
+    """Each input's shape in terms of the five sizes (any of them may be unknown)."""
     return {"hidden": (batch, length, dim), "residual": (batch, length, dim), "score": (batch, parts, length),
-            "size": (batch, length), "origin": (batch, length), "cls": (batch,)}
+            "score_b": (batch, parts_b, length), "size": (batch, length), "origin": (batch, length), "cls": (batch,)}
 
 
 def is_node(node) -> bool:

@@ -54,29 +54,32 @@ def default_tuning(device: torch.device, variant: merge_launch.Variant, batch: i
     return merge_launch.tuning_for(batch, portable=True)
 
 
-def unsupported(hidden: Tensor, residual: Tensor, score: Tensor, attrs: MergeAttributes) -> Optional[str]:
+def unsupported(hidden: Tensor, residual: Tensor, score: Tensor, score_b: Tensor,
+                attrs: MergeAttributes) -> Optional[str]:
     """Why the kernel cannot run these inputs (the op then runs the reference), or None."""
     if hidden.dtype not in TORCH_DTYPES:
         return f"no kernel for hidden in {hidden.dtype}"
     if residual.dtype not in (torch.float32, hidden.dtype):
         return f"no kernel for a {residual.dtype} residual with {hidden.dtype} hidden"
-    if hidden.dim() != 3 or score.dim() != 3:
-        return "hidden must be (batch, length, dim) and score (batch, parts, length)"
+    if hidden.dim() != 3 or score.dim() != 3 or score_b.dim() != 3:
+        return "hidden must be (batch, length, dim), score and score_b (batch, parts, length)"
     _, length, dim = hidden.shape
     try:
-        merge_launch.check_shape(length, dim, attrs.r, score.shape[1])
+        merge_launch.check_shape(length, dim, attrs.r, score.shape[1], score_b.shape[1])
     except UserError as exc:
         return str(exc)
     return None
 
 
-def _check_inputs(hidden, residual, score, size, origin, cls) -> tuple[int, int, int]:
+def _check_inputs(hidden, residual, score, score_b, size, origin, cls) -> tuple[int, int, int]:
     if hidden.dim() != 3:
         raise UserError(f"token merge: hidden must be (batch, length, dim), got shape {tuple(hidden.shape)}")
     B, L, E = hidden.shape
-    if score.dim() != 3:
-        raise UserError(f"token merge: score must be (batch, parts, length), got shape {tuple(score.shape)}")
-    expected = {"residual": (residual, (B, L, E)), "score": (score, (B, score.shape[1], L)), "size": (size, (B, L)),
+    for name, t in (("score", score), ("score_b", score_b)):
+        if t.dim() != 3:
+            raise UserError(f"token merge: {name} must be (batch, parts, length), got shape {tuple(t.shape)}")
+    expected = {"residual": (residual, (B, L, E)), "score": (score, (B, score.shape[1], L)),
+                "score_b": (score_b, (B, score_b.shape[1], L)), "size": (size, (B, L)),
                 "origin": (origin, (B, L)), "cls": (cls, (B,))}
     for name, (t, shape) in expected.items():
         if tuple(t.shape) != shape:
@@ -86,28 +89,28 @@ def _check_inputs(hidden, residual, score, size, origin, cls) -> tuple[int, int,
     return B, L, E
 
 
-def token_merge_cuda(hidden: Tensor, residual: Tensor, score: Tensor, size: Tensor, origin: Tensor, cls: Tensor,
-                     attrs: MergeAttributes, tuning: Optional[merge_launch.Tuning] = None,
+def token_merge_cuda(hidden: Tensor, residual: Tensor, score: Tensor, score_b: Tensor, size: Tensor,
+                     origin: Tensor, cls: Tensor, attrs: MergeAttributes, tuning: Optional[merge_launch.Tuning] = None,
                      out: Optional[tuple] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One merge step on the GPU; same arguments and results as ``token_merge_ref``.
 
-    hidden in float32/float16/bfloat16, residual in float32 or hidden's type; score and size are
+    hidden in float32/float16/bfloat16, residual in float32 or hidden's type; the scores and size are
     used as float32, origin and cls as int64; non-contiguous inputs are copied. ``tuning`` (the
     work split) defaults to :func:`default_tuning`; every split gives the same bits.
     ``out``: the five output tensors to write (contiguous, the results' shapes and dtypes).
     """
-    B, L, E = _check_inputs(hidden, residual, score, size, origin, cls)
+    B, L, E = _check_inputs(hidden, residual, score, score_b, size, origin, cls)
     if not hidden.is_cuda:
         raise UserError("token_merge_cuda needs CUDA tensors; the CPU runs token_merge_ref")
     check_length(L, attrs.r)
-    reason = unsupported(hidden, residual, score, attrs)
+    reason = unsupported(hidden, residual, score, score_b, attrs)
     if reason:
         raise UserError(f"the token-merge kernel cannot run this step: {reason}")
     variant = merge_launch.Variant.of(TORCH_DTYPES[hidden.dtype], TORCH_DTYPES[residual.dtype], L)
     tuning = tuning or default_tuning(hidden.device, variant, B)
     Q = output_length(L, attrs.r)
     hidden, residual = hidden.contiguous(), residual.contiguous()
-    score, size = score.float().contiguous(), size.float().contiguous()
+    score, score_b, size = score.float().contiguous(), score_b.float().contiguous(), size.float().contiguous()
     origin, cls = origin.long().contiguous(), cls.long().contiguous()
     outs = {
         "hidden_out": hidden.new_empty(B, Q, E), "residual_out": residual.new_empty(B, Q, E),
@@ -126,9 +129,11 @@ def token_merge_cuda(hidden: Tensor, residual: Tensor, score: Tensor, size: Tens
         return tuple(outs.values())
     kernel = _kernel(hidden.device, variant, tuning)
     params = merge_launch.launch_params(B, tuning)
-    tensors = {"hidden": hidden, "residual": residual, "score": score, "size": size, "origin": origin, "cls": cls}
+    tensors = {"hidden": hidden, "residual": residual, "score": score, "score_b": score_b, "size": size,
+               "origin": origin, "cls": cls}
     values = {name: t.data_ptr() for name, t in {**tensors, **outs}.items()}
-    values.update(batch=B, length=L, dim=E, parts=score.shape[1], **merge_launch.attribute_scalars(attrs))
+    values.update(batch=B, length=L, dim=E, parts=score.shape[1], parts_b=score_b.shape[1],
+                  **merge_launch.attribute_scalars(attrs))
     holders, array = cuda_driver.pack_args(values, merge_launch.KERNEL_ARGS, merge_launch.KERNEL_ARG_TYPES)
     stream = torch.cuda.current_stream(hidden.device).cuda_stream
     cuda_driver.launch(kernel, params.grid, params.block, params.shared_mem, stream, array,
@@ -145,16 +150,16 @@ def _fallback(reason: str) -> None:
         warnings.warn(f"mame::token_merge runs the PyTorch reference on the GPU: {reason}", stacklevel=3)
 
 
-def _reference(hidden, residual, score, size, origin, cls, attrs):
-    outs = token_merge_ref(hidden, residual, score, size, origin, cls, attrs)
+def _reference(hidden, residual, score, score_b, size, origin, cls, attrs):
+    outs = token_merge_ref(hidden, residual, score, score_b, size, origin, cls, attrs)
     # A custom op's outputs must not alias its inputs.
     return tuple(t.clone() if t is x else t for t, x in zip(outs, (hidden, residual, size, origin, cls)))
 
 
-def _token_merge_cuda_op(hidden, residual, score, size, origin, cls, r, prune, split, arrangement, weighting,
-                         metric, lam, score_scale):
+def _token_merge_cuda_op(hidden, residual, score, score_b, size, origin, cls, r, prune, split, arrangement,
+                         weighting, metric, lam, score_scale):
     attrs = MergeAttributes(r, prune, split, arrangement, weighting, metric, lam, score_scale)
-    reason = unsupported(hidden, residual, score, attrs)
+    reason = unsupported(hidden, residual, score, score_b, attrs)
     if reason is None:
         try:
             cuda_driver.driver()
@@ -162,8 +167,8 @@ def _token_merge_cuda_op(hidden, residual, score, size, origin, cls, r, prune, s
             reason = str(exc)
     if reason is not None:
         _fallback(reason)
-        return _reference(hidden, residual, score, size, origin, cls, attrs)
-    return token_merge_cuda(hidden, residual, score, size, origin, cls, attrs)
+        return _reference(hidden, residual, score, score_b, size, origin, cls, attrs)
+    return token_merge_cuda(hidden, residual, score, score_b, size, origin, cls, attrs)
 
 
 _lock = threading.Lock()

@@ -254,7 +254,7 @@ def token_merge_function(opset: int) -> onnx.FunctionProto:
     if opset < MIN_OPSET:
         raise ValueError(f"the TokenMerge function needs opset >= {MIN_OPSET}, got {opset}")
     g = Body()
-    hidden, residual, score_parts, size, origin, cls = INPUT_NAMES
+    hidden, residual, score_parts, score_parts_b, size, origin, cls = INPUT_NAMES
     batch = g.op("Squeeze", [g.op("Shape", [hidden], start=0, end=1)], "batch")
     ops = _Ops(g, batch)
     n = g.op("Sub", [ops.dim(hidden, 1), ops.scalar(1)], "patches")
@@ -264,7 +264,8 @@ def token_merge_function(opset: int) -> onnx.FunctionProto:
     flags["lam"] = g.const_from_attribute("lam", "float", name="lam")
     prune = flags["prune"]
 
-    score = ops.informativeness(score_parts, g.const_from_attribute("score_scale", "float", name="score_scale"))
+    parts = g.op("Concat", [score_parts, score_parts_b], axis=1)  # the contract's order of the parts
+    score = ops.informativeness(parts, g.const_from_attribute("score_scale", "float", name="score_scale"))
     # Sequence position of every patch (class token skipped), in scan order; their scores.
     k = ops.arange(n)
     cls_col = ops.unsq(cls, 1)

@@ -137,11 +137,13 @@ def choose(metric: Optional[Callable[[Tensor], Tensor]], s: Tensor, attrs: Merge
     return src, dst, is_dst
 
 
-def token_merge_ref(hidden: Tensor, residual: Tensor, score: Tensor, size: Tensor, origin: Tensor,
-                    cls: Tensor, attrs: MergeAttributes) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def token_merge_ref(hidden: Tensor, residual: Tensor, score: Tensor, score_b: Tensor, size: Tensor,
+                    origin: Tensor, cls: Tensor, attrs: MergeAttributes
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Remove ``attrs.r`` patch tokens from (B, L, E) ``hidden``/``residual`` given the block's
-    informativeness as parts ``score`` (B, K, L) (summed by ``informativeness`` with
-    ``attrs.score_scale``) and the token state (``size``, ``origin``, ``cls``).
+    informativeness as parts ``score`` (B, K, L) and ``score_b`` (B, K2, L) (concatenated and
+    summed by ``informativeness`` with ``attrs.score_scale``) and the token state (``size``,
+    ``origin``, ``cls``).
 
     Full-width (B, L, E) passes are what a step costs on a GPU (it is memory-bound), so only
     the merge metric's rows are gathered for matching, each stream is read once by the gather
@@ -156,7 +158,7 @@ def token_merge_ref(hidden: Tensor, residual: Tensor, score: Tensor, size: Tenso
     # Sequence position of every patch (class token skipped), in scan order.
     k = torch.arange(n, device=device).expand(B, n)
     patch_pos = k + (k >= cls[:, None]).long()
-    score = informativeness(score, attrs.score_scale)
+    score = informativeness(torch.cat([score, score_b], dim=1), attrs.score_scale)
     s = score.gather(1, patch_pos)
     if attrs.prune:
         metric = None
