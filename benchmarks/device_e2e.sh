@@ -56,6 +56,9 @@ if want flips; then
     tail -3 "$OUT/stderr.log"
 fi
 if want alone; then
+    # The CLI never replaces a file without --force: a warm machine's earlier JSON must go first,
+    # or a run that refuses to write would leave the last call's numbers to be read back.
+    rm -f /tmp/alone_*.json "$OUT/alone.txt"
     for dtype in fp32 bf16; do
         for ratio in 0 0.5; do
             echo "== batch 1 alone: vim_s $dtype ratio $ratio" >> "$OUT/alone.txt"
