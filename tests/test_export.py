@@ -281,7 +281,9 @@ def assert_decision_parity(data: bytes, torch_model, x: np.ndarray) -> None:
                                                      "top1_agreement_agreeing")}
 
 
-DIGITS_CONFIGS = [(method, ratio) for method in ("mame", "tome", "prune") for ratio in (0.3, 0.5, 0.7)]
+# MaMe at every ratio, each baseline at another ratio than the static tests' 0.5 (the full grid of
+# nine cost a minute of the suite's 15 and covered no code path these do not).
+DIGITS_CONFIGS = [("mame", 0.3), ("mame", 0.5), ("mame", 0.7), ("tome", 0.3), ("prune", 0.7)]
 
 
 @pytest.mark.parametrize("method,ratio", DIGITS_CONFIGS, ids=[f"{m}-{r}" for m, r in DIGITS_CONFIGS])
