@@ -74,10 +74,9 @@ constexpr int CLUSTER = TM_CLUSTER;
 constexpr int DST_GROUPS = TM_DST_GROUPS;
 constexpr int SRC_GROUPS = CLUSTER / DST_GROUPS;
 constexpr int TY = TM_TY;
-// The tile's products are bound by shared-memory bandwidth, not FMAs: every 16-byte read of a
-// warp costs 4 cycles of the SM's shared memory, broadcast or not, so a stage costs 4 cycles x
-// the warps' tile reads (MY + MX per warp per 4 channels). Few threads with large tiles read the
-// least: on the batch-1 split, 64 threads of 4 x 4 read 8 where 256 threads of 4 x 1 read 40.
+// The threads that compute the tile. Fewer threads with larger tiles can be faster: at batch 1
+// (H200) 4 x 2 products on 128 of 256 threads took 6.27 us of stages where 4 x 1 on all 256
+// took 8.93, and 4 x 4 on 64 threads 9.22 (docs/perf-notes.md, "Fewer threads match").
 constexpr int MATCH_THREADS = TM_MATCH_THREADS;
 constexpr int TX = MATCH_THREADS / TY;
 constexpr int MY = TM_MY;
@@ -528,7 +527,7 @@ __device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, cons
             for (int i = 0; i < MY; ++i)
 #pragma unroll
                 for (int j = 0; j < MX; ++j) acc[i][j] = 0.f;
-            float sumsq = 0.f;  // thread t < TILE_S + TILE_D: of its staged row
+            float sumsq = 0.f;  // of the staged row whose norm this thread keeps, if any
             Staged<PER> st;
             load_chunk(sh, hidden, residual, stream_metric, sample_row, E, 0, st);
             for (int k0 = 0; k0 < E; k0 += KT) {
@@ -718,9 +717,10 @@ using namespace mame_merge;
 extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_ATTR TM_KERNEL_NAME(
     const hid_t* __restrict__ hidden, const res_t* __restrict__ residual, const float* __restrict__ score,
     const float* __restrict__ score_b, const float* __restrict__ size, const long long* __restrict__ origin,
-    const long long* __restrict__ cls, int batch, int length, int dim, int parts, int parts_b, int r, int prune_flag, int split, int arrangement, int weighting,
-    int metric, int lam_bits, int score_scale_bits, hid_t* __restrict__ hidden_out, res_t* __restrict__ residual_out,
-    float* __restrict__ size_out, long long* __restrict__ origin_out, long long* __restrict__ cls_out) {
+    const long long* __restrict__ cls, int batch, int length, int dim, int parts, int parts_b, int r, int prune_flag,
+    int split, int arrangement, int weighting, int metric, int lam_bits, int score_scale_bits,
+    hid_t* __restrict__ hidden_out, res_t* __restrict__ residual_out, float* __restrict__ size_out,
+    long long* __restrict__ origin_out, long long* __restrict__ cls_out) {
     __shared__ __align__(16) Shared sh;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int b = blockIdx.x / CLUSTER;
