@@ -48,6 +48,9 @@ DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}  # TM_*_DTYPE codes in the 
 N_CAPS = (64, 128, 256, 512)  # decision-array capacities (patches), one compiled variant each
 MAX_LENGTH = N_CAPS[-1] + 1
 MAX_DIM = 4096  # channels: the kernel's float32 row index over (row, 4-channel unit) pairs is exact up to here
+# score + score_b parts: the kernel's offsets within a sample are 32-bit (parts x length and
+# length x dim stay below 2^31 with MAX_LENGTH and MAX_DIM).
+MAX_PARTS = 1 << 16
 MAX_PORTABLE_CLUSTER = 8  # larger clusters need CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
 
 
@@ -213,6 +216,9 @@ def check_shape(length: int, dim: int, r: int, parts: int = 1, parts_b: int = 1)
     for what, count in (("score", parts), ("score_b", parts_b)):
         if not isinstance(count, int) or count < 1:
             raise UserError(f"the token-merge kernel needs a static, positive number of {what} parts, got {count}")
+    if parts + parts_b > MAX_PARTS:
+        raise UserError(f"the token-merge kernel sums at most {MAX_PARTS} score parts (score and score_b together), "
+                        f"got {parts + parts_b}; the PyTorch reference (token_merge_ref) runs more")
     if not isinstance(dim, int) or dim % 4 or not 0 < dim <= MAX_DIM:
         raise UserError(f"the token-merge kernel needs a static channel count that is a multiple of 4, at most "
                         f"{MAX_DIM}, got {dim}; the PyTorch reference (token_merge_ref) runs wider streams")

@@ -341,14 +341,14 @@ __device__ int block_prefix(Shared& sh, int n, Flag flag, Out out, Other other =
 }
 
 // One token's score parts: those of score, then those of score_b (the contract's concatenation),
-// read where they lie: concatenating them first would be a copy per merge block.
+// read where they lie: concatenating them first would be a copy per merge block. Offsets within a
+// sample are 32-bit (merge_launch.check_shape bounds parts x length): 64-bit index arithmetic
+// is several instructions per load, and at batch 1 the step waits on fetching its own code.
 struct TokenParts {
     const float* __restrict__ a;  // score's part 0 of the token
     const float* __restrict__ b;  // score_b's part 0 of the token
     int parts_a, L;
-    __device__ __forceinline__ float operator[](int k) const {
-        return k < parts_a ? a[static_cast<long long>(k) * L] : b[static_cast<long long>(k - parts_a) * L];
-    }
+    __device__ __forceinline__ float operator[](int k) const { return k < parts_a ? a[k * L] : b[(k - parts_a) * L]; }
 };
 
 // acc += parts k, k + SCORE_LANES, ... (N of them, in that order), all N loads in flight first.
@@ -620,10 +620,11 @@ struct FlatIndex {
 
 // Copies of the rows of slots [q_begin, q_end) that no source merges into, both streams: the
 // block's threads walk (slot, 4-channel unit) pairs, COPY_DEPTH of them with all loads in flight
-// before the stores (a row at a time leaves too few bytes in flight to cover the latency): 12 with
-// a block per SM (a vim_s step on an 8-block cluster is ~9 pairs per thread: one round trip), 4
-// where two blocks share an SM's registers (five spill there).
-constexpr int COPY_DEPTH = TM_MIN_BLOCKS > 1 ? 4 : 12;
+// before the stores (a row at a time leaves too few bytes in flight to cover the latency): 6 with
+// a block per SM, 4 where two blocks share an SM's registers (five spill there). Not more: each
+// unrolled pair is code that a batch-1 step runs once and must fetch (H200, batch 1: the copies
+// took 1.34 us with 12 and 64-bit offsets, 1.02 us with 6 and 32-bit ones; docs/perf-notes.md).
+constexpr int COPY_DEPTH = TM_MIN_BLOCKS > 1 ? 4 : 6;
 
 __device__ __forceinline__ void copy_rows(const Shared& sh, const hid_t* __restrict__ hidden,
                                           hid_t* __restrict__ hidden_out, const res_t* __restrict__ residual,
@@ -631,10 +632,15 @@ __device__ __forceinline__ void copy_rows(const Shared& sh, const hid_t* __restr
                                           int q_begin, int q_end, int E_dim) {
     const int units = E_dim / 4, total = (q_end - q_begin) * units;
     const FlatIndex at(units);
+    // The sample's rows; offsets within them are 32-bit (check_shape bounds length x dim).
+    const hid_t* __restrict__ hs = hidden + sample_row * E_dim;
+    const res_t* __restrict__ rs = residual + sample_row * E_dim;
+    hid_t* __restrict__ ho = hidden_out + out_row * E_dim;
+    res_t* __restrict__ ro = residual_out + out_row * E_dim;
     for (int base = threadIdx.x; base < total; base += COPY_DEPTH * THREADS) {
         HE::Raw4 h[COPY_DEPTH] = {};
         RE::Raw4 s[COPY_DEPTH] = {};
-        long long to[COPY_DEPTH];
+        int to[COPY_DEPTH];
 #pragma unroll
         for (int d = 0; d < COPY_DEPTH; ++d) {
             const int item = base + d * THREADS;
@@ -642,18 +648,18 @@ __device__ __forceinline__ void copy_rows(const Shared& sh, const hid_t* __restr
             if (item < total) {
                 const int row = at.row(item), q = q_begin + row, k = 4 * (item - row * units);
                 if (sh.ly.first[q] < 0) {
-                    const long long from = (sample_row + sh.ly.out_seq[q]) * E_dim + k;
-                    h[d] = *reinterpret_cast<const HE::Raw4*>(hidden + from);
-                    s[d] = *reinterpret_cast<const RE::Raw4*>(residual + from);
-                    to[d] = (out_row + q) * E_dim + k;
+                    const int from = sh.ly.out_seq[q] * E_dim + k;
+                    h[d] = *reinterpret_cast<const HE::Raw4*>(hs + from);
+                    s[d] = *reinterpret_cast<const RE::Raw4*>(rs + from);
+                    to[d] = q * E_dim + k;
                 }
             }
         }
 #pragma unroll
         for (int d = 0; d < COPY_DEPTH; ++d)
             if (to[d] >= 0) {
-                *reinterpret_cast<HE::Raw4*>(hidden_out + to[d]) = h[d];
-                *reinterpret_cast<RE::Raw4*>(residual_out + to[d]) = s[d];
+                *reinterpret_cast<HE::Raw4*>(ho + to[d]) = h[d];
+                *reinterpret_cast<RE::Raw4*>(ro + to[d]) = s[d];
             }
     }
 }
@@ -678,24 +684,28 @@ __device__ __forceinline__ void fold_rows(const Shared& sh, const hid_t* __restr
                                           int q_begin, int q_end, int r, int E_dim) {
     const int units = E_dim / 4, total = r * units;
     const FlatIndex at(units);
+    const hid_t* __restrict__ hs = hidden + sample_row * E_dim;  // as in copy_rows
+    const res_t* __restrict__ rs = residual + sample_row * E_dim;
+    hid_t* __restrict__ ho = hidden_out + out_row * E_dim;
+    res_t* __restrict__ ro = residual_out + out_row * E_dim;
     for (int item = threadIdx.x; item < total; item += THREADS) {
         const int c = at.row(item), k = 4 * (item - c * units);
         const int q = sh.ly.m_slot[c];
         if (sh.ly.first[q] != c || q < q_begin || q >= q_end) continue;  // not a group's first source
-        const long long in = (sample_row + sh.ly.out_seq[q]) * E_dim + k;
-        const float4 dh = load4<HE>(hidden + in), dr = load4<RE>(residual + in);
+        const int in = sh.ly.out_seq[q] * E_dim + k;
+        const float4 dh = load4<HE>(hs + in), dr = load4<RE>(rs + in);
         float4 ah = make_float4(0.f, 0.f, 0.f, 0.f), ar = ah;
         for (int j = c; j < r; ++j) {
             if (sh.ly.m_slot[j] != q) continue;
             const float f = sh.ly.m_fold[j];
-            const long long from = (sample_row + sh.ly.m_seq[j]) * E_dim + k;
-            fma4(ah, f, load4<HE>(hidden + from));
-            fma4(ar, f, load4<RE>(residual + from));
+            const int from = sh.ly.m_seq[j] * E_dim + k;
+            fma4(ah, f, load4<HE>(hs + from));
+            fma4(ar, f, load4<RE>(rs + from));
         }
         const float keep = sh.ly.m_keep[c];
-        const long long to = (out_row + q) * E_dim + k;
-        store4<HE>(hidden_out + to, keep_plus(dh, keep, ah));
-        store4<RE>(residual_out + to, keep_plus(dr, keep, ar));
+        const int to = q * E_dim + k;
+        store4<HE>(ho + to, keep_plus(dh, keep, ah));
+        store4<RE>(ro + to, keep_plus(dr, keep, ar));
     }
 }
 
@@ -935,15 +945,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
             sh.ly.m_w[c] = SIZE_WEIGHTS ? sz : __fmul_rn(sz, sh.score_seq[sseq]);
         }
         __syncthreads();
+        // The serial loops below stay rolled (unroll 1): a few threads walk r entries once, and
+        // unrolled copies (with their divisions inlined) are only more code for the step to fetch.
         for (int c = tid; c < r; c += THREADS) {
             const int q = sh.ly.m_slot[c];
             bool first = true;
+#pragma unroll 1
             for (int j = 0; j < c; ++j) first = first && sh.ly.m_slot[j] != q;
             if (!first) continue;
             const int dseq = sh.ly.out_seq[q];
             const float dsize = sh.size_seq[dseq];
             const float wd = SIZE_WEIGHTS ? dsize : __fmul_rn(dsize, sh.score_seq[dseq]);
             float wsum = 0.f, ssum = 0.f;
+#pragma unroll 1
             for (int j = c; j < r; ++j)
                 if (sh.ly.m_slot[j] == q) {
                     wsum = __fadd_rn(wsum, sh.ly.m_w[j]);
@@ -951,6 +965,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
                 }
             const float total = __fadd_rn(wd, wsum);
             sh.ly.m_keep[c] = __fdiv_rn(wd, total);
+#pragma unroll 1
             for (int j = c; j < r; ++j)
                 if (sh.ly.m_slot[j] == q) sh.ly.m_fold[j] = __fdiv_rn(sh.ly.m_w[j], total);
             sh.ly.m_new_size[c] = __fadd_rn(dsize, ssum);

@@ -75,6 +75,7 @@ def test_match_threads_select_the_tile_threads_and_reach_the_kernel():
     (lambda: merge_launch.check_shape(197, 4100, 6), "at most 4096"),
     (lambda: merge_launch.check_shape(197, 384, 99), "r=99 must lie in 0..98"),
     (lambda: merge_launch.check_shape(197, 384, 6, 0), "positive number of score parts"),
+    (lambda: merge_launch.check_shape(197, 384, 6, 40000, 30000), "at most 65536 score parts"),
 ])
 def test_bad_variants_fail_with_one_line(call, message):
     with pytest.raises(UserError) as err:
