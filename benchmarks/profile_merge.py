@@ -23,6 +23,21 @@ start (at batch 1 the cost of a launch that no kernel time shows; only the first
 are traced, so at larger batches the gap also holds the other samples' tail)::
 
     python benchmarks/profile_merge.py timeline --batch 1 --dtype float32 [--tuning T] [--graph]
+
+A benchmark of back-to-back steps keeps the step's code in the SM's instruction caches; inside a
+model the other kernels evict it, and a batch-1 step runs most of its code once (Nsight Compute:
+28% of its warp samples wait on instruction fetch, docs/perf-notes.md, ninth session). ``in-model``
+times the merge kernels where they run: the model's forward captured as a CUDA graph, the
+median of many replays (CUDA events) and each merge kernel's mean time inside the graph
+(torch.profiler)::
+
+    python benchmarks/profile_merge.py in-model --model vim_s --ratio 0.5 --batch 1 --dtype bf16
+
+``--kernel-source F`` (run, timeline, in-model) compiles F instead of this tree's kernel, so a
+change is timed against its parent in the same call, one process per source::
+
+    git show HEAD~1:plugins/token_merge.cu > /tmp/parent.cu
+    python benchmarks/profile_merge.py in-model --kernel-source /tmp/parent.cu
 """
 
 from __future__ import annotations
@@ -136,6 +151,81 @@ def extra_compile_option(option: str):
         yield
     finally:
         merge_launch.compile_options = plain
+
+
+@contextlib.contextmanager
+def kernel_source(path: Optional[Path]):
+    """Kernels compiled inside the block come from ``path`` (None: this tree's token_merge.cu);
+    compile_ptx looks ``merge_launch.KERNEL_SOURCE`` up at call time. As with
+    extra_compile_option, a kernel the launcher compiled first stays the one the process runs."""
+    from mame_deploy.plugins import merge_launch
+
+    plain = merge_launch.KERNEL_SOURCE
+    if path is not None:
+        merge_launch.KERNEL_SOURCE = path.resolve()
+    try:
+        yield
+    finally:
+        merge_launch.KERNEL_SOURCE = plain
+
+
+def in_model(model_name: str, ratio: float, batch: int, dtype: str, replays: int, profiled: int,
+             json_path: Optional[str] = None) -> dict:
+    """The merged model's forward as a CUDA graph: the median replay (CUDA events) and the mean
+    time of each merge kernel inside the graph (torch.profiler over ``profiled`` replays)."""
+    import statistics
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mame_deploy import patch
+    from mame_deploy.models import create_model
+    from mame_deploy.runners import capture_cuda_graph
+    from mame_deploy.source import in_dtype
+
+    model = in_dtype(create_model(model_name).eval(), dtype).to("cuda")
+    if ratio > 0:
+        patch(model, ratio=ratio)
+    cfg = model.config
+    images = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device="cuda")
+    with torch.no_grad():
+        graph, _ = capture_cuda_graph(lambda: model(images))
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(profiled):
+                graph.replay()
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = [{"kernel": e.key, "launches_per_forward": e.count / profiled, "mean_us": e.device_time_total / e.count}
+               for e in events if e.key.startswith("mame_token_merge")]
+    launches = sum(k["launches_per_forward"] for k in kernels)
+    merge_us = sum(k["launches_per_forward"] * k["mean_us"] for k in kernels)
+    result = {"device": torch.cuda.get_device_name(), "model": model_name, "ratio": ratio, "batch": batch,
+              "dtype": dtype, "replay_ms": statistics.median(times), "replays": replays,
+              "kernel_us_per_forward": sum(e.device_time_total for e in events) / profiled,
+              "merge_kernels": kernels, "merge_us_per_forward": merge_us,
+              "merge_mean_us": merge_us / launches if launches else None}
+    print(f"## {model_name} ratio {ratio:g}, {dtype}, batch {batch}, CUDA graph, {result['device']}\n")
+    print(f"replay median {result['replay_ms']:.4f} ms ({replays} replays); kernels "
+          f"{result['kernel_us_per_forward']:.1f} us a forward")
+    print("\n| merge kernel | launches a forward | mean us |\n|---|---|---|")
+    for k in kernels:
+        print(f"| {k['kernel']} | {k['launches_per_forward']:g} | {k['mean_us']:.2f} |")
+    if launches:
+        print(f"\n{launches:g} merge steps, {merge_us:.1f} us a forward, {merge_us / launches:.2f} us a step")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    return result
 
 
 def run(batch: int, dtype_name: str, steps: int) -> None:
@@ -327,18 +417,42 @@ def main(argv=None) -> int:
     t.add_argument("--rounds", type=int, default=40, help="rounds of 8 launches")
     t.add_argument("--graph", action="store_true", help="replay the 8 launches as a CUDA graph")
     t.add_argument("--json", help="also write the table as JSON here")
+    m = sub.add_parser("in-model", help="the merge kernels' times inside a merged model's CUDA graph")
+    m.add_argument("--model", default="vim_s")
+    m.add_argument("--ratio", type=float, default=0.5)
+    m.add_argument("--batch", type=int, default=1)
+    m.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    m.add_argument("--replays", type=int, default=200, help="timed replays (CUDA events)")
+    m.add_argument("--profiled", type=int, default=10, help="replays under torch.profiler")
+    m.add_argument("--json", help="also write the numbers as JSON here")
+    for p in (r, t, m):
+        p.add_argument("--kernel-source", type=Path,
+                       help="compile this token_merge.cu instead of the tree's (to time a change against its parent)")
     s = sub.add_parser("summarize", help="tables from ncu's source-page CSV")
     s.add_argument("csv")
     s.add_argument("--top", type=int, default=30)
     s.add_argument("--source", type=Path, default=KERNEL,
                    help="the token_merge.cu the profile was taken from (default: this tree's)")
     opts = ap.parse_args(argv)
-    if opts.what == "run":
-        run(opts.batch, opts.dtype, opts.steps)
-    elif opts.what == "timeline":
-        timeline(opts.batch, opts.dtype, opts.tuning, opts.rounds, opts.graph, opts.method, opts.json)
-    else:
-        summarize(opts.csv, opts.top, opts.source)
+    source = getattr(opts, "kernel_source", None)
+    if source is not None and not source.is_file():
+        print(f"error: --kernel-source {source}: no such file; give a token_merge.cu", file=sys.stderr)
+        return 2
+    if opts.what in ("run", "timeline", "in-model"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"error: profile_merge.py {opts.what} needs a CUDA GPU", file=sys.stderr)
+            return 2
+    with kernel_source(source):
+        if opts.what == "run":
+            run(opts.batch, opts.dtype, opts.steps)
+        elif opts.what == "timeline":
+            timeline(opts.batch, opts.dtype, opts.tuning, opts.rounds, opts.graph, opts.method, opts.json)
+        elif opts.what == "in-model":
+            in_model(opts.model, opts.ratio, opts.batch, opts.dtype, opts.replays, opts.profiled, opts.json)
+        else:
+            summarize(opts.csv, opts.top, opts.source)
     return 0
 
 

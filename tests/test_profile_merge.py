@@ -125,3 +125,35 @@ def test_the_trace_is_compiled_in_only_on_request(tmp_path):
     for name in ("tm_trace_time", "tm_trace_clock"):  # unmangled, 8-byte stamps, the size the host reads
         assert re.search(rf"\.global \.align 8 \.b8 {name}\[{8 * entries}\]", ptx[True]), name
     assert re.search(r"\.global \.align 4 \.u32 tm_trace_count", ptx[True])
+
+
+def test_kernel_source_swaps_the_compiled_file_and_restores_it(tmp_path):
+    from mame_deploy.plugins import merge_launch
+
+    tree = merge_launch.KERNEL_SOURCE
+    other = tmp_path / "parent.cu"
+    other.write_text("// a parent's kernel\n")
+    with profile_merge.kernel_source(other):
+        assert merge_launch.KERNEL_SOURCE == other.resolve()
+    assert merge_launch.KERNEL_SOURCE == tree
+    with pytest.raises(RuntimeError), profile_merge.kernel_source(other):
+        raise RuntimeError("a failed run")
+    assert merge_launch.KERNEL_SOURCE == tree  # restored after an error too
+    with profile_merge.kernel_source(None):
+        assert merge_launch.KERNEL_SOURCE == tree
+
+
+@pytest.mark.parametrize("what", ["run", "timeline", "in-model"])
+def test_a_missing_kernel_source_is_a_one_line_error(what, tmp_path, capsys):
+    assert profile_merge.main([what, "--kernel-source", str(tmp_path / "none.cu")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no such file" in err and "none.cu" in err and "\n" not in err
+
+
+def test_the_gpu_subcommands_say_they_need_a_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert profile_merge.main(["in-model", "--ratio", "0.5"]) == 2
+    assert capsys.readouterr().err.strip() == "error: profile_merge.py in-model needs a CUDA GPU"
