@@ -173,19 +173,19 @@ def in_model(model_name: str, ratio: float, batch: int, dtype: str, replays: int
              json_path: Optional[str] = None) -> dict:
     """The merged model's forward as a CUDA graph: the median replay (CUDA events) and the mean
     time of each merge kernel inside the graph (torch.profiler over ``profiled`` replays)."""
-    import statistics
-
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from bench_e2e import _timed  # benchmarks/ is on sys.path when run as a script
     from mame_deploy import patch
     from mame_deploy.models import create_model
     from mame_deploy.runners import capture_cuda_graph
     from mame_deploy.source import in_dtype
 
-    model = in_dtype(create_model(model_name).eval(), dtype).to("cuda")
+    model = create_model(model_name).eval()
     if ratio > 0:
         patch(model, ratio=ratio)
+    model = in_dtype(model, dtype).to("cuda")  # source.build_model's order: patch, then the dtype
     cfg = model.config
     images = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device="cuda")
     with torch.no_grad():
@@ -193,14 +193,7 @@ def in_model(model_name: str, ratio: float, batch: int, dtype: str, replays: int
         for _ in range(20):
             graph.replay()
         torch.cuda.synchronize()
-        times = []
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        replay_ms = _timed(graph.replay, replays)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(profiled):
                 graph.replay()
@@ -211,7 +204,7 @@ def in_model(model_name: str, ratio: float, batch: int, dtype: str, replays: int
     launches = sum(k["launches_per_forward"] for k in kernels)
     merge_us = sum(k["launches_per_forward"] * k["mean_us"] for k in kernels)
     result = {"device": torch.cuda.get_device_name(), "model": model_name, "ratio": ratio, "batch": batch,
-              "dtype": dtype, "replay_ms": statistics.median(times), "replays": replays,
+              "dtype": dtype, "replay_ms": replay_ms, "replays": replays,
               "kernel_us_per_forward": sum(e.device_time_total for e in events) / profiled,
               "merge_kernels": kernels, "merge_us_per_forward": merge_us,
               "merge_mean_us": merge_us / launches if launches else None}
