@@ -312,13 +312,14 @@ def test_unmerged_parity():
             assert_parity(run_onnxruntime(data, x), run_torch(torch_model, x))
 
 
-# Merged vim_t at 197 tokens, where near-ties occur: MaMe at full depth (24 blocks, 23 merge
-# steps); the baselines, which share its operator and differ only in attributes, on 8 blocks (7
-# steps), since a full-depth export costs ~45 s of the suite's 15 minutes on the 2-core machine.
+# Merged vim_t at 197 tokens, where near-ties occur, with a dynamic batch: each method on 8 blocks
+# (7 merge steps; the three share one operator and differ only in attributes). Full depth (24
+# blocks, 23 steps) is the static batch-1 test below, the README's flow: a full-depth export costs
+# ~45 s of the suite's 15 minutes on the 2-core machine, and one of them is enough.
 @pytest.mark.slow
-@pytest.mark.parametrize("method,overrides", [("mame", ()), ("tome", (("depth", 8),)), ("prune", (("depth", 8),))],
-                         ids=["mame-24", "tome-8", "prune-8"])
-def test_vim_t_merged_parity_at_batch_1_and_8(method, overrides):
+@pytest.mark.parametrize("method", ["mame", "tome", "prune"])
+def test_vim_t_merged_parity_at_batch_1_and_8(method):
+    overrides = (("depth", 8),)
     torch_model = source_model("vim_t", overrides, method, 0.5)
     assert sum(model_schedule(torch_model)) > 0
     data = exported("vim_t", overrides, method, 0.5, batch=None)
