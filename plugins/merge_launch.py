@@ -118,6 +118,9 @@ class Tuning:
             (self.ty < 1 or self.matchers % self.ty or self.matchers // self.ty > 32)
             and "ty must divide match_threads, leaving at most 32 threads per source row",
             (self.my < 1 or self.mx < 1) and "my and mx must be positive",
+            (self.ty * self.my % 16 or (self.matchers // max(self.ty, 1)) * self.mx % 8)
+            and "the matching tile must be whole 16 x 8 tensor-core pieces: ty * my a multiple of 16, "
+                "(match_threads / ty) * mx a multiple of 8",
             self.ty * self.my + (self.matchers // max(self.ty, 1)) * self.mx > self.threads
             and "ty * my + (match_threads / ty) * mx must be at most threads",
             (self.kt % 4 or self.kt < 4 or (self.kt // 4 + 1) % 2 != 1) and "kt must be a multiple of 8",

@@ -44,7 +44,9 @@
 //      block; each computes the cosine similarity of its sources to its destinations as a
 //      register-tiled float32 product over channels staged in shared memory (each dot product is
 //      one fused multiply-add chain in channel order, the norms likewise, so every work split
-//      gives the same bits), rounds it to float16 and keeps the first maximum per source; the
+//      gives the same bits; for float16 / bfloat16 hidden states with the hidden metric, TF32
+//      tensor-core MMAs over 8-channel steps in channel order, exact products of half values),
+//      rounds it to float16 and keeps the first maximum per source; the
 //      blocks then write their sources' best matches into every block of the cluster
 //      (distributed shared memory), meet at one cluster barrier, and each takes the best over
 //      the destination groups (exact: the higher key, on a tie the first destination);
@@ -104,6 +106,23 @@ static_assert(TILE_S + TILE_D <= THREADS, "one thread per staged row keeps its n
 // The threads that keep the norms: those that do not match where there are enough of them (so
 // the norms' reads overlap the tile's on other schedulers), else the first ones.
 constexpr int NORM_BASE = THREADS - MATCH_THREADS >= TILE_S + TILE_D ? MATCH_THREADS : 0;
+// The half types' similarity on tensor cores: a float16 or bfloat16 value is exact in TF32, so
+// each product of an m16n8k8 TF32 MMA is exact in float32 and its sums are float32 sums; every
+// split computes a pair's dot product as the same MMAs over 8-channel steps in channel order (so
+// the same bits). The stream metric (residual + hidden in float32) is not exact in TF32 and keeps
+// the FMA chains, as float32 does. Warps take 16 x 8 pieces of the tile, a contiguous run each
+// (mostly one row of pieces, so consecutive pieces share their sources).
+constexpr bool TC_MATCH = TM_HIDDEN_DTYPE != 0;
+constexpr int MATCH_WARPS = MATCH_THREADS / 32;
+constexpr int STRIPS = TILE_S / 16;  // rows of 16 x 8 pieces
+constexpr int COLS = TILE_D / 8;     // pieces per row
+// Each warp takes SPW whole strips (more strips than warps) or a run of CPW pieces of one strip
+// (WPS warps a strip), so that its pieces lie at fixed offsets from one source row and one
+// destination row: a handful of address registers, as the FMA tile's, and one A fragment a strip.
+constexpr int WPS = MATCH_WARPS >= STRIPS ? MATCH_WARPS / STRIPS : 1;
+constexpr int SPW = MATCH_WARPS >= STRIPS ? 1 : (STRIPS + MATCH_WARPS - 1) / MATCH_WARPS;
+constexpr int CPW = (COLS + WPS - 1) / WPS;
+static_assert(TILE_S % 16 == 0 && TILE_D % 8 == 0, "the matching tile must be whole 16 x 8 pieces: TM_TY * TM_MY a multiple of 16, destinations a multiple of 8");
 static_assert(KT % 4 == 0 && KT >= 4, "TM_KT must be a multiple of 4");
 static_assert(ROW / 4 % 2 == 1, "row stride must be an odd number of 16-byte units");
 static_assert(N_CAP % 32 == 0 && N_CAP <= 1024, "TM_N_CAP must be a multiple of 32, at most 1024");
@@ -251,8 +270,17 @@ struct Tiles {
 };
 
 // What only the matching uses, and what only the layout after it uses, share memory.
+// The tensor-core path's best match per source and 8-destination piece, after the last stage.
+struct Candidates {
+    float key[TC_MATCH ? TILE_S : 1][COLS];  // (float32 has no tensor-core path)
+    int dst[TC_MATCH ? TILE_S : 1][COLS];
+};
+
 struct Matching {
-    Tiles tiles;
+    union {
+        Tiles tiles;
+        Candidates cand;
+    };
     float den_a[TILE_S];  // max(||metric||, 1e-12) of the staged sources
     float den_b[TILE_D];  // ... and destinations
     int row_a[TILE_S];    // sequence positions of the staged rows
@@ -487,6 +515,42 @@ __device__ __forceinline__ void tile_unit(float (&acc)[MY][MX], const Shared& sh
     }
 }
 
+// D += A B for one 16 x 8 piece and 8 channels: A's rows are sources, B's destinations.
+__device__ __forceinline__ void mma_tf32(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                         unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The first strip and piece of a warp's pieces (strip >= STRIPS: the warp has none).
+__device__ __forceinline__ int first_strip(int warp) { return MATCH_WARPS >= STRIPS ? warp / WPS : warp * SPW; }
+__device__ __forceinline__ int first_col(int warp) { return MATCH_WARPS >= STRIPS ? warp % WPS * CPW : 0; }
+
+// The 8 channels at k of this warp's pieces (PTX's m16n8k8 fragments: lane g * 4 + t holds A's
+// rows g, g + 8 at channels t, t + 4, B's row g at t, t + 4, and D's rows g, g + 8 at columns
+// 2t, 2t + 1). Staged rows are float32 holding half values, so their bits are TF32 as they are;
+// ROW's odd count of 16-byte units puts a fragment load's 8 rows x 4 channels in 32 banks.
+__device__ __forceinline__ void tc_unit(float (&c)[SPW][CPW][4], const Shared& sh, int warp, int lane, int k) {
+    const int g = lane >> 2, t = lane & 3, strip0 = first_strip(warp), col0 = first_col(warp);
+    const float* a = &sh.mt.tiles.a[strip0 * 16 + g][k + t];
+    const float* b = &sh.mt.tiles.b[col0 * 8 + g][k + t];
+#pragma unroll
+    for (int i = 0; i < SPW; ++i) {
+        if (strip0 + i >= STRIPS) break;
+        const float* ai = a + i * 16 * ROW;
+        const unsigned a0 = __float_as_uint(ai[0]), a1 = __float_as_uint(ai[8 * ROW]);
+        const unsigned a2 = __float_as_uint(ai[4]), a3 = __float_as_uint(ai[8 * ROW + 4]);
+#pragma unroll
+        for (int j = 0; j < CPW; ++j) {
+            if (col0 + j >= COLS) break;
+            const float* bj = b + j * 8 * ROW;
+            mma_tf32(c[i][j], a0, a1, a2, a3, __float_as_uint(bj[0]), __float_as_uint(bj[4]));
+        }
+    }
+}
+
 // The better of two candidate matches: the higher key, on equal keys the first destination (the
 // reference's first maximum). Exact, and the same whatever order candidates are combined in.
 __device__ __forceinline__ void keep_better(float& bk, int& bd, float k, int d) {
@@ -496,11 +560,172 @@ __device__ __forceinline__ void keep_better(float& bk, int& bd, float k, int d) 
     }
 }
 
+// The decision key of a pair's cosine similarity from its dot product and the two norms.
+__device__ __forceinline__ float similarity_key(float dot, float den_a, float den_b) {
+    return decision_key(__fdiv_rn(__fdiv_rn(dot, den_a), den_b));
+}
+
+// The tensor-core path's first maximum per source of the tile: over the lane's two columns of a
+// piece (ascending), the piece's four lanes of the row, then the tile's pieces, through shared
+// memory (pieces of one row may lie in different warps). keep_better is exact in any order.
+__device__ __forceinline__ void tc_best_matches(Shared& sh, const float (&c)[SPW][CPW][4], int warp, int lane, int ns,
+                                                int nd, int ts, int td, int d_begin, float* best_key, int* best_dst) {
+    const int g = lane >> 2, t = lane & 3, strip0 = first_strip(warp), col0 = first_col(warp);
+    if (warp < MATCH_WARPS) {
+#pragma unroll
+        for (int i = 0; i < SPW; ++i) {
+            if (strip0 + i >= STRIPS) break;
+#pragma unroll
+            for (int j = 0; j < CPW; ++j) {
+                const int col = col0 + j;
+                if (col >= COLS) break;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int m = (strip0 + i) * 16 + g + 8 * h;
+                    float bk = -__int_as_float(0x7f800000);
+                    int bd = 0x7fffffff;
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int d = col * 8 + 2 * t + e;
+                        if (m < ns && d < nd) {
+                            const float k = similarity_key(c[i][j][2 * h + e], sh.mt.den_a[m], sh.mt.den_b[d]);
+                            if (k > bk) {
+                                bk = k;
+                                bd = td + d;
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int o = 1; o < 4; o <<= 1)
+                        keep_better(bk, bd, __shfl_xor_sync(0xffffffffu, bk, o), __shfl_xor_sync(0xffffffffu, bd, o));
+                    if (t == 0 && m < ns) {
+                        sh.mt.cand.key[m][col] = bk;
+                        sh.mt.cand.dst[m][col] = bd;
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+    for (int m = threadIdx.x; m < ns; m += THREADS) {
+        float bk = -__int_as_float(0x7f800000);
+        int bd = 0x7fffffff;
+        for (int col = 0; col < COLS; ++col) keep_better(bk, bd, sh.mt.cand.key[m][col], sh.mt.cand.dst[m][col]);
+        if (td > d_begin) keep_better(bk, bd, best_key[ts + m], best_dst[ts + m]);
+        best_key[ts + m] = bk;
+        best_dst[ts + m] = bd;
+    }
+}
+
+// One matching pass: sources [ts, ts + ns) of the candidate list against destinations [td, td +
+// nd), their rows staged KT channels at a time; each source's first maximum is folded into
+// best_key / best_dst. TC: the products on tensor cores (the half types' hidden metric).
+template <bool TC>
+__device__ __forceinline__ void match_pass(Shared& sh, const hid_t* __restrict__ hidden,
+                                           const res_t* __restrict__ residual, bool stream_metric,
+                                           long long sample_row, int E, int ts, int ns, int td, int nd, int d_begin,
+                                           bool first_pass, float* best_key, int* best_dst) {
+    constexpr int PER = ((TILE_S + TILE_D) * U + THREADS - 1) / THREADS;
+    const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX, warp = tid >> 5, lane = tid & 31;
+    // The products: FMA chains (float32, the stream metric), or tensor-core pieces (TC).
+    float acc[TC ? 1 : MY][TC ? 1 : MX];
+    float c[TC ? SPW : 1][TC ? CPW : 1][4];
+#pragma unroll
+    for (int i = 0; i < (TC ? 1 : MY); ++i)
+#pragma unroll
+        for (int j = 0; j < (TC ? 1 : MX); ++j) acc[i][j] = 0.f;
+#pragma unroll
+    for (int i = 0; i < (TC ? SPW : 1); ++i)
+#pragma unroll
+        for (int j = 0; j < (TC ? CPW : 1); ++j) c[i][j][0] = c[i][j][1] = c[i][j][2] = c[i][j][3] = 0.f;
+    float sumsq = 0.f;  // of the staged row whose norm this thread keeps, if any
+    Staged<PER> st;
+    load_chunk(sh, hidden, residual, stream_metric, sample_row, E, 0, st);
+    for (int k0 = 0; k0 < E; k0 += KT) {
+        store_chunk(sh, stream_metric, st);
+        __syncthreads();
+        if (k0 == 0 && first_pass) TM_MARK(14);
+        if (k0 + KT < E) load_chunk(sh, hidden, residual, stream_metric, sample_row, E, k0 + KT, st);  // in flight meanwhile
+        // The norms' chains run inside the tile's loop, not before it: a warp that keeps a
+        // norm no longer walks its row alone while the block waits at the next barrier.
+        const int nt = tid - NORM_BASE;  // the staged row whose norm this thread keeps
+        const bool keeps_norm = nt >= 0 && nt < TILE_S + TILE_D, matches = tid < MATCH_THREADS;
+        const float* own = nt < TILE_S ? sh.mt.tiles.a[max(nt, 0)] : sh.mt.tiles.b[min(nt - TILE_S, TILE_D - 1)];
+        if constexpr (TC) {
+            if (keeps_norm) {
+#pragma unroll TILE_UNROLL
+                for (int u = 0; u < U; ++u) norm_unit(sumsq, own, u);
+            }
+            if (matches) {  // whole warps (MATCH_THREADS is a multiple of 32)
+#pragma unroll
+                for (int k = 0; k < KT; k += 8) tc_unit(c, sh, warp, lane, k);
+            }
+        } else if constexpr (NORM_BASE > 0) {  // the norms and the tile on different warps
+            if (keeps_norm) {
+#pragma unroll TILE_UNROLL
+                for (int u = 0; u < U; ++u) norm_unit(sumsq, own, u);
+            } else if (matches) {
+#pragma unroll TILE_UNROLL
+                for (int u = 0; u < U; ++u) tile_unit(acc, sh, ty, tx, u);
+            }
+        } else {
+#pragma unroll TILE_UNROLL
+            for (int u = 0; u < U; ++u) {
+                if (keeps_norm) norm_unit(sumsq, own, u);
+                if (matches) tile_unit(acc, sh, ty, tx, u);
+            }
+        }
+        __syncthreads();
+    }
+    if (first_pass) TM_MARK(15);
+    // F.normalize divides by max(||x||, 1e-12).
+    const int nt = tid - NORM_BASE;
+    if (nt >= 0 && nt < TILE_S) {
+        sh.mt.den_a[nt] = fmaxf(sqrtf(sumsq), 1e-12f);
+    } else if (nt >= TILE_S && nt < TILE_S + TILE_D) {
+        sh.mt.den_b[nt - TILE_S] = fmaxf(sqrtf(sumsq), 1e-12f);
+    }
+    __syncthreads();
+    if constexpr (TC) {
+        tc_best_matches(sh, c, warp, lane, ns, nd, ts, td, d_begin, best_key, best_dst);
+    } else {
+        // Each thread's first maximum over its destinations (ascending), then over the TX
+        // threads of the source's row: consecutive lanes of one warp (TX <= 32). Only the
+        // matching threads hold products (whole warps: MATCH_THREADS is a multiple of 32).
+#pragma unroll
+        for (int i = 0; i < MY; ++i) {
+            if (tid >= MATCH_THREADS) break;
+            const int m = ty + TY * i;
+            float bk = -__int_as_float(0x7f800000);
+            int bd = 0x7fffffff;
+#pragma unroll
+            for (int j = 0; j < MX; ++j) {
+                const int d = tx + TX * j;
+                if (m < ns && d < nd) {
+                    const float k = similarity_key(acc[i][j], sh.mt.den_a[m], sh.mt.den_b[d]);
+                    if (k > bk) {
+                        bk = k;
+                        bd = td + d;
+                    }
+                }
+            }
+#pragma unroll
+            for (int o = TX / 2; o > 0; o >>= 1)
+                keep_better(bk, bd, __shfl_xor_sync(0xffffffffu, bk, o), __shfl_xor_sync(0xffffffffu, bd, o));
+            if (tx == 0 && m < ns) {
+                if (td > d_begin) keep_better(bk, bd, best_key[ts + m], best_dst[ts + m]);
+                best_key[ts + m] = bk;
+                best_dst[ts + m] = bd;
+            }
+        }
+    }
+    __syncthreads();
+}
+
 __device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, const res_t* __restrict__ residual,
                               bool stream_metric, long long sample_row, int E, int cls_pos, int s_begin, int s_end,
                               int d_begin, int d_end, float* best_key, int* best_dst) {
-    constexpr int PER = ((TILE_S + TILE_D) * U + THREADS - 1) / THREADS;
-    const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+    const int tid = threadIdx.x;
     if (d_begin >= d_end) {  // no destinations in this group: no candidate for any source
         for (int m = s_begin + tid; m < s_end; m += THREADS) {
             best_key[m] = -__int_as_float(0x7f800000);
@@ -522,80 +747,16 @@ __device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, cons
             }
             __syncthreads();
 
-            float acc[MY][MX];
-#pragma unroll
-            for (int i = 0; i < MY; ++i)
-#pragma unroll
-                for (int j = 0; j < MX; ++j) acc[i][j] = 0.f;
-            float sumsq = 0.f;  // of the staged row whose norm this thread keeps, if any
-            Staged<PER> st;
-            load_chunk(sh, hidden, residual, stream_metric, sample_row, E, 0, st);
-            for (int k0 = 0; k0 < E; k0 += KT) {
-                store_chunk(sh, stream_metric, st);
-                __syncthreads();
-                if (k0 == 0 && ts == s_begin && td == d_begin) TM_MARK(14);
-                if (k0 + KT < E) load_chunk(sh, hidden, residual, stream_metric, sample_row, E, k0 + KT, st);  // in flight meanwhile
-                // The norms' chains run inside the tile's loop, not before it: a warp that keeps a
-                // norm no longer walks its row alone while the block waits at the next barrier.
-                const int nt = tid - NORM_BASE;  // the staged row whose norm this thread keeps
-                const bool keeps_norm = nt >= 0 && nt < TILE_S + TILE_D, matches = tid < MATCH_THREADS;
-                const float* own = nt < TILE_S ? sh.mt.tiles.a[max(nt, 0)] : sh.mt.tiles.b[min(nt - TILE_S, TILE_D - 1)];
-                if constexpr (NORM_BASE > 0) {  // the norms and the tile on different warps
-                    if (keeps_norm) {
-#pragma unroll TILE_UNROLL
-                        for (int c = 0; c < U; ++c) norm_unit(sumsq, own, c);
-                    } else if (matches) {
-#pragma unroll TILE_UNROLL
-                        for (int c = 0; c < U; ++c) tile_unit(acc, sh, ty, tx, c);
-                    }
-                } else {
-#pragma unroll TILE_UNROLL
-                    for (int c = 0; c < U; ++c) {
-                        if (keeps_norm) norm_unit(sumsq, own, c);
-                        if (matches) tile_unit(acc, sh, ty, tx, c);
-                    }
-                }
-                __syncthreads();
-            }
-            if (ts == s_begin && td == d_begin) TM_MARK(15);
-            // F.normalize divides by max(||x||, 1e-12).
-            const int nt = tid - NORM_BASE;
-            if (nt >= 0 && nt < TILE_S) {
-                sh.mt.den_a[nt] = fmaxf(sqrtf(sumsq), 1e-12f);
-            } else if (nt >= TILE_S && nt < TILE_S + TILE_D) {
-                sh.mt.den_b[nt - TILE_S] = fmaxf(sqrtf(sumsq), 1e-12f);
-            }
-            __syncthreads();
-            // Each thread's first maximum over its destinations (ascending), then over the TX
-            // threads of the source's row: consecutive lanes of one warp (TX <= 32). Only the
-            // matching threads hold products (whole warps: MATCH_THREADS is a multiple of 32).
-#pragma unroll
-            for (int i = 0; i < MY; ++i) {
-                if (tid >= MATCH_THREADS) break;
-                const int m = ty + TY * i;
-                float bk = -__int_as_float(0x7f800000);
-                int bd = 0x7fffffff;
-#pragma unroll
-                for (int j = 0; j < MX; ++j) {
-                    const int d = tx + TX * j;
-                    if (m < ns && d < nd) {
-                        const float k = decision_key(__fdiv_rn(__fdiv_rn(acc[i][j], sh.mt.den_a[m]), sh.mt.den_b[d]));
-                        if (k > bk) {
-                            bk = k;
-                            bd = td + d;
-                        }
-                    }
-                }
-#pragma unroll
-                for (int o = TX / 2; o > 0; o >>= 1)
-                    keep_better(bk, bd, __shfl_xor_sync(0xffffffffu, bk, o), __shfl_xor_sync(0xffffffffu, bd, o));
-                if (tx == 0 && m < ns) {
-                    if (td > d_begin) keep_better(bk, bd, best_key[ts + m], best_dst[ts + m]);
-                    best_key[ts + m] = bk;
-                    best_dst[ts + m] = bd;
+            const bool first_pass = ts == s_begin && td == d_begin;
+            if constexpr (TC_MATCH) {
+                if (!stream_metric) {
+                    match_pass<true>(sh, hidden, residual, false, sample_row, E, ts, ns, td, nd, d_begin,
+                                     first_pass, best_key, best_dst);
+                    continue;
                 }
             }
-            __syncthreads();
+            match_pass<false>(sh, hidden, residual, stream_metric, sample_row, E, ts, ns, td, nd, d_begin, first_pass,
+                              best_key, best_dst);
         }
     }
 }

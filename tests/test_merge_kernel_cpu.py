@@ -64,6 +64,8 @@ def test_match_threads_select_the_tile_threads_and_reach_the_kernel():
     (lambda: merge_launch.Tuning(threads=200), "multiple of 32 in 128..1024"),
     (lambda: merge_launch.Tuning(cluster=8, dst_groups=3), "dst_groups must divide cluster"),
     (lambda: merge_launch.Tuning(kt=12), "multiple of 8"),
+    (lambda: merge_launch.Tuning(ty=8, my=3), "whole 16 x 8 tensor-core pieces"),  # 24 sources a pass
+    (lambda: merge_launch.Tuning(ty=64, my=1, mx=1), "(match_threads / ty) * mx a multiple of 8"),  # 4 destinations
     (lambda: merge_launch.Tuning(match_threads=48), "match_threads must be 0 (all) or a multiple of 32"),
     (lambda: merge_launch.Tuning(match_threads=512), "match_threads must be 0 (all) or a multiple of 32"),
     (lambda: merge_launch.Tuning(ty=64, my=1, mx=1, match_threads=96), "ty must divide match_threads"),
