@@ -118,10 +118,10 @@ class Tuning:
             (self.ty < 1 or self.matchers % self.ty or self.matchers // self.ty > 32)
             and "ty must divide match_threads, leaving at most 32 threads per source row",
             (self.my < 1 or self.mx < 1) and "my and mx must be positive",
-            (self.ty * self.my % 16 or (self.matchers // max(self.ty, 1)) * self.mx % 8)
+            (self.tile_sources % 16 or self.tile_destinations % 8)
             and "the matching tile must be whole 16 x 8 tensor-core pieces: ty * my a multiple of 16, "
                 "(match_threads / ty) * mx a multiple of 8",
-            self.ty * self.my + (self.matchers // max(self.ty, 1)) * self.mx > self.threads
+            self.tile_sources + self.tile_destinations > self.threads
             and "ty * my + (match_threads / ty) * mx must be at most threads",
             (self.kt % 4 or self.kt < 4 or (self.kt // 4 + 1) % 2 != 1) and "kt must be a multiple of 8",
             self.min_blocks < 1 and "min_blocks must be at least 1",
@@ -135,6 +135,16 @@ class Tuning:
     def matchers(self) -> int:
         """Threads that compute the matching tile."""
         return self.match_threads or self.threads
+
+    @property
+    def tile_sources(self) -> int:
+        """Sources per matching pass (the kernel's TILE_S)."""
+        return self.ty * self.my
+
+    @property
+    def tile_destinations(self) -> int:
+        """Destinations per matching pass (TILE_D; ty < 1 is refused, not divided by)."""
+        return self.matchers // max(self.ty, 1) * self.mx
 
     @property
     def portable(self) -> bool:

@@ -110,8 +110,7 @@ constexpr int NORM_BASE = THREADS - MATCH_THREADS >= TILE_S + TILE_D ? MATCH_THR
 // each product of an m16n8k8 TF32 MMA is exact in float32 and its sums are float32 sums; every
 // split computes a pair's dot product as the same MMAs over 8-channel steps in channel order (so
 // the same bits). The stream metric (residual + hidden in float32) is not exact in TF32 and keeps
-// the FMA chains, as float32 does. Warps take 16 x 8 pieces of the tile, a contiguous run each
-// (mostly one row of pieces, so consecutive pieces share their sources).
+// the FMA chains, as float32 does.
 constexpr bool TC_MATCH = TM_HIDDEN_DTYPE != 0;
 constexpr int MATCH_WARPS = MATCH_THREADS / 32;
 constexpr int STRIPS = TILE_S / 16;  // rows of 16 x 8 pieces
@@ -269,13 +268,13 @@ struct Tiles {
     float b[TILE_D][ROW];  // destinations' metric
 };
 
-// What only the matching uses, and what only the layout after it uses, share memory.
 // The tensor-core path's best match per source and 8-destination piece, after the last stage.
 struct Candidates {
     float key[TC_MATCH ? TILE_S : 1][COLS];  // (float32 has no tensor-core path)
     int dst[TC_MATCH ? TILE_S : 1][COLS];
 };
 
+// What only the matching uses, and what only the layout after it uses, share memory.
 struct Matching {
     union {
         Tiles tiles;
@@ -524,7 +523,7 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], unsigned a0, unsigned a1
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// The first strip and piece of a warp's pieces (strip >= STRIPS: the warp has none).
+// The strip and column of a warp's first piece (strip >= STRIPS: the warp has none).
 __device__ __forceinline__ int first_strip(int warp) { return MATCH_WARPS >= STRIPS ? warp / WPS : warp * SPW; }
 __device__ __forceinline__ int first_col(int warp) { return MATCH_WARPS >= STRIPS ? warp % WPS * CPW : 0; }
 
