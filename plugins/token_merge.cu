@@ -786,17 +786,23 @@ struct FlatIndex {
 // took 1.34 us with 12 and 64-bit offsets, 1.02 us with 6 and 32-bit ones; docs/perf-notes.md).
 constexpr int COPY_DEPTH = TM_MIN_BLOCKS > 1 ? 4 : 6;
 
-__device__ __forceinline__ void copy_rows(const Shared& sh, const hid_t* __restrict__ hidden,
-                                          hid_t* __restrict__ hidden_out, const res_t* __restrict__ residual,
-                                          res_t* __restrict__ residual_out, long long sample_row, long long out_row,
-                                          int q_begin, int q_end, int E_dim) {
+// One sample's rows of both streams, in and out; offsets within them are 32-bit (check_shape
+// bounds length x dim).
+struct SampleRows {
+    const hid_t* __restrict__ hs;
+    const res_t* __restrict__ rs;
+    hid_t* __restrict__ ho;
+    res_t* __restrict__ ro;
+};
+
+__device__ __forceinline__ void copy_rows(const Shared& sh, const SampleRows& rows, int q_begin, int q_end,
+                                          int E_dim) {
     const int units = E_dim / 4, total = (q_end - q_begin) * units;
     const FlatIndex at(units);
-    // The sample's rows; offsets within them are 32-bit (check_shape bounds length x dim).
-    const hid_t* __restrict__ hs = hidden + sample_row * E_dim;
-    const res_t* __restrict__ rs = residual + sample_row * E_dim;
-    hid_t* __restrict__ ho = hidden_out + out_row * E_dim;
-    res_t* __restrict__ ro = residual_out + out_row * E_dim;
+    const hid_t* __restrict__ hs = rows.hs;
+    const res_t* __restrict__ rs = rows.rs;
+    hid_t* __restrict__ ho = rows.ho;
+    res_t* __restrict__ ro = rows.ro;
     for (int base = threadIdx.x; base < total; base += COPY_DEPTH * THREADS) {
         HE::Raw4 h[COPY_DEPTH] = {};
         RE::Raw4 s[COPY_DEPTH] = {};
@@ -838,16 +844,14 @@ __device__ __forceinline__ float4 keep_plus(float4 d, float keep, float4 acc) {
 // The rows of slots [q_begin, q_end) that sources merge into, both streams: each thread takes
 // (merge group, 4-channel unit) pairs, the weighted mean of the destination and its sources in
 // float32 (sources in chosen order, then the destination's share: the reference's order).
-__device__ __forceinline__ void fold_rows(const Shared& sh, const hid_t* __restrict__ hidden,
-                                          hid_t* __restrict__ hidden_out, const res_t* __restrict__ residual,
-                                          res_t* __restrict__ residual_out, long long sample_row, long long out_row,
-                                          int q_begin, int q_end, int r, int E_dim) {
+__device__ __forceinline__ void fold_rows(const Shared& sh, const SampleRows& rows, int q_begin, int q_end, int r,
+                                          int E_dim) {
     const int units = E_dim / 4, total = r * units;
     const FlatIndex at(units);
-    const hid_t* __restrict__ hs = hidden + sample_row * E_dim;  // as in copy_rows
-    const res_t* __restrict__ rs = residual + sample_row * E_dim;
-    hid_t* __restrict__ ho = hidden_out + out_row * E_dim;
-    res_t* __restrict__ ro = residual_out + out_row * E_dim;
+    const hid_t* __restrict__ hs = rows.hs;
+    const res_t* __restrict__ rs = rows.rs;
+    hid_t* __restrict__ ho = rows.ho;
+    res_t* __restrict__ ro = rows.ro;
     for (int item = threadIdx.x; item < total; item += THREADS) {
         const int c = at.row(item), k = 4 * (item - c * units);
         const int q = sh.ly.m_slot[c];
@@ -1143,9 +1147,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, TM_MIN_BLOCKS) TM_CLUSTER_
     // and are stored after the rows, so their latency hides behind the copies.
     const int q_own = q_begin + tid;
     const long long origin_own = q_own < q_end ? origin[row0 + sh.ly.out_seq[q_own]] : 0;
-    if (matching) fold_rows(sh, hidden, hidden_out, residual, residual_out, row0, out0, q_begin, q_end, r, E);
+    const SampleRows rows{hidden + row0 * E, residual + row0 * E, hidden_out + out0 * E, residual_out + out0 * E};
+    if (matching) fold_rows(sh, rows, q_begin, q_end, r, E);
     TM_MARK(11);
-    copy_rows(sh, hidden, hidden_out, residual, residual_out, row0, out0, q_begin, q_end, E);
+    copy_rows(sh, rows, q_begin, q_end, E);
     TM_MARK(12);
     for (int q = q_own; q < q_end; q += THREADS) {
         const int seq = sh.ly.out_seq[q], group = sh.ly.first[q];
