@@ -38,6 +38,13 @@ change is timed against its parent in the same call, one process per source::
 
     git show HEAD~1:plugins/token_merge.cu > /tmp/parent.cu
     python benchmarks/profile_merge.py in-model --kernel-source /tmp/parent.cu
+
+``bits --kernel-source F`` checks that a change keeps the outputs: every shipped split, three
+type pairs, batch 1/5/64 and five attribute sets, run by F and by this tree's kernel in two
+processes (a process keeps the kernel it compiled first), all five outputs compared bit for bit;
+exit 1 when any case differs::
+
+    python benchmarks/profile_merge.py bits --kernel-source /tmp/parent.cu
 """
 
 from __future__ import annotations
@@ -50,7 +57,9 @@ import ctypes
 import json
 import re
 import struct
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -236,6 +245,70 @@ def run(batch: int, dtype_name: str, steps: int) -> None:
     torch.cuda.synchronize()
 
 
+# The attribute sets a bits check runs: mame's default and lam, every option at once with the
+# stream metric, a larger r, prune.
+BITS_ATTRIBUTES = (dict(r=6), dict(r=6, lam=1.0), dict(r=6, split=1, arrangement=1, weighting=1, metric=1),
+                   dict(r=12, lam=0.5, metric=1), dict(r=6, prune=1))
+BITS_TYPES = (("float32", "float32"), ("bfloat16", "float32"), ("float16", "float16"))
+BITS_BATCHES = (1, 5, 64)
+
+
+def save_outputs(path: str) -> None:
+    """Every case's five outputs from the kernel this process compiles, saved to ``path``."""
+    import torch
+
+    from mame_deploy.ops.fixtures import merge_inputs
+    from mame_deploy.ops.token_merge.contract import MergeAttributes
+    from mame_deploy.ops.token_merge.cuda import token_merge_cuda
+    from mame_deploy.plugins import merge_launch
+
+    results = {}
+    for tuning in merge_launch.TUNINGS:
+        for hidden, residual in BITS_TYPES:
+            for batch in BITS_BATCHES:
+                for a, attrs in enumerate(BITS_ATTRIBUTES):
+                    args = merge_inputs(batch, 197, 384, getattr(torch, hidden), getattr(torch, residual), seed=batch + a)
+                    outs = token_merge_cuda(**args, attrs=MergeAttributes(**attrs), tuning=tuning)
+                    results[f"{tuning} {hidden}/{residual} batch {batch} {attrs}"] = [o.cpu() for o in outs]
+    torch.save(results, path)
+
+
+def _same_bits(x, y) -> bool:
+    import torch
+
+    # As bytes: torch.equal calls -0.0 equal to 0.0 and a NaN unequal to itself.
+    return (x.dtype == y.dtype and x.shape == y.shape
+            and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)))
+
+
+def differing(first: dict, second: dict) -> list[str]:
+    """The cases whose outputs are not bit-equal (or present in one only)."""
+    cases = sorted(set(first) | set(second))
+    return [c for c in cases if c not in first or c not in second or len(first[c]) != len(second[c])
+            or not all(_same_bits(x, y) for x, y in zip(first[c], second[c]))]
+
+
+def bits(parent: Path) -> int:
+    """Compare ``parent``'s outputs with this tree's kernel's; 0 when every case is bit-equal."""
+    import torch
+
+    outputs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, source in (("parent", parent), ("tree", None)):
+            path = str(Path(tmp) / f"{name}.pt")
+            swap = ["--kernel-source", str(source)] if source is not None else []
+            if subprocess.run([sys.executable, __file__, "save-outputs", path, *swap]).returncode != 0:
+                print(f"error: the {name} kernel's run failed (its output is above)", file=sys.stderr)
+                return 1
+            outputs.append(torch.load(path))
+    diff = differing(*outputs)
+    print(f"{len(outputs[0])} cases ({len(outputs[0]) // len(BITS_ATTRIBUTES)} splits x types x batches, "
+          f"{len(BITS_ATTRIBUTES)} attribute sets): {len(diff)} differ")
+    for case in diff:
+        print("  differs:", case)
+    return 1 if diff else 0
+
+
 # The kernel's TM_MARK points, in order: (mark, the phase that ends there).
 MARKS = [
     (0, "block start"),
@@ -418,7 +491,10 @@ def main(argv=None) -> int:
     m.add_argument("--replays", type=int, default=200, help="timed replays (CUDA events)")
     m.add_argument("--profiled", type=int, default=10, help="replays under torch.profiler")
     m.add_argument("--json", help="also write the numbers as JSON here")
-    for p in (r, t, m):
+    b = sub.add_parser("bits", help="this tree's kernel against --kernel-source's, bit for bit")
+    o = sub.add_parser("save-outputs", help="save every case's outputs to PATH (bits runs it once per source)")
+    o.add_argument("path")
+    for p in (r, t, m, b, o):
         p.add_argument("--kernel-source", type=Path,
                        help="compile this token_merge.cu instead of the tree's (to time a change against its parent)")
     s = sub.add_parser("summarize", help="tables from ncu's source-page CSV")
@@ -431,12 +507,17 @@ def main(argv=None) -> int:
     if source is not None and not source.is_file():
         print(f"error: --kernel-source {source}: no such file; give a token_merge.cu", file=sys.stderr)
         return 2
-    if opts.what in ("run", "timeline", "in-model"):
+    if opts.what == "bits" and source is None:
+        print("error: bits needs --kernel-source F, the token_merge.cu to compare against", file=sys.stderr)
+        return 2
+    if opts.what in ("run", "timeline", "in-model", "bits", "save-outputs"):
         import torch
 
         if not torch.cuda.is_available():
             print(f"error: profile_merge.py {opts.what} needs a CUDA GPU", file=sys.stderr)
             return 2
+    if opts.what == "bits":
+        return bits(source)
     with kernel_source(source):
         if opts.what == "run":
             run(opts.batch, opts.dtype, opts.steps)
@@ -444,6 +525,8 @@ def main(argv=None) -> int:
             timeline(opts.batch, opts.dtype, opts.tuning, opts.rounds, opts.graph, opts.method, opts.json)
         elif opts.what == "in-model":
             in_model(opts.model, opts.ratio, opts.batch, opts.dtype, opts.replays, opts.profiled, opts.json)
+        elif opts.what == "save-outputs":
+            save_outputs(opts.path)
         else:
             summarize(opts.csv, opts.top, opts.source)
     return 0

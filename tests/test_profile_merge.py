@@ -157,3 +157,22 @@ def test_the_gpu_subcommands_say_they_need_a_gpu(capsys):
         pytest.skip("a GPU is present")
     assert profile_merge.main(["in-model", "--ratio", "0.5"]) == 2
     assert capsys.readouterr().err.strip() == "error: profile_merge.py in-model needs a CUDA GPU"
+
+
+def test_bits_lists_cases_that_differ_in_any_output_or_exist_once():
+    import torch
+
+    same = {"a": [torch.tensor([1.0, 2.0]), torch.tensor([3])], "b": [torch.tensor([0.0])]}
+    assert profile_merge.differing(same, {k: [x.clone() for x in v] for k, v in same.items()}) == []
+    one_bit = {"a": [torch.tensor([1.0, 2.0]), torch.tensor([4])], "b": [torch.tensor([-0.0])]}
+    assert profile_merge.differing(same, one_bit) == ["a", "b"]  # -0.0 is not 0.0's bits
+    assert profile_merge.differing(same, {"a": same["a"], "c": same["b"]}) == ["b", "c"]
+    nan = {"n": [torch.tensor([float("nan")], dtype=torch.bfloat16)]}
+    assert profile_merge.differing(nan, {"n": [nan["n"][0].clone()]}) == []  # the same NaN bits
+    assert profile_merge.differing(nan, {"n": [nan["n"][0].float()]}) == ["n"]  # another dtype
+
+
+def test_bits_needs_a_kernel_source_to_compare_against(capsys):
+    assert profile_merge.main(["bits"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--kernel-source" in err and "\n" not in err
