@@ -273,19 +273,13 @@ def save_outputs(path: str) -> None:
     torch.save(results, path)
 
 
-def _same_bits(x, y) -> bool:
-    import torch
-
-    # As bytes: torch.equal calls -0.0 equal to 0.0 and a NaN unequal to itself.
-    return (x.dtype == y.dtype and x.shape == y.shape
-            and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)))
-
-
 def differing(first: dict, second: dict) -> list[str]:
     """The cases whose outputs are not bit-equal (or present in one only)."""
+    from mame_deploy.ops.fixtures import same_bits
+
     cases = sorted(set(first) | set(second))
     return [c for c in cases if c not in first or c not in second or len(first[c]) != len(second[c])
-            or not all(_same_bits(x, y) for x, y in zip(first[c], second[c]))]
+            or not same_bits(first[c], second[c])]
 
 
 def bits(parent: Path) -> int:
