@@ -442,10 +442,12 @@ __device__ __forceinline__ void pad_order(unsigned* values, int n) {
 // similarity key among destinations [d_begin, d_end), into best_key / best_dst (this block's
 // destination group's row of sh.part_key / sh.part_dst).
 
+// The next stage's elements in flight, as loaded: widened when stored, so a half type holds half
+// the registers (8 bytes per 4 channels), which leaves room for more channels a stage.
 template <int PER>
 struct Staged {
-    float4 v[PER];
-    float4 w[PER];  // the residual, for the stream metric
+    HE::Raw4 v[PER];
+    RE::Raw4 w[PER];  // the residual, for the stream metric
 };
 
 __device__ __forceinline__ void load_chunk(const Shared& sh, const hid_t* __restrict__ hidden,
@@ -458,12 +460,13 @@ __device__ __forceinline__ void load_chunk(const Shared& sh, const hid_t* __rest
     for (int p = 0; p < PER; ++p) {
         const int unit = threadIdx.x + p * THREADS;
         const int row = unit / U, k = k0 + 4 * (unit % U);
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f), w = v;
+        HE::Raw4 v = {};  // zero bits: 0.0 in every type
+        RE::Raw4 w = {};
         if (unit < UNITS && k < E) {
             const int seq = row < TILE_S ? sh.mt.row_a[row] : sh.mt.row_b[row - TILE_S];
             const long long off = (sample_row + seq) * E + k;
-            v = load4<HE>(hidden + off);
-            if (stream_metric) w = load4<RE>(residual + off);
+            v = *reinterpret_cast<const HE::Raw4*>(hidden + off);
+            if (stream_metric) w = *reinterpret_cast<const RE::Raw4*>(residual + off);
         }
         st.v[p] = v;
         st.w[p] = w;
@@ -480,7 +483,8 @@ __device__ __forceinline__ void store_chunk(Shared& sh, bool stream_metric,
         if (unit < UNITS) {
             const int row = unit / U, c = 4 * (unit % U);
             // The metric of the reference: residual.float() + hidden.float() (one rounding).
-            const float4 v = stream_metric ? add4(st.w[p], st.v[p]) : st.v[p];
+            const float4 h = HE::widen(st.v[p]);
+            const float4 v = stream_metric ? add4(RE::widen(st.w[p]), h) : h;
             float* dst = row < TILE_S ? &sh.mt.tiles.a[row][c] : &sh.mt.tiles.b[row - TILE_S][c];
             *reinterpret_cast<float4*>(dst) = v;
         }
