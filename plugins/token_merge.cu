@@ -442,49 +442,69 @@ __device__ __forceinline__ void pad_order(unsigned* values, int n) {
 // similarity key among destinations [d_begin, d_end), into best_key / best_dst (this block's
 // destination group's row of sh.part_key / sh.part_dst).
 
-// The next stage's elements in flight, as loaded: widened when stored, so a half type holds half
-// the registers (8 bytes per 4 channels), which leaves room for more channels a stage.
-template <int PER>
+// The next stage's elements in flight. The tensor-core path (RAW) holds the hidden state's bits
+// as loaded and widens them when stored, after the products, so that its loads stay in flight
+// over them (widening right after the load held each warp there: 1.8 us of a bf16 batch-1 step,
+// docs/perf-notes.md, thirteenth session). The FMA path widens at the load: it waits on its
+// loads' latency less (its products are longer), and holding float16 residuals as loaded made
+// its two-blocks-an-SM split spill.
+template <bool RAW>
+struct StagedElems {
+    typedef float4 H, R;
+};
+template <>
+struct StagedElems<true> {
+    typedef HE::Raw4 H;
+    typedef RE::Raw4 R;
+};
+template <bool RAW>
 struct Staged {
-    HE::Raw4 v[PER];
-    RE::Raw4 w[PER];  // the residual, for the stream metric
+    static constexpr int PER = ((TILE_S + TILE_D) * U + THREADS - 1) / THREADS;
+    typename StagedElems<RAW>::H v[PER];
+    typename StagedElems<RAW>::R w[PER];  // the residual, for the stream metric (FMA path only)
 };
 
+template <bool RAW>
 __device__ __forceinline__ void load_chunk(const Shared& sh, const hid_t* __restrict__ hidden,
                                            const res_t* __restrict__ residual, bool stream_metric,
-                                           long long sample_row, int E, int k0,
-                                           Staged<((TILE_S + TILE_D) * U + THREADS - 1) / THREADS>& st) {
+                                           long long sample_row, int E, int k0, Staged<RAW>& st) {
     constexpr int UNITS = (TILE_S + TILE_D) * U;
-    constexpr int PER = (UNITS + THREADS - 1) / THREADS;
 #pragma unroll
-    for (int p = 0; p < PER; ++p) {
+    for (int p = 0; p < Staged<RAW>::PER; ++p) {
         const int unit = threadIdx.x + p * THREADS;
         const int row = unit / U, k = k0 + 4 * (unit % U);
-        HE::Raw4 v = {};  // zero bits: 0.0 in every type
-        RE::Raw4 w = {};
+        typename StagedElems<RAW>::H v = {};  // zero bits: 0.0 in every type
+        typename StagedElems<RAW>::R w = {};
         if (unit < UNITS && k < E) {
             const int seq = row < TILE_S ? sh.mt.row_a[row] : sh.mt.row_b[row - TILE_S];
             const long long off = (sample_row + seq) * E + k;
-            v = *reinterpret_cast<const HE::Raw4*>(hidden + off);
-            if (stream_metric) w = *reinterpret_cast<const RE::Raw4*>(residual + off);
+            if constexpr (RAW) {
+                v = *reinterpret_cast<const HE::Raw4*>(hidden + off);
+            } else {
+                v = load4<HE>(hidden + off);
+                if (stream_metric) w = load4<RE>(residual + off);
+            }
         }
         st.v[p] = v;
         st.w[p] = w;
     }
 }
 
-__device__ __forceinline__ void store_chunk(Shared& sh, bool stream_metric,
-                                            const Staged<((TILE_S + TILE_D) * U + THREADS - 1) / THREADS>& st) {
+template <bool RAW>
+__device__ __forceinline__ void store_chunk(Shared& sh, bool stream_metric, const Staged<RAW>& st) {
     constexpr int UNITS = (TILE_S + TILE_D) * U;
-    constexpr int PER = (UNITS + THREADS - 1) / THREADS;
 #pragma unroll
-    for (int p = 0; p < PER; ++p) {
+    for (int p = 0; p < Staged<RAW>::PER; ++p) {
         const int unit = threadIdx.x + p * THREADS;
         if (unit < UNITS) {
             const int row = unit / U, c = 4 * (unit % U);
-            // The metric of the reference: residual.float() + hidden.float() (one rounding).
-            const float4 h = HE::widen(st.v[p]);
-            const float4 v = stream_metric ? add4(RE::widen(st.w[p]), h) : h;
+            float4 v;
+            if constexpr (RAW) {
+                v = HE::widen(st.v[p]);
+            } else {
+                // The metric of the reference: residual.float() + hidden.float() (one rounding).
+                v = stream_metric ? add4(st.w[p], st.v[p]) : st.v[p];
+            }
             float* dst = row < TILE_S ? &sh.mt.tiles.a[row][c] : &sh.mt.tiles.b[row - TILE_S][c];
             *reinterpret_cast<float4*>(dst) = v;
         }
@@ -628,7 +648,6 @@ __device__ __forceinline__ void match_pass(Shared& sh, const hid_t* __restrict__
                                            const res_t* __restrict__ residual, bool stream_metric,
                                            long long sample_row, int E, int ts, int ns, int td, int nd, int d_begin,
                                            bool first_pass, float* best_key, int* best_dst) {
-    constexpr int PER = ((TILE_S + TILE_D) * U + THREADS - 1) / THREADS;
     const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX, warp = tid >> 5, lane = tid & 31;
     // The products: FMA chains (float32, the stream metric), or tensor-core pieces (TC).
     float acc[TC ? 1 : MY][TC ? 1 : MX];
@@ -642,7 +661,7 @@ __device__ __forceinline__ void match_pass(Shared& sh, const hid_t* __restrict__
 #pragma unroll
         for (int j = 0; j < (TC ? CPW : 1); ++j) c[i][j][0] = c[i][j][1] = c[i][j][2] = c[i][j][3] = 0.f;
     float sumsq = 0.f;  // of the staged row whose norm this thread keeps, if any
-    Staged<PER> st;
+    Staged<TC> st;
     load_chunk(sh, hidden, residual, stream_metric, sample_row, E, 0, st);
     for (int k0 = 0; k0 < E; k0 += KT) {
         store_chunk(sh, stream_metric, st);
