@@ -70,7 +70,7 @@ PHASE_STARTS = [
     ("prefix sums", r"^__device__ int block_prefix"),
     ("score parts: loads and lane sums", r"^// One token's score parts"),
     ("ranks", r"^// Stable ranks through integers"),
-    ("matching: staging", r"^template <int PER>"),
+    ("matching: staging", r"^// The next stage's elements in flight"),
     ("matching: tile, keys, best match", r"^// One 4-channel unit of a staged row's norm"),
     ("output copies", r"^struct FlatIndex"),
     ("destination folds", r"^__device__ __forceinline__ void fma4"),
