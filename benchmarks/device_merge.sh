@@ -2,9 +2,13 @@
 # One device call for the token-merge kernel: its GPU tests (kernel vs reference, AOT launch as
 # TensorRT would do it), a compute-sanitizer pass over one step of each split, the merge
 # benchmark (fused vs reference next to a vim_s block, work splits, decision-flip rate), and on
-# request an Nsight Compute profile of one step at batch 1 and 256 by source line and phase.
+# request an Nsight Compute profile of one step at batch 1 and 256 by source line and phase, and a
+# kernel change against its parent (PARENT=the parent's token_merge.cu, e.g. from `git show
+# HEAD~1:plugins/token_merge.cu > .device/parent.cu`, carried): the outputs bit for bit (bits) and
+# the merge kernels' time inside the vim_s batch-1 graph, fp32 and bf16, alternating (in-model).
 # Run from the repository root on the GPU machine with .whl/ (the polygraphy wheel) carried:
-#     bash benchmarks/device_merge.sh [tests] [sanitizer] [bench] [profile]   (default: the first three)
+#     bash benchmarks/device_merge.sh [tests] [sanitizer] [bench] [profile] [bits] [in-model]
+# (default: the first three)
 # Logs and JSON land in $OUT (at most 8 files come back).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -66,6 +70,25 @@ if want profile; then
         python3 benchmarks/profile_merge.py summarize /tmp/lines_b$batch.csv > "$OUT/merge_profile_b$batch.md"
         echo "== batch $batch"; head -16 "$OUT/merge_profile_b$batch.md"
     done
+fi
+
+if want bits || want in-model; then
+    [[ -f "${PARENT:-}" ]] || { echo "bits / in-model need PARENT=the parent kernel's token_merge.cu" >&2; exit 2; }
+fi
+
+if want bits; then
+    timeout 240 python3 benchmarks/profile_merge.py bits --kernel-source "$PARENT" 2>&1 | tee "$OUT/bits.txt" | tail -3
+fi
+
+if want in-model; then
+    for dtype in fp32 bf16; do
+        for source in parent tree parent tree; do
+            extra=(); [[ $source == parent ]] && extra=(--kernel-source "$PARENT")
+            echo "== $dtype $source" >> "$OUT/in_model.txt"
+            timeout 100 python3 benchmarks/profile_merge.py in-model --dtype $dtype "${extra[@]}" >> "$OUT/in_model.txt" 2>&1
+        done
+    done
+    grep -E "^==|a step" "$OUT/in_model.txt"
 fi
 
 if want bench; then
