@@ -278,8 +278,7 @@ def differing(first: dict, second: dict) -> list[str]:
     from mame_deploy.ops.fixtures import same_bits
 
     cases = sorted(set(first) | set(second))
-    return [c for c in cases if c not in first or c not in second or len(first[c]) != len(second[c])
-            or not same_bits(first[c], second[c])]
+    return [c for c in cases if c not in first or c not in second or not same_bits(first[c], second[c])]
 
 
 def bits(parent: Path) -> int:

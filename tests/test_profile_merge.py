@@ -167,6 +167,7 @@ def test_bits_lists_cases_that_differ_in_any_output_or_exist_once():
     one_bit = {"a": [torch.tensor([1.0, 2.0]), torch.tensor([4])], "b": [torch.tensor([-0.0])]}
     assert profile_merge.differing(same, one_bit) == ["a", "b"]  # -0.0 is not 0.0's bits
     assert profile_merge.differing(same, {"a": same["a"], "c": same["b"]}) == ["b", "c"]
+    assert profile_merge.differing(same, {"a": same["a"][:1], "b": same["b"]}) == ["a"]  # an output missing
     nan = {"n": [torch.tensor([float("nan")], dtype=torch.bfloat16)]}
     assert profile_merge.differing(nan, {"n": [nan["n"][0].clone()]}) == []  # the same NaN bits
     assert profile_merge.differing(nan, {"n": [nan["n"][0].float()]}) == ["n"]  # another dtype

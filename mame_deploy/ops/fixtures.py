@@ -49,9 +49,13 @@ def relative_error(out: Tensor, ref: Tensor) -> float:
 
 def same_bits(got, want) -> bool:
     """Whether two sequences of tensors are equal bit for bit (floats compared as raw bytes, so
-    NaN patterns and signed zeros count): how work splits of one kernel are compared."""
-    return all(torch.equal(x.view(torch.uint8) if x.is_floating_point() else x,
-                           y.view(torch.uint8) if y.is_floating_point() else y) for x, y in zip(got, want))
+    NaN patterns and signed zeros count; sequences of different lengths differ): how work splits of
+    one kernel are compared."""
+    def raw(t):
+        return t.view(torch.uint8) if t.is_floating_point() else t
+
+    got, want = tuple(got), tuple(want)
+    return len(got) == len(want) and all(torch.equal(raw(x), raw(y)) for x, y in zip(got, want))
 
 
 SCORE_PARTS = 192  # vim_s: two scans' dt_sums of 768 / 8 channel groups each
