@@ -44,8 +44,8 @@
 //      block; each computes the cosine similarity of its sources to its destinations as a
 //      register-tiled float32 product over channels staged in shared memory (each dot product is
 //      one fused multiply-add chain in channel order, the norms likewise, so every work split
-//      gives the same bits; for float16 / bfloat16 hidden states with the hidden metric, TF32
-//      tensor-core MMAs over 8-channel steps in channel order, exact products of half values),
+//      gives the same bits; for float16 / bfloat16 hidden states with the hidden metric,
+//      m16n8k16 tensor-core MMAs of the 16-bit values over 16-channel steps in channel order),
 //      rounds it to float16 and keeps the first maximum per source; the
 //      blocks then write their sources' best matches into every block of the cluster
 //      (distributed shared memory), meet at one cluster barrier, and each takes the best over
@@ -106,12 +106,18 @@ static_assert(TILE_S + TILE_D <= THREADS, "one thread per staged row keeps its n
 // The threads that keep the norms: those that do not match where there are enough of them (so
 // the norms' reads overlap the tile's on other schedulers), else the first ones.
 constexpr int NORM_BASE = THREADS - MATCH_THREADS >= TILE_S + TILE_D ? MATCH_THREADS : 0;
-// The half types' similarity on tensor cores: a float16 or bfloat16 value is exact in TF32, so
-// each product of an m16n8k8 TF32 MMA is exact in float32 and its sums are float32 sums; every
-// split computes a pair's dot product as the same MMAs over 8-channel steps in channel order (so
-// the same bits). The stream metric (residual + hidden in float32) is not exact in TF32 and keeps
-// the FMA chains, as float32 does.
+// The half types' similarity on tensor cores: m16n8k16 MMAs of the 16-bit values as loaded, with
+// float32 accumulation (a product of two float16 or two bfloat16 values is exact in float32);
+// every split computes a pair's dot product as the same MMAs over 16-channel steps in channel
+// order (so the same bits). The stream metric (residual + hidden in float32) is not a 16-bit value
+// and keeps the FMA chains, as float32 does.
 constexpr bool TC_MATCH = TM_HIDDEN_DTYPE != 0;
+// A tensor-core stage holds twice KT channels: 16-bit values, in the bytes (shared memory and
+// staging registers) of KT float32 ones. Its rows are padded to a count of 32-bit words that is 4
+// modulo 8 (KT is a multiple of 8: KT words and 4 more), so that a fragment load's 8 rows x 4
+// words fall in 32 banks.
+constexpr int KT16 = 2 * KT;
+constexpr int ROW16 = KT16 + 8;  // in 16-bit elements
 constexpr int MATCH_WARPS = MATCH_THREADS / 32;
 constexpr int STRIPS = TILE_S / 16;  // rows of 16 x 8 pieces
 constexpr int COLS = TILE_D / 8;     // pieces per row
@@ -122,7 +128,8 @@ constexpr int WPS = MATCH_WARPS >= STRIPS ? MATCH_WARPS / STRIPS : 1;
 constexpr int SPW = MATCH_WARPS >= STRIPS ? 1 : (STRIPS + MATCH_WARPS - 1) / MATCH_WARPS;
 constexpr int CPW = (COLS + WPS - 1) / WPS;
 static_assert(TILE_S % 16 == 0 && TILE_D % 8 == 0, "the matching tile must be whole 16 x 8 pieces: TM_TY * TM_MY a multiple of 16, destinations a multiple of 8");
-static_assert(KT % 4 == 0 && KT >= 4, "TM_KT must be a multiple of 4");
+static_assert(KT % 8 == 0, "TM_KT must be a multiple of 8 (a tensor-core stage is whole 16-channel steps)");
+static_assert(ROW16 / 2 % 8 == 4, "16-bit row stride must be 4 modulo 8 words");
 static_assert(ROW / 4 % 2 == 1, "row stride must be an odd number of 16-byte units");
 static_assert(N_CAP % 32 == 0 && N_CAP <= 1024, "TM_N_CAP must be a multiple of 32, at most 1024");
 static_assert(CLUSTER == 1 || CLUSTER == 2 || CLUSTER == 4 || CLUSTER == 8 || CLUSTER == 16,
@@ -268,6 +275,12 @@ struct Tiles {
     float b[TILE_D][ROW];  // destinations' metric
 };
 
+// The tensor-core path's tiles: KT16 channels of the hidden state as loaded (16-bit patterns).
+struct Tiles16 {
+    unsigned short a[TILE_S][ROW16];
+    unsigned short b[TILE_D][ROW16];
+};
+
 // The tensor-core path's best match per source and 8-destination piece, after the last stage.
 struct Candidates {
     float key[TC_MATCH ? TILE_S : 1][COLS];  // (float32 has no tensor-core path)
@@ -278,6 +291,7 @@ struct Candidates {
 struct Matching {
     union {
         Tiles tiles;
+        Tiles16 tiles16;
         Candidates cand;
     };
     float den_a[TILE_S];  // max(||metric||, 1e-12) of the staged sources
@@ -442,13 +456,20 @@ __device__ __forceinline__ void pad_order(unsigned* values, int n) {
 // similarity key among destinations [d_begin, d_end), into best_key / best_dst (this block's
 // destination group's row of sh.part_key / sh.part_dst).
 
-// The next stage's elements in flight. The tensor-core path (RAW) holds the hidden state's bits
-// as loaded and widens them when stored, after the products, so that its loads stay in flight
-// over them (widening right after the load held each warp there: 1.8 us of a bf16 batch-1 step,
-// docs/perf-notes.md, thirteenth session). The FMA path widens at the load: it waits on its
-// loads' latency less (its products are longer), and holding float16 residuals as loaded made
-// its two-blocks-an-SM split spill.
-template <bool RAW>
+// A stage of KS channels of every staged row: U 4-channel units a row, PER a thread.
+template <int KS>
+struct Stage {
+    static constexpr int U = KS / 4;
+    static constexpr int UNITS = (TILE_S + TILE_D) * U;
+    static constexpr int PER = (UNITS + THREADS - 1) / THREADS;
+};
+
+// The next stage's elements in flight. The tensor-core path (TC) holds the hidden state's bits as
+// loaded and stores them as they are, after the products, so that its loads stay in flight over
+// them (a conversion right after the load held each warp there: 1.8 us of a bf16 batch-1 step,
+// docs/perf-notes.md, thirteenth session). The FMA path widens at the load: its products are
+// longer, and holding float16 residuals as loaded made its two-blocks-an-SM split spill.
+template <bool TC>
 struct StagedElems {
     typedef float4 H, R;
 };
@@ -457,28 +478,27 @@ struct StagedElems<true> {
     typedef HE::Raw4 H;
     typedef RE::Raw4 R;
 };
-template <bool RAW>
+template <bool TC, int KS>
 struct Staged {
-    static constexpr int PER = ((TILE_S + TILE_D) * U + THREADS - 1) / THREADS;
-    typename StagedElems<RAW>::H v[PER];
-    typename StagedElems<RAW>::R w[PER];  // the residual, for the stream metric (FMA path only)
+    typename StagedElems<TC>::H v[Stage<KS>::PER];
+    typename StagedElems<TC>::R w[Stage<KS>::PER];  // the residual, for the stream metric (FMA path only)
 };
 
-template <bool RAW>
+template <bool TC, int KS>
 __device__ __forceinline__ void load_chunk(const Shared& sh, const hid_t* __restrict__ hidden,
                                            const res_t* __restrict__ residual, bool stream_metric,
-                                           long long sample_row, int E, int k0, Staged<RAW>& st) {
-    constexpr int UNITS = (TILE_S + TILE_D) * U;
+                                           long long sample_row, int E, int k0, Staged<TC, KS>& st) {
+    constexpr int U = Stage<KS>::U, UNITS = Stage<KS>::UNITS;
 #pragma unroll
-    for (int p = 0; p < Staged<RAW>::PER; ++p) {
+    for (int p = 0; p < Stage<KS>::PER; ++p) {
         const int unit = threadIdx.x + p * THREADS;
         const int row = unit / U, k = k0 + 4 * (unit % U);
-        typename StagedElems<RAW>::H v = {};  // zero bits: 0.0 in every type
-        typename StagedElems<RAW>::R w = {};
+        typename StagedElems<TC>::H v = {};  // zero bits: 0.0 in every type
+        typename StagedElems<TC>::R w = {};
         if (unit < UNITS && k < E) {
             const int seq = row < TILE_S ? sh.mt.row_a[row] : sh.mt.row_b[row - TILE_S];
             const long long off = (sample_row + seq) * E + k;
-            if constexpr (RAW) {
+            if constexpr (TC) {
                 v = *reinterpret_cast<const HE::Raw4*>(hidden + off);
             } else {
                 v = load4<HE>(hidden + off);
@@ -490,34 +510,41 @@ __device__ __forceinline__ void load_chunk(const Shared& sh, const hid_t* __rest
     }
 }
 
-template <bool RAW>
-__device__ __forceinline__ void store_chunk(Shared& sh, bool stream_metric, const Staged<RAW>& st) {
-    constexpr int UNITS = (TILE_S + TILE_D) * U;
+// TC: into the 16-bit tiles as loaded (the hidden metric of a half type); else float32 tiles.
+template <bool TC, int KS>
+__device__ __forceinline__ void store_chunk(Shared& sh, bool stream_metric, const Staged<TC, KS>& st) {
+    constexpr int U = Stage<KS>::U, UNITS = Stage<KS>::UNITS;
 #pragma unroll
-    for (int p = 0; p < Staged<RAW>::PER; ++p) {
+    for (int p = 0; p < Stage<KS>::PER; ++p) {
         const int unit = threadIdx.x + p * THREADS;
         if (unit < UNITS) {
             const int row = unit / U, c = 4 * (unit % U);
-            float4 v;
-            if constexpr (RAW) {
-                v = HE::widen(st.v[p]);
+            if constexpr (TC) {
+                unsigned short* dst = row < TILE_S ? &sh.mt.tiles16.a[row][c] : &sh.mt.tiles16.b[row - TILE_S][c];
+                *reinterpret_cast<HE::Raw4*>(dst) = st.v[p];
             } else {
                 // The metric of the reference: residual.float() + hidden.float() (one rounding).
-                v = stream_metric ? add4(st.w[p], st.v[p]) : st.v[p];
+                const float4 v = stream_metric ? add4(st.w[p], st.v[p]) : st.v[p];
+                float* dst = row < TILE_S ? &sh.mt.tiles.a[row][c] : &sh.mt.tiles.b[row - TILE_S][c];
+                *reinterpret_cast<float4*>(dst) = v;
             }
-            float* dst = row < TILE_S ? &sh.mt.tiles.a[row][c] : &sh.mt.tiles.b[row - TILE_S][c];
-            *reinterpret_cast<float4*>(dst) = v;
         }
     }
 }
 
 // One 4-channel unit of a staged row's norm: sumsq += its squares, in channel order.
-__device__ __forceinline__ void norm_unit(float& sumsq, const float* own, int c) {
-    const float4 v = *reinterpret_cast<const float4*>(own + 4 * c);
+__device__ __forceinline__ void norm_fma4(float& sumsq, float4 v) {
     sumsq = fmaf(v.x, v.x, sumsq);
     sumsq = fmaf(v.y, v.y, sumsq);
     sumsq = fmaf(v.z, v.z, sumsq);
     sumsq = fmaf(v.w, v.w, sumsq);
+}
+__device__ __forceinline__ void norm_unit(float& sumsq, const float* own, int c) {
+    norm_fma4(sumsq, *reinterpret_cast<const float4*>(own + 4 * c));
+}
+// ... of a 16-bit row (the tensor-core path): the same float32 values, the same chain.
+__device__ __forceinline__ void norm_unit(float& sumsq, const unsigned short* own, int c) {
+    norm_fma4(sumsq, HE::widen(*reinterpret_cast<const HE::Raw4*>(own + 4 * c)));
 }
 
 // One 4-channel unit of this thread's MY x MX dot products, each one FMA chain in channel order.
@@ -538,38 +565,48 @@ __device__ __forceinline__ void tile_unit(float (&acc)[MY][MX], const Shared& sh
     }
 }
 
-// D += A B for one 16 x 8 piece and 8 channels: A's rows are sources, B's destinations.
-__device__ __forceinline__ void mma_tf32(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                         unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+// D += A B for one 16 x 8 piece and 16 channels of the hidden state's type: A's rows are
+// sources, B's destinations; each register holds two 16-bit values, the lower channel low.
+__device__ __forceinline__ void mma_16bit(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                          unsigned b0, unsigned b1) {
+#if TM_HIDDEN_DTYPE == 1
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
 }
 
 // The strip and column of a warp's first piece (strip >= STRIPS: the warp has none).
 __device__ __forceinline__ int first_strip(int warp) { return MATCH_WARPS >= STRIPS ? warp / WPS : warp * SPW; }
 __device__ __forceinline__ int first_col(int warp) { return MATCH_WARPS >= STRIPS ? warp % WPS * CPW : 0; }
 
-// The 8 channels at k of this warp's pieces (PTX's m16n8k8 fragments: lane g * 4 + t holds A's
-// rows g, g + 8 at channels t, t + 4, B's row g at t, t + 4, and D's rows g, g + 8 at columns
-// 2t, 2t + 1). Staged rows are float32 holding half values, so their bits are TF32 as they are;
-// ROW's odd count of 16-byte units puts a fragment load's 8 rows x 4 channels in 32 banks.
+// Two adjacent 16-bit values of a tile as one register.
+__device__ __forceinline__ unsigned pair_at(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+// The 16 channels at k of this warp's pieces (PTX's m16n8k16 fragments: lane g * 4 + t holds A's
+// rows g, g + 8 at channels 2t, 2t + 1 and 2t + 8, 2t + 9, B's row g at the same channels, and D's
+// rows g, g + 8 at columns 2t, 2t + 1).
 __device__ __forceinline__ void tc_unit(float (&c)[SPW][CPW][4], const Shared& sh, int warp, int lane, int k) {
     const int g = lane >> 2, t = lane & 3, strip0 = first_strip(warp), col0 = first_col(warp);
-    const float* a = &sh.mt.tiles.a[strip0 * 16 + g][k + t];
-    const float* b = &sh.mt.tiles.b[col0 * 8 + g][k + t];
+    const unsigned short* a = &sh.mt.tiles16.a[strip0 * 16 + g][k + 2 * t];
+    const unsigned short* b = &sh.mt.tiles16.b[col0 * 8 + g][k + 2 * t];
 #pragma unroll
     for (int i = 0; i < SPW; ++i) {
         if (strip0 + i >= STRIPS) break;
-        const float* ai = a + i * 16 * ROW;
-        const unsigned a0 = __float_as_uint(ai[0]), a1 = __float_as_uint(ai[8 * ROW]);
-        const unsigned a2 = __float_as_uint(ai[4]), a3 = __float_as_uint(ai[8 * ROW + 4]);
+        const unsigned short* ai = a + i * 16 * ROW16;
+        const unsigned a0 = pair_at(ai), a1 = pair_at(ai + 8 * ROW16);
+        const unsigned a2 = pair_at(ai + 8), a3 = pair_at(ai + 8 * ROW16 + 8);
 #pragma unroll
         for (int j = 0; j < CPW; ++j) {
             if (col0 + j >= COLS) break;
-            const float* bj = b + j * 8 * ROW;
-            mma_tf32(c[i][j], a0, a1, a2, a3, __float_as_uint(bj[0]), __float_as_uint(bj[4]));
+            const unsigned short* bj = b + j * 8 * ROW16;
+            mma_16bit(c[i][j], a0, a1, a2, a3, pair_at(bj), pair_at(bj + 8));
         }
     }
 }
@@ -648,6 +685,7 @@ __device__ __forceinline__ void match_pass(Shared& sh, const hid_t* __restrict__
                                            const res_t* __restrict__ residual, bool stream_metric,
                                            long long sample_row, int E, int ts, int ns, int td, int nd, int d_begin,
                                            bool first_pass, float* best_key, int* best_dst) {
+    constexpr int KS = TC ? KT16 : KT;  // channels a stage
     const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX, warp = tid >> 5, lane = tid & 31;
     // The products: FMA chains (float32, the stream metric), or tensor-core pieces (TC).
     float acc[TC ? 1 : MY][TC ? 1 : MX];
@@ -661,26 +699,28 @@ __device__ __forceinline__ void match_pass(Shared& sh, const hid_t* __restrict__
 #pragma unroll
         for (int j = 0; j < (TC ? CPW : 1); ++j) c[i][j][0] = c[i][j][1] = c[i][j][2] = c[i][j][3] = 0.f;
     float sumsq = 0.f;  // of the staged row whose norm this thread keeps, if any
-    Staged<TC> st;
+    Staged<TC, KS> st;
     load_chunk(sh, hidden, residual, stream_metric, sample_row, E, 0, st);
-    for (int k0 = 0; k0 < E; k0 += KT) {
+    for (int k0 = 0; k0 < E; k0 += KS) {
         store_chunk(sh, stream_metric, st);
         __syncthreads();
         if (k0 == 0 && first_pass) TM_MARK(14);
-        if (k0 + KT < E) load_chunk(sh, hidden, residual, stream_metric, sample_row, E, k0 + KT, st);  // in flight meanwhile
+        if (k0 + KS < E) load_chunk(sh, hidden, residual, stream_metric, sample_row, E, k0 + KS, st);  // in flight meanwhile
         // The norms' chains run inside the tile's loop, not before it: a warp that keeps a
         // norm no longer walks its row alone while the block waits at the next barrier.
         const int nt = tid - NORM_BASE;  // the staged row whose norm this thread keeps
         const bool keeps_norm = nt >= 0 && nt < TILE_S + TILE_D, matches = tid < MATCH_THREADS;
-        const float* own = nt < TILE_S ? sh.mt.tiles.a[max(nt, 0)] : sh.mt.tiles.b[min(nt - TILE_S, TILE_D - 1)];
+        const int own_row = nt < TILE_S ? max(nt, 0) : min(nt - TILE_S, TILE_D - 1);
+        const float* own = nt < TILE_S ? sh.mt.tiles.a[own_row] : sh.mt.tiles.b[own_row];
         if constexpr (TC) {
-            if (keeps_norm) {
-#pragma unroll TILE_UNROLL
-                for (int u = 0; u < U; ++u) norm_unit(sumsq, own, u);
-            }
             if (matches) {  // whole warps (MATCH_THREADS is a multiple of 32)
 #pragma unroll
-                for (int k = 0; k < KT; k += 8) tc_unit(c, sh, warp, lane, k);
+                for (int k = 0; k < KS; k += 16) tc_unit(c, sh, warp, lane, k);
+            }
+            if (keeps_norm) {
+                const unsigned short* own16 = nt < TILE_S ? sh.mt.tiles16.a[own_row] : sh.mt.tiles16.b[own_row];
+#pragma unroll TILE_UNROLL
+                for (int u = 0; u < KS / 4; ++u) norm_unit(sumsq, own16, u);
             }
         } else if constexpr (NORM_BASE > 0) {  // the norms and the tile on different warps
             if (keeps_norm) {
@@ -744,17 +784,14 @@ __device__ __forceinline__ void match_pass(Shared& sh, const hid_t* __restrict__
     __syncthreads();
 }
 
-__device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, const res_t* __restrict__ residual,
-                              bool stream_metric, long long sample_row, int E, int cls_pos, int s_begin, int s_end,
-                              int d_begin, int d_end, float* best_key, int* best_dst) {
+// Every matching pass of this block's sources and destinations, on one path (TC: the tensor
+// cores); one loop per path, so that neither path's registers hold the other's loop invariants.
+template <bool TC>
+__device__ __forceinline__ void match_tiles(Shared& sh, const hid_t* __restrict__ hidden,
+                                            const res_t* __restrict__ residual, bool stream_metric,
+                                            long long sample_row, int E, int cls_pos, int s_begin, int s_end,
+                                            int d_begin, int d_end, float* best_key, int* best_dst) {
     const int tid = threadIdx.x;
-    if (d_begin >= d_end) {  // no destinations in this group: no candidate for any source
-        for (int m = s_begin + tid; m < s_end; m += THREADS) {
-            best_key[m] = -__int_as_float(0x7f800000);
-            best_dst[m] = 0x7fffffff;
-        }
-        return;
-    }
     for (int ts = s_begin; ts < s_end; ts += TILE_S) {
         const int ns = min(TILE_S, s_end - ts);
         for (int td = d_begin; td < d_end; td += TILE_D) {
@@ -768,19 +805,31 @@ __device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, cons
                 sh.mt.row_b[tid - TILE_S] = p + (p >= cls_pos);
             }
             __syncthreads();
-
-            const bool first_pass = ts == s_begin && td == d_begin;
-            if constexpr (TC_MATCH) {
-                if (!stream_metric) {
-                    match_pass<true>(sh, hidden, residual, false, sample_row, E, ts, ns, td, nd, d_begin,
-                                     first_pass, best_key, best_dst);
-                    continue;
-                }
-            }
-            match_pass<false>(sh, hidden, residual, stream_metric, sample_row, E, ts, ns, td, nd, d_begin, first_pass,
-                              best_key, best_dst);
+            match_pass<TC>(sh, hidden, residual, stream_metric, sample_row, E, ts, ns, td, nd, d_begin,
+                           ts == s_begin && td == d_begin, best_key, best_dst);
         }
     }
+}
+
+__device__ void match_sources(Shared& sh, const hid_t* __restrict__ hidden, const res_t* __restrict__ residual,
+                              bool stream_metric, long long sample_row, int E, int cls_pos, int s_begin, int s_end,
+                              int d_begin, int d_end, float* best_key, int* best_dst) {
+    if (d_begin >= d_end) {  // no destinations in this group: no candidate for any source
+        for (int m = s_begin + threadIdx.x; m < s_end; m += THREADS) {
+            best_key[m] = -__int_as_float(0x7f800000);
+            best_dst[m] = 0x7fffffff;
+        }
+        return;
+    }
+    if constexpr (TC_MATCH) {
+        if (!stream_metric) {
+            match_tiles<true>(sh, hidden, residual, false, sample_row, E, cls_pos, s_begin, s_end, d_begin, d_end,
+                              best_key, best_dst);
+            return;
+        }
+    }
+    match_tiles<false>(sh, hidden, residual, stream_metric, sample_row, E, cls_pos, s_begin, s_end, d_begin, d_end,
+                       best_key, best_dst);
 }
 
 // ---------------------------------------------------------------------------------------------
