@@ -469,19 +469,16 @@ struct Stage {
 // them (a conversion right after the load held each warp there: 1.8 us of a bf16 batch-1 step,
 // docs/perf-notes.md, thirteenth session). The FMA path widens at the load: its products are
 // longer, and holding float16 residuals as loaded made its two-blocks-an-SM split spill.
-template <bool TC>
-struct StagedElems {
-    typedef float4 H, R;
-};
-template <>
-struct StagedElems<true> {
-    typedef HE::Raw4 H;
-    typedef RE::Raw4 R;
-};
 template <bool TC, int KS>
 struct Staged {
-    typename StagedElems<TC>::H v[Stage<KS>::PER];
-    typename StagedElems<TC>::R w[Stage<KS>::PER];  // the residual, for the stream metric (FMA path only)
+    typedef float4 Elem;
+    Elem v[Stage<KS>::PER];
+    Elem w[Stage<KS>::PER];  // the residual, for the stream metric
+};
+template <int KS>
+struct Staged<true, KS> {  // the hidden metric only: no residual
+    typedef HE::Raw4 Elem;
+    Elem v[Stage<KS>::PER];
 };
 
 template <bool TC, int KS>
@@ -493,8 +490,8 @@ __device__ __forceinline__ void load_chunk(const Shared& sh, const hid_t* __rest
     for (int p = 0; p < Stage<KS>::PER; ++p) {
         const int unit = threadIdx.x + p * THREADS;
         const int row = unit / U, k = k0 + 4 * (unit % U);
-        typename StagedElems<TC>::H v = {};  // zero bits: 0.0 in every type
-        typename StagedElems<TC>::R w = {};
+        typename Staged<TC, KS>::Elem v = {};  // zero bits: 0.0 in every type
+        float4 w = {};
         if (unit < UNITS && k < E) {
             const int seq = row < TILE_S ? sh.mt.row_a[row] : sh.mt.row_b[row - TILE_S];
             const long long off = (sample_row + seq) * E + k;
@@ -506,7 +503,7 @@ __device__ __forceinline__ void load_chunk(const Shared& sh, const hid_t* __rest
             }
         }
         st.v[p] = v;
-        st.w[p] = w;
+        if constexpr (!TC) st.w[p] = w;
     }
 }
 
