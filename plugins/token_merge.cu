@@ -868,10 +868,6 @@ __device__ __forceinline__ void copy_rows(const Shared& sh, const SampleRows& ro
                                           int E_dim) {
     const int units = E_dim / 4, total = (q_end - q_begin) * units;
     const FlatIndex at(units);
-    const hid_t* __restrict__ hs = rows.hs;
-    const res_t* __restrict__ rs = rows.rs;
-    hid_t* __restrict__ ho = rows.ho;
-    res_t* __restrict__ ro = rows.ro;
     for (int base = threadIdx.x; base < total; base += COPY_DEPTH * THREADS) {
         HE::Raw4 h[COPY_DEPTH] = {};
         RE::Raw4 s[COPY_DEPTH] = {};
@@ -884,8 +880,8 @@ __device__ __forceinline__ void copy_rows(const Shared& sh, const SampleRows& ro
                 const int row = at.row(item), q = q_begin + row, k = 4 * (item - row * units);
                 if (sh.ly.first[q] < 0) {
                     const int from = sh.ly.out_seq[q] * E_dim + k;
-                    h[d] = *reinterpret_cast<const HE::Raw4*>(hs + from);
-                    s[d] = *reinterpret_cast<const RE::Raw4*>(rs + from);
+                    h[d] = *reinterpret_cast<const HE::Raw4*>(rows.hs + from);
+                    s[d] = *reinterpret_cast<const RE::Raw4*>(rows.rs + from);
                     to[d] = q * E_dim + k;
                 }
             }
@@ -893,8 +889,8 @@ __device__ __forceinline__ void copy_rows(const Shared& sh, const SampleRows& ro
 #pragma unroll
         for (int d = 0; d < COPY_DEPTH; ++d)
             if (to[d] >= 0) {
-                *reinterpret_cast<HE::Raw4*>(ho + to[d]) = h[d];
-                *reinterpret_cast<RE::Raw4*>(ro + to[d]) = s[d];
+                *reinterpret_cast<HE::Raw4*>(rows.ho + to[d]) = h[d];
+                *reinterpret_cast<RE::Raw4*>(rows.ro + to[d]) = s[d];
             }
     }
 }
@@ -917,28 +913,24 @@ __device__ __forceinline__ void fold_rows(const Shared& sh, const SampleRows& ro
                                           int E_dim) {
     const int units = E_dim / 4, total = r * units;
     const FlatIndex at(units);
-    const hid_t* __restrict__ hs = rows.hs;
-    const res_t* __restrict__ rs = rows.rs;
-    hid_t* __restrict__ ho = rows.ho;
-    res_t* __restrict__ ro = rows.ro;
     for (int item = threadIdx.x; item < total; item += THREADS) {
         const int c = at.row(item), k = 4 * (item - c * units);
         const int q = sh.ly.m_slot[c];
         if (sh.ly.first[q] != c || q < q_begin || q >= q_end) continue;  // not a group's first source
         const int in = sh.ly.out_seq[q] * E_dim + k;
-        const float4 dh = load4<HE>(hs + in), dr = load4<RE>(rs + in);
+        const float4 dh = load4<HE>(rows.hs + in), dr = load4<RE>(rows.rs + in);
         float4 ah = make_float4(0.f, 0.f, 0.f, 0.f), ar = ah;
         for (int j = c; j < r; ++j) {
             if (sh.ly.m_slot[j] != q) continue;
             const float f = sh.ly.m_fold[j];
             const int from = sh.ly.m_seq[j] * E_dim + k;
-            fma4(ah, f, load4<HE>(hs + from));
-            fma4(ar, f, load4<RE>(rs + from));
+            fma4(ah, f, load4<HE>(rows.hs + from));
+            fma4(ar, f, load4<RE>(rows.rs + from));
         }
         const float keep = sh.ly.m_keep[c];
         const int to = q * E_dim + k;
-        store4<HE>(ho + to, keep_plus(dh, keep, ah));
-        store4<RE>(ro + to, keep_plus(dr, keep, ar));
+        store4<HE>(rows.ho + to, keep_plus(dh, keep, ah));
+        store4<RE>(rows.ro + to, keep_plus(dr, keep, ar));
     }
 }
 
