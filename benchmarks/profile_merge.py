@@ -45,6 +45,14 @@ processes (a process keeps the kernel it compiled first), all five outputs compa
 exit 1 when any case differs::
 
     python benchmarks/profile_merge.py bits --kernel-source /tmp/parent.cu
+
+``same-code --kernel-source F`` needs no GPU, only nvcc: it compiles F and this tree's kernel for
+every shipped split, those three type pairs and capacities 256 / 512 (vim_s's and the spill
+test's) and compares the cubins byte for byte. A change meant to keep the machine code (a
+rename, a simpler expression of the same thing) is then checked on any machine; exit 1 when a
+variant's code differs::
+
+    python benchmarks/profile_merge.py same-code --kernel-source /tmp/parent.cu
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ import csv
 import ctypes
 import json
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -323,6 +332,49 @@ MARKS = [
 ]
 
 
+# The capacities a same-code check compiles: vim_s's (197 tokens) and the spill test's.
+SAME_CODE_CAPACITIES = (256, 512)
+
+
+class NvccError(RuntimeError):
+    """A kernel source nvcc does not compile."""
+
+
+def cubin(source: Path, variant, tuning, out: Path) -> bytes:
+    """``source`` compiled by nvcc for sm_90 with the launcher's options for ``variant`` and ``tuning``."""
+    from mame_deploy.plugins import merge_launch
+
+    cmd = ["nvcc", "-arch=sm_90", "-cubin", "-o", str(out), *merge_launch.compile_options(variant, tuning), str(source)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip()[:200])
+        raise NvccError(f"error: nvcc does not compile {source} (split {tuning}): {first.strip()}")
+    return out.read_bytes()
+
+
+def same_code(parent: Path, tunings=None, types=BITS_TYPES, capacities=SAME_CODE_CAPACITIES, jobs: int = 8) -> int:
+    """Compare ``parent``'s cubins with this tree's kernel's; 0 when every variant is identical."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mame_deploy.plugins import merge_launch
+
+    variants = [(t, merge_launch.Variant(h, r, n_cap=c)) for t in (tunings or merge_launch.TUNINGS)
+                for h, r in types for c in capacities]
+    with tempfile.TemporaryDirectory() as tmp:
+        def both(i: int) -> bool:
+            tuning, variant = variants[i]
+            return (cubin(parent, variant, tuning, Path(tmp) / f"parent{i}.cubin")
+                    == cubin(KERNEL, variant, tuning, Path(tmp) / f"tree{i}.cubin"))
+
+        with ThreadPoolExecutor(jobs) as pool:  # nvcc processes: threads only wait on them
+            same = list(pool.map(both, range(len(variants))))
+    differ = [v for v, equal in zip(variants, same) if not equal]
+    print(f"{len(variants)} variants (splits x types x capacities): {len(differ)} compile to different code")
+    for tuning, variant in differ:
+        print(f"  differs: {tuning} {variant}")
+    return 1 if differ else 0
+
+
 def _read_global(kernel, name: str, nbytes: int) -> bytes:
     from mame_deploy.ops import cuda_driver
 
@@ -487,7 +539,9 @@ def main(argv=None) -> int:
     b = sub.add_parser("bits", help="this tree's kernel against --kernel-source's, bit for bit")
     o = sub.add_parser("save-outputs", help="save every case's outputs to PATH (bits runs it once per source)")
     o.add_argument("path")
-    for p in (r, t, m, b, o):
+    c = sub.add_parser("same-code", help="this tree's kernel against --kernel-source's, cubin for cubin (nvcc, no GPU)")
+    c.add_argument("--jobs", type=int, default=8, help="nvcc processes at a time")
+    for p in (r, t, m, b, o, c):
         p.add_argument("--kernel-source", type=Path,
                        help="compile this token_merge.cu instead of the tree's (to time a change against its parent)")
     s = sub.add_parser("summarize", help="tables from ncu's source-page CSV")
@@ -500,9 +554,21 @@ def main(argv=None) -> int:
     if source is not None and not source.is_file():
         print(f"error: --kernel-source {source}: no such file; give a token_merge.cu", file=sys.stderr)
         return 2
-    if opts.what == "bits" and source is None:
-        print("error: bits needs --kernel-source F, the token_merge.cu to compare against", file=sys.stderr)
+    if opts.what in ("bits", "same-code") and source is None:
+        print(f"error: {opts.what} needs --kernel-source F, the token_merge.cu to compare against", file=sys.stderr)
         return 2
+    if opts.what == "same-code":
+        if shutil.which("nvcc") is None:
+            print("error: same-code needs nvcc on PATH (the CUDA toolkit); no GPU is needed", file=sys.stderr)
+            return 2
+        if opts.jobs < 1:
+            print(f"error: --jobs {opts.jobs}: give at least 1", file=sys.stderr)
+            return 2
+        try:
+            return same_code(source, jobs=opts.jobs)
+        except NvccError as error:
+            print(error, file=sys.stderr)
+            return 2
     if opts.what in ("run", "timeline", "in-model", "bits", "save-outputs"):
         import torch
 

@@ -177,3 +177,35 @@ def test_bits_needs_a_kernel_source_to_compare_against(capsys):
     assert profile_merge.main(["bits"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--kernel-source" in err and "\n" not in err
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_same_code_finds_a_copy_identical_and_a_changed_constant_different(tmp_path, capsys):
+    from mame_deploy.plugins import merge_launch
+
+    source = profile_merge.KERNEL.read_text()
+    copy, changed = tmp_path / "copy.cu", tmp_path / "changed.cu"
+    copy.write_text("// a comment changes no code\n" + source)
+    depth = "constexpr int COPY_DEPTH = TM_MIN_BLOCKS > 1 ? 4 : 6;"
+    assert depth in source
+    changed.write_text(source.replace(depth, "constexpr int COPY_DEPTH = TM_MIN_BLOCKS > 1 ? 4 : 5;"))
+    one = dict(tunings=[merge_launch.TINY_BATCH_TUNING], types=[("bfloat16", "float32")], capacities=[256], jobs=2)
+    assert profile_merge.same_code(copy, **one) == 0
+    assert "1 variants (splits x types x capacities): 0 compile to different code" in capsys.readouterr().out
+    assert profile_merge.same_code(changed, **one) == 1
+    assert "differs: 16x8x4x2x64x1x4x256x128" in capsys.readouterr().out
+
+
+def test_same_code_refuses_a_missing_source_and_needs_one(tmp_path, capsys):
+    assert profile_merge.main(["same-code"]) == 2
+    assert "same-code needs --kernel-source F" in capsys.readouterr().err
+    assert profile_merge.main(["same-code", "--kernel-source", str(tmp_path / "none.cu")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_same_code_says_in_one_line_when_a_source_does_not_compile(tmp_path, capsys):
+    broken = tmp_path / "broken.cu"
+    broken.write_text("this is not CUDA\n")
+    assert profile_merge.main(["same-code", "--kernel-source", str(broken), "--jobs", "2"]) == 2
+    assert "nvcc does not compile" in capsys.readouterr().err
