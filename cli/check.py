@@ -161,13 +161,16 @@ def bench_cmd(
                         f"{warmup} warm-up + {iters} timed calls)")
     columns = ("what", "batch", *(("threads",) if len(used) > 1 else ()), "p50", "p90", "p99", "img/s",
                "speedup", "ideal")
+    names = [f"{_RUNTIME_NAMES.get(r['backend'], r['backend'])} {r['target']}" for r in rows]
+    # Wide latencies narrow the first column; it may wrap between words, never inside one
+    # ("torch.compile" folded to "torch.compil/e" when a busy machine's numbers grew a digit).
+    longest_word = max((len(word) for name in names for word in name.split()), default=4)
     for col in columns:
         if col == "what":
-            table.add_column(col, justify="left", overflow="fold")
+            table.add_column(col, justify="left", overflow="fold", min_width=longest_word)
         else:
             table.add_column(col, justify="right", no_wrap=True)
-    for r in rows:
-        what = f"{_RUNTIME_NAMES.get(r['backend'], r['backend'])} {r['target']}"
+    for r, what in zip(rows, names):
         table.add_row(escape(what), str(r["batch"]), *((str(r["threads"] or "-"),) if len(used) > 1 else ()),
                       f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
                       f"{r['throughput']:.1f}", f"{r['speedup']:.2f}x" if r["speedup"] else "-",

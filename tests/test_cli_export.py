@@ -289,6 +289,27 @@ def test_bench_torch_compile_anchor_in_bf16(capsys, tmp_path, monkeypatch):
     assert "torch.compile" in out and "ideal" in out
 
 
+def test_bench_table_keeps_each_label_word_whole_when_latencies_are_wide(capsys, monkeypatch):
+    """A busy machine's latencies of many digits narrow the first column: its labels may wrap
+    between words but never inside one."""
+    from mame_deploy import bench
+
+    timed = bench.bench
+
+    def slow(*args, **kwargs):
+        rows = timed(*args, **kwargs)
+        for r in rows:
+            r.update(p50_ms=123456.78, p90_ms=1234567.89, p99_ms=1234567.89)
+        return rows
+
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: model)
+    monkeypatch.setattr(bench, "bench", slow)
+    code, out, err = run(capsys, "bench", "--torch", "vim_t", *TINY, "--ratio", "0.5", "--compile",
+                         "--batch-sizes", "1", "--warmup", "0", "--iters", "1")
+    assert code == 0, out + err
+    assert "1234567.89" in out and out.count("torch.compile") == 2
+
+
 def test_bench_onnx_runs_its_static_batch_beside_torch(capsys, pair, tmp_path):
     report_path = tmp_path / "bench.json"
     code, out, err = run(capsys, "bench", "--onnx", pair[0], "--warmup", "0", "--iters", "2", "--json", report_path)
